@@ -1,0 +1,316 @@
+"""Noise schedules and timestep distributions on the continuous time of DESIGN §2.
+
+Every schedule defines the forward process on continuous time ``t ∈ [0, 1]`` (``t = 1`` is
+pure noise)::
+
+    x_t = alpha(t) · x0 + sigma(t) · eps,        eps ~ N(0, I)
+
+and ``model_timestep(t)``, the number the backbone was trained to receive.
+
+* :class:`FlowMatching` — rectified flow / flow matching (Wan, HunyuanVideo, the toy teacher):
+  ``alpha = 1 − t'``, ``sigma = t'`` with the resolution shift ``t' = s·t / (1 + (s − 1)·t)``;
+  the backbone sees ``1000 · t'`` (as diffusers' ``FlowMatchEulerDiscreteScheduler`` feeds it).
+* :class:`VPDiscrete` — DDPM's discrete variance-preserving schedule (CogVideoX; DOLLAR Eq. 1):
+  ``ᾱ_k = Π_{i ≤ k} (1 − β_i)`` for integer ``k ∈ {0..999}``, ``alpha = √ᾱ``, ``sigma = √(1 − ᾱ)``.
+  Continuous time maps to the integer index by ``k = 1000·t − 1``: the grid point ``k`` sits at
+  ``t = (k + 1)/1000``, so ``k = 999`` is ``t = 1`` and ``t = 0`` is the clean sample (ᾱ = 1,
+  DDIM's ``final_alpha_cumprod`` with ``set_alpha_to_one``). Between grid points ᾱ is linearly
+  interpolated, which keeps ``alpha(t)``/``sigma(t)`` differentiable in ``t`` for JVPs.
+
+Named grids of integer timesteps (DOLLAR's ``[999, 749, 499, 249]``, the 50-step DDIM grid
+``[999, 979, …, 19]``) are turned into continuous times by :meth:`Schedule.t_from_index`, the
+inverse of ``model_timestep`` on the unshifted schedule (``(k + 1)/1000`` for VP, ``k/1000`` for
+flow matching, as the DOLLAR issue specifies for flow teachers).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from ..errors import UserError
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+def _as_tensor(t: Tensor | float | Sequence[float], like: Tensor | None = None) -> Tensor:
+    """Continuous times as a float tensor (float64 for python numbers, else ``t``'s own dtype)."""
+    if isinstance(t, Tensor):
+        return t
+    dtype = like.dtype if like is not None and like.is_floating_point() else torch.float64
+    device = like.device if like is not None else None
+    return torch.as_tensor(t, dtype=dtype, device=device)
+
+
+def expand_like(coef: Tensor, x: Tensor) -> Tensor:
+    """Broadcast a per-sample coefficient ``(B,)`` (or scalar) against ``x`` of shape ``(B, ...)``."""
+    coef = coef.to(dtype=x.dtype, device=x.device)
+    if coef.ndim == 0:
+        return coef
+    return coef.reshape(coef.shape + (1,) * (x.ndim - coef.ndim))
+
+
+class Schedule(ABC):
+    """A forward process ``x_t = alpha(t)·x0 + sigma(t)·eps`` on ``t ∈ [0, 1]``."""
+
+    name: str
+
+    @abstractmethod
+    def alpha(self, t: Tensor) -> Tensor:
+        """Signal coefficient α(t), same shape as ``t``."""
+
+    @abstractmethod
+    def sigma(self, t: Tensor) -> Tensor:
+        """Noise coefficient σ(t), same shape as ``t``."""
+
+    @abstractmethod
+    def model_timestep(self, t: Tensor) -> Tensor:
+        """What the backbone receives for time ``t`` (shape of ``t``)."""
+
+    @abstractmethod
+    def t_from_index(self, k: Sequence[int] | Tensor) -> Tensor:
+        """Continuous times of integer timesteps ``k`` (DOLLAR-style grids such as [999, 749, …])."""
+
+    def coefficients(self, t: Tensor | float, like: Tensor) -> tuple[Tensor, Tensor]:
+        """``(alpha, sigma)`` broadcast against ``like`` (a ``(B, C, T, H, W)`` tensor)."""
+        t = _as_tensor(t, like)
+        return expand_like(self.alpha(t), like), expand_like(self.sigma(t), like)
+
+    def add_noise(self, x0: Tensor, eps: Tensor, t: Tensor | float) -> Tensor:
+        """Forward diffusion ``x_t = α(t)·x0 + σ(t)·eps`` (DOLLAR Eq. 1; AccVideo Eq. 1)."""
+        alpha, sigma = self.coefficients(t, x0)
+        return alpha * x0 + sigma * eps
+
+    def is_variance_preserving(self) -> bool:
+        return False
+
+    def describe(self) -> dict:
+        return {"name": self.name}
+
+
+class FlowMatching(Schedule):
+    """Flow matching with the usual resolution shift (Esser et al. 2024; Wan; HunyuanVideo).
+
+    ``t' = s·t / (1 + (s − 1)·t)``,  ``alpha = 1 − t'``,  ``sigma = t'``,  model timestep ``1000·t'``.
+    """
+
+    name = "flow"
+
+    def __init__(self, shift: float = 1.0):
+        if not shift > 0:
+            raise UserError(f"schedule.shift must be > 0, got {shift}")
+        self.shift = float(shift)
+
+    def shifted(self, t: Tensor) -> Tensor:
+        """The shifted time ``t'`` (equals ``sigma(t)``)."""
+        s = self.shift
+        if s == 1.0:
+            return t
+        return s * t / (1 + (s - 1) * t)
+
+    def alpha(self, t: Tensor) -> Tensor:
+        return 1 - self.shifted(t)
+
+    def sigma(self, t: Tensor) -> Tensor:
+        return self.shifted(t)
+
+    def model_timestep(self, t: Tensor) -> Tensor:
+        return NUM_TRAIN_TIMESTEPS * self.shifted(t)
+
+    def t_from_index(self, k: Sequence[int] | Tensor) -> Tensor:
+        return torch.as_tensor(k, dtype=torch.float64) / NUM_TRAIN_TIMESTEPS
+
+    def unshift(self, sigma: Tensor) -> Tensor:
+        """Inverse of :meth:`shifted`: the ``t`` whose shifted time is ``sigma``."""
+        s = self.shift
+        return sigma / (s - (s - 1) * sigma)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "shift": self.shift}
+
+
+def make_betas(kind: str, num_steps: int = NUM_TRAIN_TIMESTEPS, beta_start: float = 1e-4,
+               beta_end: float = 0.02) -> Tensor:
+    """DDPM betas: ``linear`` (Ho et al. 2020) or ``scaled_linear`` (LDM / Stable Diffusion)."""
+    if kind == "linear":
+        return torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
+    if kind == "scaled_linear":
+        return torch.linspace(beta_start**0.5, beta_end**0.5, num_steps, dtype=torch.float64) ** 2
+    raise UserError(f"schedule.betas must be 'linear' or 'scaled_linear', got {kind!r}")
+
+
+def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
+    """Lin et al. 2024 ("Common diffusion noise schedules are flawed"), Algorithm 1.
+
+    Shift and scale √ᾱ so that √ᾱ_last = 0 (SNR 0 at ``t = 1``) while √ᾱ_0 is unchanged.
+    """
+    sqrt_abar = torch.cumprod(1 - betas, dim=0).sqrt()
+    first, last = sqrt_abar[0].clone(), sqrt_abar[-1].clone()
+    sqrt_abar = (sqrt_abar - last) * first / (first - last)
+    abar = sqrt_abar**2
+    alphas = torch.cat([abar[:1], abar[1:] / abar[:-1]])
+    return 1 - alphas
+
+
+class VPDiscrete(Schedule):
+    """DDPM's discrete VP schedule (DOLLAR Eq. 1) on continuous time, ``k = 1000·t − 1``."""
+
+    name = "vp"
+
+    def __init__(self, betas: str = "scaled_linear", beta_start: float = 0.00085, beta_end: float = 0.012,
+                 zero_terminal_snr: bool = False, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS):
+        self.betas_kind, self.beta_start, self.beta_end = betas, beta_start, beta_end
+        self.zero_terminal_snr = zero_terminal_snr
+        self.num_train_timesteps = num_train_timesteps
+        b = make_betas(betas, num_train_timesteps, beta_start, beta_end)
+        if zero_terminal_snr:
+            b = rescale_zero_terminal_snr(b)
+        self.betas = b  # (N,) float64
+        # ᾱ on the grid k = -1, 0, …, N-1 (k = -1 is t = 0, the clean sample with ᾱ = 1)
+        self._abar = torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1 - b, dim=0)])
+
+    @property
+    def alphas_cumprod(self) -> Tensor:
+        """ᾱ_k for k = 0..N-1, as diffusers' ``DDPMScheduler.alphas_cumprod``."""
+        return self._abar[1:]
+
+    def alpha_bar(self, t: Tensor) -> Tensor:
+        """ᾱ(t), linear interpolation between grid points ``t = (k + 1)/N``."""
+        n = self.num_train_timesteps
+        pos = (t * n).clamp(0, n)  # position on the extended grid k + 1 ∈ [0, N]
+        lo = pos.detach().floor().clamp(max=n - 1)
+        frac = pos - lo
+        abar = self._abar.to(device=t.device, dtype=t.dtype if t.is_floating_point() else torch.float64)
+        lo_i = lo.long()
+        return abar[lo_i] * (1 - frac) + abar[lo_i + 1] * frac
+
+    def alpha(self, t: Tensor) -> Tensor:
+        return self.alpha_bar(t).clamp(min=0).sqrt()
+
+    def sigma(self, t: Tensor) -> Tensor:
+        return (1 - self.alpha_bar(t)).clamp(min=0).sqrt()
+
+    def model_timestep(self, t: Tensor) -> Tensor:
+        return t * self.num_train_timesteps - 1
+
+    def t_from_index(self, k: Sequence[int] | Tensor) -> Tensor:
+        return (torch.as_tensor(k, dtype=torch.float64) + 1) / self.num_train_timesteps
+
+    def is_variance_preserving(self) -> bool:
+        return True
+
+    def describe(self) -> dict:
+        return {"name": self.name, "betas": self.betas_kind, "beta_start": self.beta_start,
+                "beta_end": self.beta_end, "zero_terminal_snr": self.zero_terminal_snr}
+
+
+# --------------------------------------------------------------------------------------------
+# Timestep grids (for samplers and consistency targets) and distributions (for training)
+# --------------------------------------------------------------------------------------------
+
+#: Named grids of integer timesteps, largest first (``t_from_index`` maps them to continuous t).
+INDEX_GRIDS: dict[str, list[int]] = {
+    # DOLLAR §4.1: the teacher's 50-step DDIM grid t_n ∈ [19, 39, …, 999] ("trailing" spacing)
+    "ddim50": list(range(999, 0, -20)),
+    # DOLLAR §4.5: 1-, 2- and 4-step students
+    "dollar1": [999],
+    "dollar2": [999, 499],
+    "dollar4": [999, 749, 499, 249],
+}
+
+#: Named grids already in continuous time (largest first, ending at 0 where the paper does).
+TIME_GRIDS: dict[str, list[float]] = {
+    # AccVideo §3.3: key diffusion timesteps t'_5 … t'_0
+    "accvideo_keys": [1.0, 0.9651, 0.9130, 0.8235, 0.6363, 0.0],
+}
+
+
+def named_grid(name: str, schedule: Schedule) -> Tensor:
+    """Continuous times (float64, decreasing) of a named grid for ``schedule``."""
+    if name in INDEX_GRIDS:
+        return schedule.t_from_index(INDEX_GRIDS[name])
+    if name in TIME_GRIDS:
+        return torch.tensor(TIME_GRIDS[name], dtype=torch.float64)
+    known = ", ".join(sorted([*INDEX_GRIDS, *TIME_GRIDS]))
+    raise UserError(f"unknown timestep grid {name!r}; known grids: {known}")
+
+
+def sampling_grid(schedule: Schedule, num_steps: int, t_min: float | None = None) -> Tensor:
+    """The ``num_steps + 1`` times an N-step sampler visits, from ``t = 1`` down to ``t = 0``.
+
+    Flow matching reproduces ``FlowMatchEulerDiscreteScheduler.set_timesteps``: ``num_steps``
+    sigmas linearly spaced from 1 to the shifted σ of t = 1/1000 (the scheduler's
+    ``sigma_min``), shifted once more (diffusers applies the shift to that already-shifted
+    endpoint), then 0. VP uses DDIM's "trailing" spacing ``k = 999, 999 − 1000/N, …`` then
+    ``t = 0``. Pass ``t_min`` to end the linear spacing elsewhere.
+    """
+    if num_steps < 1:
+        raise UserError(f"steps must be >= 1, got {num_steps}")
+    if isinstance(schedule, FlowMatching):
+        if t_min is None:
+            t_min = float(schedule.shifted(torch.tensor(1.0 / NUM_TRAIN_TIMESTEPS, dtype=torch.float64)))
+        # our unshifted t is the scheduler's pre-shift sigma; sigma(t) = shifted(t) is its sigma
+        t = torch.linspace(1.0, t_min, num_steps, dtype=torch.float64)
+    elif isinstance(schedule, VPDiscrete):
+        n = schedule.num_train_timesteps
+        k = torch.round(torch.arange(n, 0, -n / num_steps, dtype=torch.float64)) - 1
+        t = schedule.t_from_index(k[:num_steps])
+    else:  # pragma: no cover - future schedules
+        t = torch.linspace(1.0, t_min or 1.0 / num_steps, num_steps, dtype=torch.float64)
+    return torch.cat([t, torch.zeros(1, dtype=torch.float64)])
+
+
+class TimestepDistribution(ABC):
+    """Draws training times ``t ∈ [0, 1]``; always pass an explicit ``torch.Generator``."""
+
+    @abstractmethod
+    def sample(self, n: int, generator: torch.Generator | None = None, device=None) -> Tensor: ...
+
+
+class Uniform(TimestepDistribution):
+    """``t ~ U[a, b]`` (DOLLAR §3.3 samples VSD times in [0.02, 0.98])."""
+
+    def __init__(self, a: float = 0.0, b: float = 1.0):
+        if not 0.0 <= a < b <= 1.0:
+            raise UserError(f"uniform timestep bounds must satisfy 0 <= a < b <= 1, got ({a}, {b})")
+        self.a, self.b = a, b
+
+    def sample(self, n, generator=None, device=None):
+        u = torch.rand(n, generator=generator, dtype=torch.float64, device=device)
+        return self.a + (self.b - self.a) * u
+
+
+class LogitNormal(TimestepDistribution):
+    """``t = sigmoid(m + s·z)``, ``z ~ N(0, 1)`` (Esser et al. 2024; SwiftVideo's logit-normal t)."""
+
+    def __init__(self, mean: float = 0.0, std: float = 1.0):
+        if not std > 0:
+            raise UserError(f"logit-normal std must be > 0, got {std}")
+        self.mean, self.std = mean, std
+
+    def sample(self, n, generator=None, device=None):
+        z = torch.randn(n, generator=generator, dtype=torch.float64, device=device)
+        return torch.sigmoid(self.mean + self.std * z)
+
+
+class DiscreteGrid(TimestepDistribution):
+    """Uniform over the times of a grid (e.g. the 50-step DDIM grid for consistency distillation)."""
+
+    def __init__(self, times: Tensor | Sequence[float]):
+        self.times = torch.as_tensor(times, dtype=torch.float64)
+        if self.times.numel() == 0:
+            raise UserError("discrete timestep grid is empty")
+
+    def sample(self, n, generator=None, device=None):
+        idx = torch.randint(len(self.times), (n,), generator=generator, device=device)
+        return self.times.to(device)[idx]
+
+
+def logit_normal_density(t: Tensor, mean: float, std: float) -> Tensor:
+    """Density of :class:`LogitNormal` at ``t`` (for tests and importance weights)."""
+    logit = torch.log(t) - torch.log1p(-t)
+    return torch.exp(-0.5 * ((logit - mean) / std) ** 2) / (std * math.sqrt(2 * math.pi) * t * (1 - t))

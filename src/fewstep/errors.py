@@ -1,0 +1,13 @@
+"""User-facing errors.
+
+Anything the user can fix (a bad config key, a missing file, a wrong shape, an unknown word
+in a prompt) raises :class:`UserError` with a one-line message naming the bad field, file or
+shape and what was expected. The CLI prints that line and exits with code 2, no traceback.
+Internal invariants use ``assert`` or ordinary exceptions instead.
+"""
+
+
+class UserError(Exception):
+    """An error caused by user input; its message is a single line meant for the user."""
+
+    exit_code = 2

@@ -1,0 +1,202 @@
+"""Backbone adapters: foreign networks behind one narrow call (STYLE §1, k-diffusion's external.py).
+
+Contract every adapter implements::
+
+    backbone(x, timestep, cond) -> output
+        x         (B, C, T, H, W)  latents
+        timestep  (B,)             the *model* timestep (``Schedule.model_timestep(t)``), float
+        cond      Conditioning     caption tokens (B, L, D) [+ mask (B, L)] [+ extras]
+        output    (B, C, T, H, W)  in the backbone's own prediction parameterisation
+
+Adapters only move axes and rename arguments; the meaning of the output (eps / v / flow / …)
+is declared once, in :class:`fewstep.models.denoiser.Denoiser`. Real weights load from a local
+directory only (:func:`load_diffusers_backbone`); nothing is ever fetched from a hub.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import UserError
+
+
+@dataclass
+class Conditioning:
+    """What a backbone is conditioned on, batched like the latents."""
+
+    context: Tensor  # (B, L, D) caption token embeddings
+    mask: Tensor | None = None  # (B, L) bool, True = real token
+    extra: dict[str, Tensor] = field(default_factory=dict)  # (B, ...) e.g. pooled text projections
+
+    def __len__(self) -> int:
+        return self.context.shape[0]
+
+    def to(self, *args, **kwargs) -> "Conditioning":
+        return Conditioning(
+            self.context.to(*args, **kwargs),
+            None if self.mask is None else self.mask.to(kwargs.get("device", self.mask.device)),
+            {k: v.to(*args, **kwargs) for k, v in self.extra.items()},
+        )
+
+    def index(self, idx) -> "Conditioning":
+        """Select samples (``idx``: slice, index tensor or bool mask over the batch)."""
+        return Conditioning(
+            self.context[idx],
+            None if self.mask is None else self.mask[idx],
+            {k: v[idx] for k, v in self.extra.items()},
+        )
+
+    def repeat(self, n: int) -> "Conditioning":
+        """Repeat every sample ``n`` times consecutively (``(B, …) -> (B·n, …)``)."""
+        return Conditioning(
+            self.context.repeat_interleave(n, dim=0),
+            None if self.mask is None else self.mask.repeat_interleave(n, dim=0),
+            {k: v.repeat_interleave(n, dim=0) for k, v in self.extra.items()},
+        )
+
+    @staticmethod
+    def cat(items: list["Conditioning"]) -> "Conditioning":
+        """Concatenate along the batch, zero-padding token sequences to the longest ``L``."""
+        length = max(c.context.shape[1] for c in items)
+        contexts, masks = [], []
+        need_mask = any(c.mask is not None for c in items) or len({c.context.shape[1] for c in items}) > 1
+        for c in items:
+            pad = length - c.context.shape[1]
+            contexts.append(F.pad(c.context, (0, 0, 0, pad)))  # (B, L, D) -> (B, length, D)
+            if need_mask:
+                m = c.mask if c.mask is not None else torch.ones(c.context.shape[:2], dtype=torch.bool,
+                                                                 device=c.context.device)
+                masks.append(F.pad(m, (0, pad), value=False))
+        keys = set(items[0].extra)
+        if any(set(c.extra) != keys for c in items):
+            raise ValueError("cannot concatenate conditionings with different extra keys")
+        extra = {k: torch.cat([c.extra[k] for c in items]) for k in keys}
+        return Conditioning(torch.cat(contexts), torch.cat(masks) if need_mask else None, extra)
+
+
+class Backbone(nn.Module):
+    """Base class of the adapters; subclasses implement :meth:`forward` per the contract above."""
+
+    def forward(self, x: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def features(self, x: Tensor, timestep: Tensor, cond: Conditioning, blocks: list[int]) -> list[Tensor]:
+        """Hidden states ``(B, N, D)`` after the given transformer blocks (for discriminators)."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose block features")
+
+
+class ModuleBackbone(Backbone):
+    """(a) A plain module called as ``module(x, timestep, context[, context_mask=mask])``.
+
+    This is how the toy DiT plugs in; any network with that signature works.
+    """
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+        params = inspect.signature(module.forward).parameters
+        self._takes_mask = "context_mask" in params
+        self._takes_features = "return_features" in params
+
+    def forward(self, x, timestep, cond):
+        if self._takes_mask and cond.mask is not None:
+            return self.module(x, timestep, cond.context, context_mask=cond.mask)
+        return self.module(x, timestep, cond.context)
+
+    def features(self, x, timestep, cond, blocks):
+        if not self._takes_features:
+            return super().features(x, timestep, cond, blocks)
+        kwargs = {"context_mask": cond.mask} if self._takes_mask and cond.mask is not None else {}
+        _, feats = self.module(x, timestep, cond.context, return_features=list(blocks), **kwargs)
+        return feats
+
+
+class WanBackbone(Backbone):
+    """(b) diffusers' ``WanTransformer3DModel`` — flow matching, takes ``(B, C, F, H, W)`` and ``1000·t'``."""
+
+    prediction_type = "flow"
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, timestep, cond):
+        return self.model(hidden_states=x, timestep=timestep, encoder_hidden_states=cond.context,
+                          return_dict=False)[0]
+
+
+class CogVideoXBackbone(Backbone):
+    """(c) diffusers' ``CogVideoXTransformer3DModel`` — VP, v-prediction (DOLLAR's kind of teacher).
+
+    CogVideoX takes frames-first latents ``(B, F, C, H, W)``; the adapter permutes in and out.
+    Models with rotary position embeddings get them computed here from the latent grid.
+    """
+
+    prediction_type = "v"
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def _rotary(self, x: Tensor):
+        """3D RoPE for the latent grid, computed as diffusers' CogVideoX pipeline does."""
+        cfg = self.model.config
+        if not cfg.use_rotary_positional_embeddings:
+            return None
+        from diffusers.models.embeddings import get_3d_rotary_pos_embed
+        from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+
+        _, _, frames, height, width = x.shape  # (B, C, F, H, W) latents
+        p, p_t = cfg.patch_size, cfg.patch_size_t
+        grid_h, grid_w = height // p, width // p
+        base_w, base_h = cfg.sample_width // p, cfg.sample_height // p
+        if p_t is None:  # CogVideoX 1.0
+            cos, sin = get_3d_rotary_pos_embed(
+                embed_dim=cfg.attention_head_dim,
+                crops_coords=get_resize_crop_region_for_grid((grid_h, grid_w), base_w, base_h),
+                grid_size=(grid_h, grid_w), temporal_size=frames, device=x.device)
+        else:  # CogVideoX 1.5
+            cos, sin = get_3d_rotary_pos_embed(
+                embed_dim=cfg.attention_head_dim, crops_coords=None, grid_size=(grid_h, grid_w),
+                temporal_size=(frames + p_t - 1) // p_t, grid_type="slice", max_size=(base_h, base_w),
+                device=x.device)
+        return cos.to(x.dtype), sin.to(x.dtype)
+
+    def forward(self, x, timestep, cond):
+        hidden = x.permute(0, 2, 1, 3, 4)  # (B, C, F, H, W) -> (B, F, C, H, W)
+        out = self.model(hidden_states=hidden, encoder_hidden_states=cond.context, timestep=timestep,
+                         image_rotary_emb=self._rotary(x), return_dict=False)[0]
+        return out.permute(0, 2, 1, 3, 4)  # (B, F, C, H, W) -> (B, C, F, H, W)
+
+
+DIFFUSERS_BACKBONES = {
+    "wan": ("WanTransformer3DModel", WanBackbone),
+    "cogvideox": ("CogVideoXTransformer3DModel", CogVideoXBackbone),
+}
+
+
+def load_diffusers_backbone(kind: str, path: str | Path, subfolder: str | None = None,
+                            dtype: torch.dtype | None = None) -> Backbone:
+    """Load a diffusers transformer from a *local* directory (``from_pretrained(..., local_files_only)``).
+
+    ``path`` is either the transformer folder itself or a pipeline folder with ``subfolder``
+    (usually ``"transformer"``).
+    """
+    if kind not in DIFFUSERS_BACKBONES:
+        raise UserError(f"backbone kind must be one of {', '.join(DIFFUSERS_BACKBONES)}; got {kind!r}")
+    root = Path(path)
+    folder = root / subfolder if subfolder else root
+    if not (folder / "config.json").is_file():
+        raise UserError(f"no diffusers model at {folder} (expected {folder / 'config.json'})")
+    import diffusers
+
+    cls_name, adapter = DIFFUSERS_BACKBONES[kind]
+    model_cls = getattr(diffusers, cls_name)
+    model = model_cls.from_pretrained(root, subfolder=subfolder, local_files_only=True, torch_dtype=dtype)
+    return adapter(model)
