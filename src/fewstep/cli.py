@@ -8,10 +8,13 @@ Every command runs inside :func:`main`, the one place that turns a
 from __future__ import annotations
 
 import sys
+import time
+from pathlib import Path
 
 import typer
 
 from . import __version__
+from .config import dump_config
 from .errors import UserError
 
 app = typer.Typer(
@@ -68,6 +71,46 @@ def timesteps(
         table.add_row(str(i), f"{ti:.4f}", f"{float(sched.alpha(tt)):.4f}", f"{float(sched.sigma(tt)):.4f}",
                       f"{float(sched.model_timestep(tt)):.2f}")
     Console().print(table)
+
+
+@app.command()
+def pretrain(
+    stage: str = typer.Option("all", help="codec | latents | teacher | export | all (in that order)."),
+    work: Path = typer.Option(Path("runs/pretrain"), help="Work directory for checkpoints and caches."),
+    out: Path = typer.Option(None, help="Where to export the teacher (default: the package's shipped toy-teacher)."),
+    config: Path = typer.Option(None, help="YAML file overriding pretraining defaults."),
+    set_: list[str] = typer.Option([], "--set", help="Dotted override, e.g. teacher.steps=2000 (repeatable)."),
+    max_minutes: float = typer.Option(1e9, help="Stop (after a checkpoint) once this many minutes have passed."),
+):
+    """Train the embedded default from scratch: codec, latent cache, toy teacher; resumable in chunks."""
+    from .config import load_config
+    from .models.pipeline import SHIPPED
+    from .pretrain import PretrainConfig, build_latents, export_teacher, train_codec, train_teacher
+    from .utils.progress import StageProgress
+
+    stages = ["codec", "latents", "teacher", "export"]
+    if stage != "all" and stage not in stages:
+        raise UserError(f"--stage must be one of all, {', '.join(stages)}; got {stage!r}")
+    cfg = load_config(PretrainConfig, config, set_)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "config.yaml").write_text(dump_config(cfg))
+    budget = max_minutes * 60
+    start = time.monotonic()
+    with StageProgress() as progress:
+        for name in stages if stage == "all" else [stage]:
+            left = budget - (time.monotonic() - start)
+            if name == "codec" and not train_codec(cfg, work, left, progress):
+                break
+            if name == "latents":
+                build_latents(cfg, work, progress)
+            if name == "teacher" and not train_teacher(cfg, work, left, progress):
+                break
+            if name == "export":
+                target = export_teacher(cfg, work, out or SHIPPED["toy-teacher"])
+                typer.echo(f"teacher written to {target}")
+        else:
+            return
+    typer.echo(f"time budget reached; run the same command again to continue from {work}")
 
 
 def main(argv: list[str] | None = None) -> int:

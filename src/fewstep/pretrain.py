@@ -1,0 +1,356 @@
+"""``fewstep pretrain``: build the embedded default's models from scratch (DESIGN §4).
+
+Stages, each resumable and each writing its result under the work directory::
+
+    codec     video autoencoder on toy clips (L1 + MSE), then the latent scaling factor
+              s = 1/std(z) so that teacher latents have unit variance (as LDM does)
+    latents   a cache of N training clips encoded by the frozen codec (+ their captions)
+    teacher   toy DiT + caption encoder, trained jointly with the flow-matching loss
+              ‖u_θ(x_t, t, c) − (ε − x0)‖², t ~ logit-normal (Esser et al. 2024), 10% of
+              captions dropped to "" for classifier-free guidance, EMA of the weights
+    export    the EMA teacher + codec + caption encoder as a VideoPipeline directory
+
+Long stages run in chunks: ``--max-minutes`` bounds one invocation; the state (weights,
+optimizer moments, EMA, step, RNG, data order) is checkpointed atomically every
+``checkpoint_every`` steps and at the end of a chunk, and the next invocation continues.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from pydantic import Field
+from safetensors.torch import load_file, save_file
+
+from .config import FlowMatchingConfig, StrictModel
+from .data.toyworld import VOCAB, ToyWorld
+from .diffusion.parameterization import from_x0_eps
+from .diffusion.schedules import LogitNormal
+from .errors import UserError
+from .models.codec import ToyCodec, ToyCodecConfig, frames_to_video
+from .models.pipeline import SamplingConfig, ToyPipelineConfig, VideoPipeline
+from .models.text_encoder import ToyTextEncoderConfig
+from .models.toy_dit import ToyDiTConfig
+
+
+class CodecStage(StrictModel):
+    steps: int = Field(800, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(1e-3, gt=0)
+
+
+class LatentStage(StrictModel):
+    num_clips: int = Field(24000, ge=64, description="training clips encoded once by the frozen codec")
+
+
+class TeacherStage(StrictModel):
+    steps: int = Field(12000, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(3e-4, gt=0)
+    warmup_steps: int = Field(500, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    caption_dropout: float = Field(0.1, ge=0, le=1)
+    logit_normal_mean: float = 0.0
+    logit_normal_std: float = Field(1.0, gt=0)
+    backbone: ToyDiTConfig = Field(default_factory=lambda: ToyDiTConfig(depth=4))
+    text_dim: int = 64
+    cfg_scale: float = Field(4.0, description="default CFG scale written into the exported model")
+
+
+class PretrainConfig(StrictModel):
+    seed: int = 0
+    checkpoint_every: int = Field(250, ge=1)
+    codec: CodecStage = Field(default_factory=CodecStage)
+    latents: LatentStage = Field(default_factory=LatentStage)
+    teacher: TeacherStage = Field(default_factory=TeacherStage)
+
+
+Progress = Callable[[str, int, int, dict], None]  # (stage, step, total, metrics)
+
+
+# ----------------------------------------------------------------------------------------------
+# small persistence helpers (safetensors + JSON, never pickle; atomic directory writes)
+# ----------------------------------------------------------------------------------------------
+
+def _atomic_dir(target: Path, write: Callable[[Path], None]) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        write(tmp)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if target.exists():
+            old = target.with_name(f".{target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer's state as (flat tensors, JSON-able rest) for safetensors."""
+    sd = opt.state_dict()
+    tensors, state_meta = {}, {}
+    for pid, st in sd["state"].items():
+        for key, value in st.items():
+            if torch.is_tensor(value):
+                tensors[f"{pid}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                state_meta[f"{pid}.{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": state_meta}
+
+
+def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for name, value in list(tensors.items()) + list(meta["scalars"].items()):
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = value
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+# ----------------------------------------------------------------------------------------------
+# codec
+# ----------------------------------------------------------------------------------------------
+
+def _clip_batch(world: ToyWorld, indices: np.ndarray) -> tuple[torch.Tensor, list[str]]:
+    """Toy clips as a codec input ``(B, 3, T, H, W)`` in [−1, 1] and their captions."""
+    batch = world.batch(indices.tolist())
+    frames = torch.as_tensor(batch["frames"])  # (B, T, H, W, 3)
+    return frames_to_video(frames), list(batch["prompts"])
+
+
+def train_codec(cfg: PretrainConfig, work: Path, max_seconds: float, progress: Progress | None) -> bool:
+    """Train the autoencoder; returns True when the stage is complete (``work/codec/`` written)."""
+    stage = cfg.codec
+    final, state_dir = work / "codec", work / "codec_state"
+    if (final / "done.json").is_file():
+        return True
+    torch.manual_seed(cfg.seed)
+    codec = ToyCodec(ToyCodecConfig())
+    opt = torch.optim.AdamW(codec.parameters(), lr=stage.lr)
+    step = 0
+    if (state_dir / "state.json").is_file():
+        meta = json.loads((state_dir / "state.json").read_text())
+        codec.load_state_dict(load_file(state_dir / "model.safetensors"))
+        load_optimizer_tensors(opt, load_file(state_dir / "optimizer.safetensors"), meta["optimizer"])
+        step = meta["step"]
+    world = ToyWorld("train", length=10**9)
+    start = time.monotonic()
+
+    def save_state(directory: Path):
+        tensors, meta = optimizer_tensors(opt)
+        save_file({k: v.contiguous() for k, v in codec.state_dict().items()}, directory / "model.safetensors")
+        save_file(tensors, directory / "optimizer.safetensors")
+        (directory / "state.json").write_text(json.dumps({"step": step, "optimizer": meta}))
+
+    while step < stage.steps:
+        # cosine decay keeps the end of training quiet enough for a clean reconstruction
+        for group in opt.param_groups:
+            group["lr"] = stage.lr * 0.5 * (1 + math.cos(math.pi * step / stage.steps))
+        idx = np.arange(step * stage.batch_size, (step + 1) * stage.batch_size) + 10**8  # disjoint from the cache
+        video, _ = _clip_batch(world, idx)
+        loss, metrics = codec.reconstruction_loss(video)
+        opt.zero_grad(set_to_none=True)
+        loss.mean().backward()
+        opt.step()
+        step += 1
+        if progress:
+            progress("codec", step, stage.steps, {"loss": float(loss.mean()), "psnr": float(metrics["psnr"])})
+        if step % cfg.checkpoint_every == 0 or time.monotonic() - start > max_seconds:
+            _atomic_dir(state_dir, save_state)
+            if time.monotonic() - start > max_seconds and step < stage.steps:
+                return False
+
+    # latent normalisation: unit variance over a fresh set of clips
+    codec.eval()
+    with torch.no_grad():
+        video, _ = _clip_batch(world, np.arange(256) + 2 * 10**8)
+        z = codec.encode_raw(video)
+        recon = codec.decode(codec.encode(video))
+        psnr = float((10 * torch.log10(4.0 / (recon - video).pow(2).flatten(1).mean(1))).mean())
+    codec.config.shift_factor = float(z.mean())
+    codec.config.scaling_factor = float(1.0 / z.std())
+
+    def write(directory: Path):
+        save_file({k: v.contiguous() for k, v in codec.state_dict().items()}, directory / "codec.safetensors")
+        (directory / "config.json").write_text(json.dumps(codec.config.model_dump(mode="json"), indent=2))
+        (directory / "done.json").write_text(json.dumps({"steps": stage.steps, "psnr_db": psnr}))
+
+    _atomic_dir(final, write)
+    if progress:
+        progress("codec", step, stage.steps, {"psnr": psnr, "done": 1})
+    return True
+
+
+def load_codec(work: Path) -> ToyCodec:
+    directory = work / "codec"
+    if not (directory / "done.json").is_file():
+        raise UserError(f"no trained codec in {directory}; run `fewstep pretrain --stage codec` first")
+    codec = ToyCodec(ToyCodecConfig(**json.loads((directory / "config.json").read_text())))
+    codec.load_state_dict(load_file(directory / "codec.safetensors"))
+    return codec.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# latent cache
+# ----------------------------------------------------------------------------------------------
+
+def build_latents(cfg: PretrainConfig, work: Path, progress: Progress | None) -> None:
+    """Encode ``num_clips`` training clips once: ``work/latents.safetensors`` + captions JSON."""
+    path = work / "latents.safetensors"
+    if path.is_file():
+        return
+    codec = load_codec(work)
+    world = ToyWorld("train", length=10**9)
+    n, chunk = cfg.latents.num_clips, 256
+    latents, prompts = [], []
+    with torch.no_grad():
+        for lo in range(0, n, chunk):
+            video, caps = _clip_batch(world, np.arange(lo, min(n, lo + chunk)))
+            latents.append(codec.encode(video).to(torch.float16))  # (b, C, T', H', W')
+            prompts += caps
+            if progress:
+                progress("latents", min(n, lo + chunk), n, {})
+    tmp = path.with_suffix(".tmp")
+    save_file({"latents": torch.cat(latents).contiguous()}, tmp, metadata={"prompts": json.dumps(prompts)})
+    os.replace(tmp, path)
+
+
+def load_latents(work: Path) -> tuple[torch.Tensor, list[str]]:
+    from safetensors import safe_open
+
+    path = work / "latents.safetensors"
+    with safe_open(path, framework="pt") as f:
+        prompts = json.loads(f.metadata()["prompts"])
+        latents = f.get_tensor("latents")
+    return latents, prompts
+
+
+# ----------------------------------------------------------------------------------------------
+# teacher
+# ----------------------------------------------------------------------------------------------
+
+def teacher_pipeline_config(cfg: PretrainConfig, codec: ToyCodec) -> ToyPipelineConfig:
+    stage = cfg.teacher
+    backbone = stage.backbone.model_copy(update={"text_dim": stage.text_dim})
+    return ToyPipelineConfig(
+        backbone=backbone, schedule=FlowMatchingConfig(shift=1.0), prediction_type="flow", codec=codec.config,
+        text_encoder=ToyTextEncoderConfig(vocab=VOCAB, dim=stage.text_dim),
+        sampling=SamplingConfig(sampler="euler", steps=50, cfg_scale=stage.cfg_scale),
+    )
+
+
+def flow_matching_loss(pipe: VideoPipeline, x0: torch.Tensor, prompts: list[str], generator: torch.Generator,
+                       t_dist) -> torch.Tensor:
+    """Per-sample diffusion loss in the denoiser's own parameterisation: ‖out − target(x0, ε)‖²."""
+    den = pipe.denoiser
+    t = t_dist.sample(x0.shape[0], generator).to(x0.dtype)
+    eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
+    alpha, sigma = den.schedule.coefficients(t, x0)
+    x_t = alpha * x0 + sigma * eps
+    out = den(x_t, t, pipe.encode_prompts(prompts))
+    target = from_x0_eps(den.prediction_type, x0, eps, alpha, sigma)
+    return (out - target).pow(2).flatten(1).mean(1)  # (B,)
+
+
+def train_teacher(cfg: PretrainConfig, work: Path, max_seconds: float, progress: Progress | None) -> bool:
+    """Train DiT + caption encoder; returns True when ``teacher.steps`` are done."""
+    stage = cfg.teacher
+    state_dir = work / "teacher_state"
+    codec = load_codec(work)
+    latents, prompts = load_latents(work)
+    n = latents.shape[0]
+    torch.manual_seed(cfg.seed)
+    pipe = VideoPipeline(teacher_pipeline_config(cfg, codec))
+    pipe.codec.load_state_dict(codec.state_dict())
+    params = [*pipe.denoiser.parameters(), *pipe.text_encoder.parameters()]
+    opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay, betas=(0.9, 0.99))
+    ema = [p.detach().clone() for p in params]
+    generator = torch.Generator().manual_seed(cfg.seed)
+    step = 0
+    if (state_dir / "state.json").is_file():
+        meta = json.loads((state_dir / "state.json").read_text())
+        model = load_file(state_dir / "model.safetensors")
+        for i, p in enumerate(params):
+            p.data.copy_(model[f"p{i}"])
+            ema[i].copy_(model[f"ema{i}"])
+        load_optimizer_tensors(opt, load_file(state_dir / "optimizer.safetensors"), meta["optimizer"])
+        generator.set_state(torch.tensor(meta["generator"], dtype=torch.uint8))
+        step = meta["step"]
+    if step >= stage.steps:
+        return True
+    t_dist = LogitNormal(stage.logit_normal_mean, stage.logit_normal_std)
+    pipe.train()
+    pipe.codec.eval()
+    start = time.monotonic()
+
+    def save_state(directory: Path):
+        tensors, meta = optimizer_tensors(opt)
+        model = {f"p{i}": p.detach().contiguous() for i, p in enumerate(params)}
+        model.update({f"ema{i}": e.contiguous() for i, e in enumerate(ema)})
+        save_file(model, directory / "model.safetensors")
+        save_file(tensors, directory / "optimizer.safetensors")
+        (directory / "state.json").write_text(json.dumps({
+            "step": step, "optimizer": meta, "generator": generator.get_state().tolist()}))
+
+    running = None
+    while step < stage.steps:
+        lr = stage.lr * min(1.0, (step + 1) / max(1, stage.warmup_steps))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        # 1. a batch of cached latents, captions dropped to "" with probability caption_dropout
+        idx = torch.randint(n, (stage.batch_size,), generator=generator)
+        x0 = latents[idx].float()  # (B, C, T', H', W')
+        drop = torch.rand(stage.batch_size, generator=generator) < stage.caption_dropout
+        caps = ["" if d else prompts[i] for d, i in zip(drop.tolist(), idx.tolist())]
+        # 2. flow-matching loss, step, EMA
+        loss = flow_matching_loss(pipe, x0, caps, generator, t_dist).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, stage.grad_clip)
+        opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - stage.ema_decay)
+        step += 1
+        value = loss.item()
+        running = value if running is None else 0.98 * running + 0.02 * value
+        if progress:
+            progress("teacher", step, stage.steps, {"loss": running, "lr": lr})
+        out_of_time = time.monotonic() - start > max_seconds
+        if step % cfg.checkpoint_every == 0 or out_of_time or step == stage.steps:
+            _atomic_dir(state_dir, save_state)
+            if out_of_time and step < stage.steps:
+                return False
+    return True
+
+
+def export_teacher(cfg: PretrainConfig, work: Path, out: Path) -> Path:
+    """Write the EMA teacher as a VideoPipeline directory (the shipped ``toy-teacher``)."""
+    state_dir = work / "teacher_state"
+    if not (state_dir / "state.json").is_file():
+        raise UserError(f"no teacher checkpoint in {state_dir}; run `fewstep pretrain --stage teacher` first")
+    codec = load_codec(work)
+    pipe = VideoPipeline(teacher_pipeline_config(cfg, codec))
+    pipe.codec.load_state_dict(codec.state_dict())
+    params = [*pipe.denoiser.parameters(), *pipe.text_encoder.parameters()]
+    model = load_file(state_dir / "model.safetensors")
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            p.copy_(model[f"ema{i}"])
+    return pipe.save(out)

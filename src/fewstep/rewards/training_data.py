@@ -1,0 +1,126 @@
+"""Labelled toy-world clips for training the project's own scorers (toy CLIP, Fréchet features).
+
+Rendering a clip costs milliseconds (4×4 supersampling), more than a training step of a small
+scorer spends on it, so training draws batches from a *pool* of clips of ``ToyWorld(split)``
+(items ``start .. start + num − 1``, each with the attributes it realises) rendered once. Two
+label-preserving symmetries multiply the pool by four and hand every batch hard negatives —
+the same appearance with a different motion:
+
+- horizontal flip (``W`` axis): left ↔ right (every shape is symmetric about its vertical axis);
+- time reversal (``T`` axis): left ↔ right and up ↔ down.
+
+A vertical flip would turn the apex-up triangle upside down, so it is not used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fewstep.data.toyworld import (
+    BACKGROUNDS, COLOURS, FRAMES, MOTIONS, SHAPES, SIZE, Prompt, ToyWorld, parse_prompt, render_clip, to_unit,
+)
+
+SPEED_CLASSES: tuple[str, ...] = ("still", "slow", "fast")  # a still clip has no speed class
+#: Attribute name → class names; the label of a clip is an index into these.
+ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    "colour": tuple(COLOURS),
+    "shape": SHAPES,
+    "motion": MOTIONS,
+    "speed": SPEED_CLASSES,
+    "background": BACKGROUNDS,
+}
+APPEARANCE = ("colour", "shape", "background")  # what a single frame shows
+
+_HFLIP = {"left": "right", "right": "left"}
+_REVERSE = {"left": "right", "right": "left", "up": "down", "down": "up"}
+
+
+@dataclass
+class LabelledClips:
+    """``videos (N, T, H, W, 3)`` uint8, their captions, and per-attribute labels ``(N,)``."""
+
+    videos: np.ndarray
+    prompts: list[str]
+    labels: dict[str, np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    @classmethod
+    def render(cls, split: str, num: int, frames: int = FRAMES, size: int = SIZE, start: int = 0) -> LabelledClips:
+        """Items ``start .. start + num − 1`` of ``ToyWorld(split)`` with the attributes they realise."""
+        world = ToyWorld(split, frames, size, length=start + num)
+        return cls.from_suite([world.prompt_and_seed(start + k) for k in range(num)], frames, size)
+
+    @classmethod
+    def from_suite(cls, suite: list[tuple[str, int]], frames: int = FRAMES, size: int = SIZE) -> LabelledClips:
+        """Clips of explicit ``(prompt, seed)`` pairs (e.g. ``eval_suite(n)``)."""
+        videos = np.empty((len(suite), frames, size, size, 3), dtype=np.uint8)
+        labels = {name: np.empty(len(suite), dtype=np.int64) for name in ATTRIBUTES}
+        for k, (prompt, seed) in enumerate(suite):
+            videos[k], meta = render_clip(prompt, seed, frames, size)
+            resolved = {"colour": meta.prompt.colour, "shape": meta.shape, "motion": meta.motion,
+                        "speed": meta.speed or "still", "background": meta.background}
+            for name, value in resolved.items():
+                labels[name][k] = ATTRIBUTES[name].index(value)
+        return cls(videos, [p for p, _ in suite], labels)
+
+    def sample(self, batch_size: int, generator: np.random.Generator, augment: bool = True,
+               pairs: bool = True) -> dict:
+        """A training batch: ``frames (B, T, H, W, 3)`` float32 tensor in [−1, 1], ``prompts``, ``labels``.
+
+        With ``pairs`` the batch holds ``B/2`` pool clips, each twice under two different
+        symmetries (so the same appearance appears with two motions when the clip moves).
+        """
+        if pairs:
+            base = generator.integers(len(self), size=(batch_size + 1) // 2)
+            first = generator.integers(4, size=len(base))
+            second = (first + generator.integers(1, 4, size=len(base))) % 4  # a different symmetry
+            index = np.repeat(base, 2)[:batch_size]
+            ops = np.stack([first, second], axis=1).reshape(-1)[:batch_size]
+        else:
+            index = generator.integers(len(self), size=batch_size)
+            ops = generator.integers(4, size=batch_size)
+        if not augment:
+            ops = np.zeros_like(ops)
+        videos, prompts = [], []
+        labels = {name: values[index].copy() for name, values in self.labels.items()}
+        for k, (i, op) in enumerate(zip(index, ops)):
+            video, prompt = self.videos[i], parse_prompt(self.prompts[i])
+            motion = ATTRIBUTES["motion"][labels["motion"][k]]
+            if op & 1:  # horizontal flip
+                video, motion = video[:, :, ::-1], _HFLIP.get(motion, motion)
+            if op & 2:  # time reversal
+                video, motion = video[::-1], _REVERSE.get(motion, motion)
+            labels["motion"][k] = ATTRIBUTES["motion"].index(motion)
+            videos.append(video)
+            prompts.append(str(Prompt(prompt.colour, prompt.shape, motion, prompt.speed, prompt.background)))
+        frames = torch.from_numpy(to_unit(np.stack(videos)))  # (B, T, H, W, 3)
+        return {"frames": frames, "prompts": prompts, "labels": {k: torch.from_numpy(v) for k, v in labels.items()}}
+
+    def all(self) -> dict:
+        """The whole pool as one batch, unaugmented (for evaluation)."""
+        return {"frames": torch.from_numpy(to_unit(self.videos)), "prompts": list(self.prompts),
+                "labels": {k: torch.from_numpy(v) for k, v in self.labels.items()}}
+
+
+def caption_matches(prompts: list[str], labels: dict[str, torch.Tensor], appearance_only: bool = False) -> torch.Tensor:
+    """``M[i, j]`` = clip ``i`` (its resolved attribute ``labels``) satisfies caption ``j``: ``(N, P)`` bool.
+
+    A caption fixes colour, shape and motion, and speed and background only when it names them;
+    with ``appearance_only`` only what a single frame shows counts (colour, shape, background).
+    """
+    n = len(labels["colour"])
+    out = torch.ones(n, len(prompts), dtype=torch.bool)
+    for j, text in enumerate(prompts):
+        p = parse_prompt(text)
+        wanted = {"colour": p.colour, "shape": p.shape, "background": p.background}
+        if not appearance_only:
+            wanted |= {"motion": p.motion, "speed": p.speed}
+        for name, value in wanted.items():
+            if value is not None:
+                out[:, j] &= labels[name] == ATTRIBUTES[name].index(value)
+    return out
