@@ -1,16 +1,19 @@
 """One contract suite, run on every backbone adapter (STYLE §10: shared mixin-style tests).
 
 Backbones: (a) the toy DiT as a plain module, (b) a tiny diffusers Wan (flow matching),
-(c) a tiny diffusers CogVideoX (VP, v-prediction). All built from tiny random configs here.
+(c) a tiny diffusers CogVideoX (VP, v-prediction; with and without 3D RoPE), (d) a tiny
+diffusers HunyuanVideo (flow matching, embedded guidance). All built from tiny random configs here.
 """
 
 import pytest
 import torch
-from diffusers import CogVideoXTransformer3DModel, WanTransformer3DModel
+from diffusers import CogVideoXTransformer3DModel, HunyuanVideoTransformer3DModel, WanTransformer3DModel
 
 from fewstep.diffusion.schedules import FlowMatching, VPDiscrete
 from fewstep.errors import UserError
-from fewstep.models.backbones import CogVideoXBackbone, Conditioning, WanBackbone, load_diffusers_backbone
+from fewstep.models.backbones import (
+    CogVideoXBackbone, Conditioning, HunyuanVideoBackbone, WanBackbone, load_diffusers_backbone,
+)
 from fewstep.models.denoiser import Denoiser
 from fewstep.models.toy_dit import ToyDiT, ToyDiTConfig
 
@@ -52,8 +55,17 @@ def make_cogvideox(rotary=False):
     return Denoiser(CogVideoXBackbone(_perturb(model)), VPDiscrete(zero_terminal_snr=True), "v")
 
 
+def make_hunyuan():
+    torch.manual_seed(0)
+    model = HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+                                           num_layers=1, num_single_layers=1, num_refiner_layers=1, patch_size=2,
+                                           patch_size_t=1, guidance_embeds=True, text_embed_dim=TEXT_DIM,
+                                           pooled_projection_dim=8, rope_axes_dim=(2, 2, 4))
+    return Denoiser(HunyuanVideoBackbone(_perturb(model)), FlowMatching(shift=7.0), "flow")
+
+
 FACTORIES = {"toy": make_toy, "wan": make_wan, "cogvideox": make_cogvideox,
-             "cogvideox_rope": lambda: make_cogvideox(rotary=True)}
+             "cogvideox_rope": lambda: make_cogvideox(rotary=True), "hunyuanvideo": make_hunyuan}
 
 
 @pytest.fixture(params=list(FACTORIES), scope="module")
@@ -64,8 +76,9 @@ def denoiser(request):
 def _inputs(dtype=torch.float32, seed=0, batch=2):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 4, 2, 4, 4, generator=g).to(dtype)
-    cond = Conditioning(torch.randn(batch, 6, TEXT_DIM, generator=g).to(dtype))
-    uncond = Conditioning(torch.zeros(batch, 6, TEXT_DIM, dtype=dtype))
+    pooled = {"pooled_projections": torch.randn(batch, 8, generator=g).to(dtype)}  # used by HunyuanVideo only
+    cond = Conditioning(torch.randn(batch, 6, TEXT_DIM, generator=g).to(dtype), extra=pooled)
+    uncond = Conditioning(torch.zeros(batch, 6, TEXT_DIM, dtype=dtype), extra={k: 0 * v for k, v in pooled.items()})
     t = torch.tensor([0.3, 0.8], dtype=dtype)[:batch]
     return x, t, cond, uncond
 
@@ -148,7 +161,7 @@ def test_gradients_reach_the_backbone(denoiser):
     denoiser.zero_grad()
 
 
-@pytest.mark.parametrize("kind", ["wan", "cogvideox"])
+@pytest.mark.parametrize("kind", ["wan", "cogvideox", "hunyuanvideo"])
 def test_diffusers_backbones_load_from_a_local_directory(kind, tmp_path):
     den = FACTORIES[kind]().eval()
     den.backbone.model.save_pretrained(tmp_path / "transformer")

@@ -228,11 +228,11 @@ ScheduleConfig = Annotated[
 class DiffusersDenoiserConfig(StrictModel):
     """A diffusers transformer loaded from a local directory (never from a hub)."""
 
-    backbone: Literal["wan", "cogvideox"]
+    backbone: Literal["wan", "cogvideox", "hunyuanvideo"]
     path: str = Field(description="local model or pipeline directory")
     subfolder: str | None = Field(None, description="e.g. 'transformer' for a pipeline directory")
     prediction_type: Literal["eps", "x0", "v", "flow", "conjugate"] | None = Field(
-        None, description="defaults to the backbone's own (wan: flow, cogvideox: v)")
+        None, description="defaults to the backbone's own (wan, hunyuanvideo: flow; cogvideox: v)")
     schedule: ScheduleConfig = Field(default_factory=FlowMatchingConfig)
 
     def build(self):

@@ -9,7 +9,8 @@ Contract every adapter implements::
         output    (B, C, T, H, W)  in the backbone's own prediction parameterisation
 
 Adapters only move axes and rename arguments; the meaning of the output (eps / v / flow / …)
-is declared once, in :class:`fewstep.models.denoiser.Denoiser`. Real weights load from a local
+is declared once, in :class:`fewstep.models.denoiser.Denoiser`. Adapters: (a) plain modules
+(the toy DiT), (b) Wan, (c) CogVideoX, (d) HunyuanVideo. Real weights load from a local
 directory only (:func:`load_diffusers_backbone`); nothing is ever fetched from a hub.
 """
 
@@ -175,9 +176,42 @@ class CogVideoXBackbone(Backbone):
         return out.permute(0, 2, 1, 3, 4)  # (B, F, C, H, W) -> (B, C, F, H, W)
 
 
+class HunyuanVideoBackbone(Backbone):
+    """(d) diffusers' ``HunyuanVideoTransformer3DModel`` — flow matching, ``(B, C, F, H, W)``.
+
+    Needs the CLIP pooled text projection in ``cond.extra["pooled_projections"]`` (B, D_pool);
+    the token mask is passed as ``encoder_attention_mask``. Guidance-distilled checkpoints take
+    an embedded guidance scale: ``cond.extra["guidance"]`` (B,) if given, else
+    ``embedded_guidance_scale`` (× 1000, as diffusers' pipeline feeds it).
+    """
+
+    prediction_type = "flow"
+
+    def __init__(self, model: nn.Module, embedded_guidance_scale: float = 6.0):
+        super().__init__()
+        self.model = model
+        self.embedded_guidance_scale = embedded_guidance_scale
+
+    def forward(self, x, timestep, cond):
+        if "pooled_projections" not in cond.extra:
+            raise UserError("HunyuanVideo needs cond.extra['pooled_projections'] (the CLIP pooled text embedding)")
+        mask = cond.mask if cond.mask is not None else torch.ones(cond.context.shape[:2], dtype=torch.bool,
+                                                                  device=x.device)
+        guidance = None
+        if self.model.config.guidance_embeds:
+            guidance = cond.extra.get("guidance")
+            if guidance is None:
+                guidance = torch.full((x.shape[0],), self.embedded_guidance_scale * 1000.0, device=x.device,
+                                      dtype=x.dtype)
+        return self.model(hidden_states=x, timestep=timestep, encoder_hidden_states=cond.context,
+                          encoder_attention_mask=mask, pooled_projections=cond.extra["pooled_projections"],
+                          guidance=guidance, return_dict=False)[0]
+
+
 DIFFUSERS_BACKBONES = {
     "wan": ("WanTransformer3DModel", WanBackbone),
     "cogvideox": ("CogVideoXTransformer3DModel", CogVideoXBackbone),
+    "hunyuanvideo": ("HunyuanVideoTransformer3DModel", HunyuanVideoBackbone),
 }
 
 
