@@ -40,6 +40,7 @@ class ToyCodecConfig(StrictModel):
     base_channels: int = 32  # channels below full resolution; the full-resolution stage uses half
     spatial_factor: int = 4  # power of two: one stride-2 stage per factor 2
     temporal_factor: int = 2  # power of two, at most spatial_factor; the last stages also stride time
+    temporal_kernel: int = 3  # odd; 1 makes every conv per-frame (a 2D autoencoder applied to each frame)
     num_groups: int = 8  # GroupNorm groups
     scaling_factor: float = 1.0  # latents = (z - shift_factor) * scaling_factor
     shift_factor: float = 0.0
@@ -51,6 +52,10 @@ class ToyCodecConfig(StrictModel):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
                 raise ValueError(f"{name} must be a power of two, got {value}")
+        if self.temporal_kernel < 1 or self.temporal_kernel % 2 == 0:
+            raise ValueError(f"temporal_kernel must be odd and >= 1, got {self.temporal_kernel}")
+        if self.temporal_kernel == 1 and self.temporal_factor > 1:
+            raise ValueError("temporal_factor > 1 needs temporal_kernel >= 3 (a 1-frame kernel would drop frames)")
         if self.temporal_factor > self.spatial_factor:
             raise ValueError(f"temporal_factor {self.temporal_factor} must not exceed spatial_factor {self.spatial_factor}")
         for ch in (self.base_channels // 2, self.base_channels):
@@ -78,15 +83,20 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return 10.0 * torch.log10(4.0 / mse.clamp(min=1e-12))
 
 
-class ResBlock3d(nn.Module):
-    """GroupNorm → SiLU → Conv3d(3³) twice, plus the identity (second conv zero-initialised)."""
+def conv3d(c_in: int, c_out: int, kt: int, stride: int | tuple[int, int, int] = 1) -> nn.Conv3d:
+    """A ``(kt, 3, 3)`` convolution with "same" padding."""
+    return nn.Conv3d(c_in, c_out, (kt, 3, 3), stride=stride, padding=(kt // 2, 1, 1))
 
-    def __init__(self, channels: int, num_groups: int) -> None:
+
+class ResBlock3d(nn.Module):
+    """GroupNorm → SiLU → Conv3d(kt×3×3) twice, plus the identity (second conv zero-initialised)."""
+
+    def __init__(self, channels: int, num_groups: int, kt: int = 3) -> None:
         super().__init__()
         self.norm1 = nn.GroupNorm(num_groups, channels)
-        self.conv1 = nn.Conv3d(channels, channels, 3, padding=1)
+        self.conv1 = conv3d(channels, channels, kt)
         self.norm2 = nn.GroupNorm(num_groups, channels)
-        self.conv2 = nn.Conv3d(channels, channels, 3, padding=1)
+        self.conv2 = conv3d(channels, channels, kt)
         nn.init.zeros_(self.conv2.weight)
         nn.init.zeros_(self.conv2.bias)
 
@@ -122,21 +132,22 @@ class ToyCodec(nn.Module):
         g = config.num_groups
         top = config.base_channels // 2 if not plan else plan[-1][1]  # channels at latent resolution
 
+        kt = config.temporal_kernel
         # Encoder: conv_in at full res → [strided conv + ResBlock] per stage → ResBlock → conv_out
-        enc: list[nn.Module] = [nn.Conv3d(config.in_channels, config.base_channels // 2, 3, padding=1)]
+        enc: list[nn.Module] = [conv3d(config.in_channels, config.base_channels // 2, kt)]
         for c_in, c_out, stride in plan:
-            enc += [nn.Conv3d(c_in, c_out, 3, stride=stride, padding=1), ResBlock3d(c_out, g)]
-        enc += [ResBlock3d(top, g), nn.GroupNorm(g, top), nn.SiLU(), nn.Conv3d(top, config.latent_channels, 3, padding=1)]
+            enc += [conv3d(c_in, c_out, kt, stride=stride), ResBlock3d(c_out, g, kt)]
+        enc += [ResBlock3d(top, g, kt), nn.GroupNorm(g, top), nn.SiLU(), conv3d(top, config.latent_channels, kt)]
         self.encoder = nn.Sequential(*enc)
 
         # Decoder: conv_in → 2 ResBlocks → per stage [nearest upsample + conv (+ ResBlock below full res)] → conv_out
-        dec: list[nn.Module] = [nn.Conv3d(config.latent_channels, top, 3, padding=1), ResBlock3d(top, g), ResBlock3d(top, g)]
+        dec: list[nn.Module] = [conv3d(config.latent_channels, top, kt), ResBlock3d(top, g, kt), ResBlock3d(top, g, kt)]
         for level, (c_in, c_out, stride) in reversed(list(enumerate(plan))):
-            dec += [nn.Upsample(scale_factor=stride, mode="nearest"), nn.Conv3d(c_out, c_in, 3, padding=1)]
+            dec += [nn.Upsample(scale_factor=stride, mode="nearest"), conv3d(c_out, c_in, kt)]
             if level > 0:
-                dec.append(ResBlock3d(c_in, g))
+                dec.append(ResBlock3d(c_in, g, kt))
         bottom = config.base_channels // 2
-        dec += [nn.GroupNorm(g, bottom), nn.SiLU(), nn.Conv3d(bottom, config.in_channels, 3, padding=1)]
+        dec += [nn.GroupNorm(g, bottom), nn.SiLU(), conv3d(bottom, config.in_channels, kt)]
         self.decoder = nn.Sequential(*dec)
 
     @classmethod
