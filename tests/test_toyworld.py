@@ -309,3 +309,13 @@ def test_eval_suite_is_fixed_and_sized():
     assert len({seed for _, seed in suite}) == len(suite)
     with pytest.raises(UserError):
         eval_suite(0)
+
+
+def test_small_frames_keep_every_clip_renderable():
+    """At 16 px the largest shape plus the longest travel does not fit: travel is shortened."""
+    from fewstep.data.toyworld import ToyWorld
+
+    world = ToyWorld("train", frames=8, size=16)
+    for i in range(200):
+        clip = world[i]["frames"]
+        assert clip.shape == (8, 16, 16, 3)

@@ -113,6 +113,68 @@ def pretrain(
     typer.echo(f"time budget reached; run the same command again to continue from {work}")
 
 
+@app.command()
+def generate(
+    model: str = typer.Option(..., help="A shipped model name (toy-teacher) or a model directory."),
+    prompt: list[str] = typer.Option(..., help="Caption in the toy world's grammar (repeatable)."),
+    out: str = typer.Option(..., help="Output directory: one mp4 per video + samples.npz."),
+    steps: int = typer.Option(None, help="Sampler steps (default: the model's own)."),
+    cfg: float = typer.Option(None, help="CFG scale w in uncond + w·(cond − uncond) (default: the model's own)."),
+    num: int = typer.Option(1, help="Videos per prompt."),
+    seed: int = typer.Option(0, help="Seed of the initial noise."),
+    scale: int = typer.Option(8, help="Nearest-neighbour upscaling of the mp4s (samples.npz keeps the original)."),
+):
+    """Generate videos: OUT/NNN_<prompt>.mp4 and OUT/samples.npz (frames uint8 [K, T, H, W, 3], prompts)."""
+    from .eval.runner import generate_to_dir
+
+    if scale < 1:
+        raise UserError(f"--scale {scale} is invalid; expected an integer >= 1")
+    target = generate_to_dir(model, prompt, out, steps=steps, cfg_scale=cfg, num=num, seed=seed, scale=scale)
+    typer.echo(f"wrote {len(prompt) * num} videos to {target}")
+
+
+@app.command("eval")
+def eval_(
+    model: str = typer.Option(..., help="A shipped model name (toy-teacher) or a model directory."),
+    out: str = typer.Option(..., help="Output directory: metrics.json, report.html, gifs/."),
+    steps: int = typer.Option(None, help="Sampler steps (default: the model's own)."),
+    cfg: float = typer.Option(None, help="CFG scale w in uncond + w·(cond − uncond) (default: the model's own)."),
+    num: int = typer.Option(4, help="Videos per eval prompt."),
+    seed: int = typer.Option(0, help="Seed of the initial noise."),
+    features: str = typer.Option("toy-features", help="Fréchet feature net: shipped name or directory."),
+    batch_size: int = typer.Option(32, help="Videos generated per batch."),
+):
+    """Toy VBench on the eval prompts: quality/semantic/total, FVD, Vendi, NFE, seconds per video."""
+    import json
+
+    from .eval.runner import evaluate_to_dir
+
+    metrics = evaluate_to_dir(model, out, steps=steps, cfg_scale=cfg, num=num, seed=seed, features=features,
+                              batch_size=batch_size)
+    summary = {k: metrics[k] for k in ("total", "quality", "semantic", "fvd", "vendi_pixel", "vendi_feature",
+                                       "nfe", "seconds_per_video", "steps")}
+    typer.echo(json.dumps(summary))
+    typer.echo(f"wrote {out}/metrics.json and {out}/report.html")
+
+
+@app.command()
+def distill(
+    recipe: str = typer.Option(None, "--recipe", help="Recipe name (finetune, …); optional with --resume."),
+    config: Path = typer.Option(None, "--config", help="YAML file merged over the recipe's defaults."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a config key: --set train.steps=100 (repeatable)."),
+    out: Path = typer.Option(None, "--out", help="Run directory to write (default with --resume: that run)."),
+    resume: Path = typer.Option(None, "--resume", help="Continue the run in this directory from its latest checkpoint."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config as YAML and exit."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run already in --out."),
+):
+    """Train a few-step student with a recipe (torchrun-aware); RUN/student is the exported model."""
+    from .recipes.launch import distill as run_distill
+
+    text = run_distill(recipe, config, overrides, out, resume, dry_run, overwrite)
+    if dry_run:
+        typer.echo(text, nl=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, mapping user errors to one line and exit code 2."""
     try:

@@ -269,11 +269,13 @@ def render_clip(
     # 2. Shape size, speed and a start position that keeps the whole path inside the frame.
     s = float(rng.uniform(*SHAPE_SIZE_RANGE) * size)
     travel = float(rng.uniform(*TRAVEL_RANGE[speed]) * size) if speed is not None else 0.0
-    speed_px = travel / (frames - 1)
     dx, dy = DIRECTIONS[prompt.motion]
     lo = MARGIN_PX + s / 2.0  # lowest admissible centre coordinate
     hi = size - MARGIN_PX - s / 2.0  # highest admissible centre coordinate
-    assert hi - lo >= travel, "shape size + travel exceed the frame"
+    # small frames (< 32 px) cannot always hold the largest shape plus the longest travel:
+    # shorten the travel there (never the case at the default 32 px)
+    travel = min(travel, 0.999 * (hi - lo))
+    speed_px = travel / (frames - 1)
     start = []
     for d in (dx, dy):  # per axis: moving axes keep room for the travel ahead
         first = lo + travel if d < 0 else lo

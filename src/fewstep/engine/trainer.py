@@ -1,0 +1,393 @@
+"""The training loop. It knows roles, objectives, stages and cadence — never a method (DESIGN §1).
+
+One engine step, for the stage the step falls in:
+
+1. **data** — read this process's share of the global batch at the current data position;
+2. **role updates** — for each role the stage's objectives update, in order of first appearance,
+   if its cadence fires (``(stage_step + 1) % every == 0``):
+   zero_grad → for each micro-batch: call the role's objectives under optional bf16 autocast,
+   ``Σ weight · loss.mean() / grad_accum`` → backward (gradient sync only on the last
+   micro-batch) → global grad norm + clipping → if every loss and the norm are finite:
+   LR warm-up, ``optimizer.step()``, EMA update; else skip the update and count a bad step;
+3. **bookkeeping** — advance the data position, log, evaluate (``train.eval_every``),
+   checkpoint (``train.checkpoint_every``, and at the end). ``RUN/student`` is exported with the
+   student's (EMA) weights at the start and with every checkpoint.
+
+Objectives run one role at a time, so a role updated later in a step sees the roles updated
+before it (alternating optimisation, as in GANs and DMD's fake-score/generator loop).
+
+The recipe is reached only through the :class:`Plan` protocol below, so the engine imports no
+recipe. Stopping conditions (``train.max_bad_steps`` non-finite steps in a row, a health
+issue under ``train.stop_on_collapse``) save a checkpoint, then raise :class:`TrainingStopped`,
+a one-line :class:`~fewstep.errors.UserError`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..objectives.base import Objective, StepContext, build_objective
+from . import checkpoint as ckpt
+from .config import EngineConfig
+from .data import DataSource
+from .distributed import (DistEnv, clip_grad_norm, full_model_state, full_optimizer_state, init_distributed,
+                          load_model_state, load_optimizer_state, set_gradient_sync)
+from .evaluation import Evaluator
+from .health import HealthIssue, HealthMonitor
+from .logging import NullLogger, RunLogger
+from .roles import Role, Roles, build_roles
+from .rundir import init_run_dir
+
+
+class Plan(Protocol):
+    """What the engine needs from a recipe (:class:`fewstep.recipes.base.Recipe` implements it)."""
+
+    name: str
+    config: EngineConfig
+
+    def build_modules(self) -> dict[str, nn.Module]: ...  # one module per declared role
+    def data_source(self, device: torch.device) -> DataSource: ...
+    def student_pipeline(self): ...  # a plain VideoPipeline to load student weights into, or None
+    def reference_videos(self, prompt: str, seeds: list[int]) -> np.ndarray: ...  # for health checks
+    def start_stage(self, index: int, roles: Roles) -> None: ...
+
+
+class TrainingStopped(UserError):
+    """The run stopped itself (non-finite losses, a health check); its last state is checkpointed."""
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # engine steps completed
+    stage: int = 0  # index into the config's stage bounds
+    data_position: int = 0  # samples consumed from the data stream
+    bad_streak: int = 0  # consecutive steps with a skipped (non-finite) update
+    saved_step: int = -1  # step of the last checkpoint written
+
+
+@dataclass
+class Stage:
+    name: str
+    start: int
+    end: int
+    objectives: list[Objective]
+    order: list[str]  # roles updated in this stage, in order of first appearance
+    every: dict[str, int]
+
+
+@dataclass
+class RoleUpdate:
+    losses: dict[str, float]  # "<objective>/<term>" → mean over the global batch
+    total: float
+    metrics: dict[str, float]
+    grad_norm: float
+    lr: float
+    applied: bool
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Owns the run's roles, stages, data and state; :meth:`run` is the loop."""
+
+    def __init__(self, plan: Plan, run_dir: Path, env: DistEnv):
+        cfg = plan.config
+        self.plan, self.cfg, self.env, self.run_dir = plan, cfg, env, Path(run_dir)
+        seed_everything(cfg.train.seed)
+        self.roles = build_roles(plan.build_modules(), cfg.roles, env, cfg.train.gradient_checkpointing)
+        self.stages = []
+        for name, start, end in cfg.stage_bounds():
+            stage_cfg = cfg.stages[name]
+            objectives = [build_objective(oname, ocfg) for oname, ocfg in stage_cfg.objectives.items()]
+            order = list(dict.fromkeys(o.role for o in objectives))
+            every = {r: stage_cfg.every.get(r, cfg.roles[r].every) for r in order}
+            self.stages.append(Stage(name, start, end, objectives, order, every))
+        self.source = plan.data_source(env.device)
+        self.monitor = HealthMonitor(cfg.train.health)
+        self.state = TrainState()
+        self.logger: RunLogger | NullLogger = NullLogger()
+        per_step = cfg.train.batch_size
+        if per_step % (env.world_size * cfg.train.grad_accum):
+            raise UserError(f"config key 'train.batch_size': {per_step} is not divisible by "
+                            f"{env.world_size} processes × train.grad_accum={cfg.train.grad_accum}")
+        self._reported: set[tuple[str, str]] = set()  # health issues already printed
+        self._health: dict[str, list[HealthIssue]] = {}  # current issues: "losses", "samples"
+
+    # ---------------------------------------------------------------------------------- one step
+    def update_role(self, role: Role, objectives: list[Objective], batch, ctx: StepContext) -> RoleUpdate:
+        """Accumulate the role's objectives over micro-batches, then (if finite) step it."""
+        train, env = self.cfg.train, self.env
+        accum = train.grad_accum
+        micro = len(batch) // accum
+        sums: dict[str, torch.Tensor] = {}
+        metrics: dict[str, float] = {}
+        role.optimizer.zero_grad(set_to_none=True)
+        for m in range(accum):
+            mb = batch.slice(m * micro, (m + 1) * micro)
+            mctx = ctx.with_batch(mb.sample_ids, m)
+            set_gradient_sync(role.dp_root, m == accum - 1)
+            with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=train.bf16):
+                total = 0.0
+                for obj in objectives:
+                    out = obj(mb, self.roles, mctx)
+                    assert out.role == role.name, f"objective {obj.name} returned losses for {out.role}"
+                    for term, loss in out.losses.items():
+                        assert loss.shape == (len(mb),), f"{obj.name}/{term}: expected per-sample loss ({len(mb)},), got {tuple(loss.shape)}"
+                        mean = loss.float().mean()
+                        total = total + obj.weight * mean
+                        key = f"{obj.name}/{term}"
+                        sums[key] = sums.get(key, 0.0) + mean.detach() / accum
+                    for k, v in out.metrics.items():
+                        metrics[f"{obj.name}/{k}"] = metrics.get(f"{obj.name}/{k}", 0.0) + float(v) / accum
+            (total / accum).backward()
+        set_gradient_sync(role.dp_root, True)
+        grad_norm = clip_grad_norm(role.params, role.spec.optim.grad_clip)
+        keys = sorted(sums)
+        values = env.all_reduce_mean(torch.stack([sums[k] for k in keys]).float()).tolist()
+        losses = dict(zip(keys, values))
+        weights = {f"{o.name}/": o.weight for o in objectives}
+        weighted = sum(weights[k[:k.index("/") + 1]] * v for k, v in losses.items())
+        applied = math.isfinite(weighted) and math.isfinite(grad_norm)
+        lr = 0.0
+        if applied:
+            lr = role.set_lr()
+            role.optimizer.step()
+            role.updates += 1
+            if role.ema is not None:
+                role.ema.update(role.module)
+        role.optimizer.zero_grad(set_to_none=True)
+        return RoleUpdate(losses, weighted, metrics, grad_norm, lr, applied)
+
+    def stage_index(self, step: int) -> int:
+        return next(i for i, s in enumerate(self.stages) if s.start <= step < s.end)
+
+    def train_step(self, batch=None) -> dict:
+        """One engine step (``batch``: this process's share; read from the data source if None)."""
+        train, env, st = self.cfg.train, self.env, self.state
+        stage = self.stages[st.stage]
+        stage_step = st.step - stage.start
+        share = train.batch_size // env.world_size
+        if batch is None:
+            first = st.data_position + env.rank * share
+            batch = self.source.batch(range(first, first + share), env.device)
+        record, bad = {}, []
+        for name in stage.order:
+            if (stage_step + 1) % stage.every[name]:
+                continue
+            role = self.roles[name]
+            ctx = StepContext(step=st.step, stage=st.stage, stage_step=stage_step, role=name, seed=train.seed,
+                              device=env.device, sample_ids=batch.sample_ids, generator=torch.Generator(),
+                              rank=env.rank, world_size=env.world_size)
+            upd = self.update_role(role, [o for o in stage.objectives if o.role == name], batch, ctx)
+            record[f"loss/{name}"] = upd.total
+            record.update({f"loss/{name}/{k}": v for k, v in upd.losses.items()})
+            record.update({f"metric/{name}/{k}": v for k, v in upd.metrics.items()})
+            record[f"grad_norm/{name}"] = upd.grad_norm
+            if upd.applied:
+                record[f"lr/{name}"] = upd.lr
+            else:
+                bad.append(name)
+        st.step += 1
+        st.data_position += train.batch_size
+        if bad:
+            st.bad_streak += 1
+            self.logger.message(f"step {st.step}: non-finite loss or gradient for {', '.join(bad)}; update skipped "
+                                f"({st.bad_streak}/{train.max_bad_steps} in a row)")
+            record["skipped"] = len(bad)
+        else:
+            st.bad_streak = 0
+        self.monitor.observe({k: v for k, v in record.items() if k.startswith("loss/")})
+        return record
+
+    # ---------------------------------------------------------------------------------- the loop
+    def run(self, resume_from: Path | None, config_yaml: str, *, overwrite: bool, resuming_here: bool) -> TrainState:
+        train, env = self.cfg.train, self.env
+        if resume_from is not None:
+            self.restore(ckpt.read_checkpoint(resume_from))
+        else:
+            self.plan.start_stage(0, self.roles)
+        st = self.state
+        env.barrier()  # every process has passed its checks before rank 0 writes anything
+        if env.is_main:
+            init_run_dir(self.run_dir, self.plan.name, config_yaml, overwrite=overwrite, resuming_here=resuming_here)
+            self.logger = RunLogger(self.run_dir, train.steps, st.step, tensorboard=train.tensorboard)
+        env.barrier()
+        if resume_from is None:
+            self.export_student()  # RUN/student is loadable from the start
+        evaluator = Evaluator(train, self.monitor, self.plan.reference_videos, self.run_dir) \
+            if train.eval_every and "student" in self.roles else None
+        totals: dict[str, list[float]] = {}
+        try:
+            while st.step < train.steps:
+                index = self.stage_index(st.step)
+                if index != st.stage:
+                    st.stage = index
+                    self.plan.start_stage(index, self.roles)
+                t0 = time.perf_counter()
+                record = self.train_step()
+                record["time/step"] = time.perf_counter() - t0
+                for k, v in record.items():
+                    totals.setdefault(k, []).append(v)
+                stopping = st.bad_streak >= train.max_bad_steps
+                if st.step % train.log_every == 0 or st.step == train.steps or stopping:
+                    self.log(totals)
+                    totals = {}
+                if stopping:
+                    self.stop(f"training stopped at step {st.step}: {st.bad_streak} steps in a row had non-finite "
+                              f"losses or gradients (train.max_bad_steps={train.max_bad_steps}); lower the learning "
+                              f"rate or check the data, then --resume {self.run_dir}")
+                if evaluator and (st.step % train.eval_every == 0 or st.step == train.steps):
+                    self.evaluate(evaluator)
+                if train.checkpoint_every and st.step % train.checkpoint_every == 0:
+                    self.save()
+            if st.saved_step != st.step:
+                self.save()
+        finally:
+            self.logger.close()
+        return st
+
+    def log(self, totals: dict[str, list[float]]) -> None:
+        st = self.state
+        record = {"stage": self.stages[st.stage].name,
+                  **{k: float(np.mean(v)) for k, v in totals.items() if k != "skipped"}}
+        if "skipped" in totals:
+            record["skipped"] = int(sum(totals["skipped"]))
+        self.logger.log(st.step, record)
+        issues = self.monitor.check_losses()
+        self._health["losses"] = issues
+        kinds = sorted({i.kind for found in self._health.values() for i in found})
+        self.logger.progress(st.step, {**record, **({"health": ", ".join(kinds)} if kinds else {})})
+        self.report(issues)
+
+    def report(self, issues: list[HealthIssue]) -> None:
+        """Print and log new health issues (once each); stop under ``train.stop_on_collapse``."""
+        new = [i for i in issues if (i.kind, i.subject) not in self._reported]
+        for issue in new:
+            self._reported.add((issue.kind, issue.subject))
+            self.logger.message(f"step {self.state.step}: {issue}")
+        if new:
+            self.logger.log(self.state.step, {"stage": self.stages[self.state.stage].name,
+                                              "health": [str(i) for i in new]})
+        if issues and self.cfg.train.stop_on_collapse:
+            self.stop(f"training stopped at step {self.state.step} because train.stop_on_collapse is set: {issues[0]}")
+
+    def stop(self, message: str) -> None:
+        self.save()
+        raise TrainingStopped(message)
+
+    # ---------------------------------------------------------------------------------- evaluation
+    def student_state(self) -> dict[str, torch.Tensor]:
+        """The student's (EMA if configured) full weights on rank 0 — collective under FSDP."""
+        role = self.roles["student"]
+        return full_model_state(role.ema.module if role.ema is not None else role.module)
+
+    def evaluate(self, evaluator: Evaluator) -> None:
+        weights = self.student_state()
+        issues = []
+        if self.env.is_main:
+            pipe = self.plan.student_pipeline()
+            pipe.denoiser.load_state_dict(weights)
+            record, issues = evaluator(pipe, self.state.step, self.logger)
+            self.logger.log(self.state.step, {"stage": self.stages[self.state.stage].name, **record})
+        issues = self.env.broadcast_object(issues)
+        self.env.barrier()
+        self._health["samples"] = issues
+        self.report(issues)
+
+    # ---------------------------------------------------------------------------------- checkpoints
+    def save(self) -> None:
+        """Checkpoint everything (collective), export ``RUN/student`` (rank 0)."""
+        st, env = self.state, self.env
+        data = ckpt.CheckpointData(trainer={
+            "recipe": self.plan.name, "step": st.step, "stage": st.stage, "data_position": st.data_position,
+            "bad_streak": st.bad_streak, "world_size": env.world_size,
+            "roles": {r.name: {"updates": r.updates} for r in self.roles.values()},
+            "health": self.monitor.state_dict()})
+        for role in self.roles.trainable():
+            data.tensors[f"roles/{role.name}"] = full_model_state(role.module)
+            if role.ema is not None:
+                data.tensors[f"ema/{role.name}"] = full_model_state(role.ema.module)
+            if role.updates > 0:  # an unstepped optimizer has no state (and must not be faked)
+                state = full_optimizer_state(role.module, role.optimizer)
+                if env.is_main:
+                    tensors, meta = ckpt.flatten_optimizer_state(state)
+                    data.tensors[f"optim/{role.name}"], data.json[f"optim/{role.name}"] = tensors, meta
+        for stage in self.stages:
+            for obj in stage.objectives:
+                if state := obj.state_dict():
+                    data.tensors[f"objectives/{stage.name}.{obj.name}"] = state
+        for rank, rng in enumerate(env.all_gather_object(ckpt.capture_rng())):
+            data.json[f"rng/rank{rank}"] = rng
+        if env.is_main:
+            data.config_yaml = (self.run_dir / "config.yaml").read_text()
+            ckpt.write_checkpoint(self.run_dir, st.step, data, self.cfg.train.keep_checkpoints)
+        self.export_student(data.tensors.get("ema/student", data.tensors.get("roles/student")))
+        st.saved_step = st.step
+
+    def export_student(self, weights: dict[str, torch.Tensor] | None = None) -> None:
+        """Write ``RUN/student`` (a loadable model with the student's EMA or live weights)."""
+        if "student" not in self.roles:
+            return
+        weights = self.student_state() if weights is None else weights
+        if self.env.is_main and (pipe := self.plan.student_pipeline()) is not None:
+            pipe.denoiser.load_state_dict(weights)
+            pipe.save(self.run_dir / "student")
+        self.env.barrier()
+
+    def restore(self, data: ckpt.CheckpointData) -> None:
+        """Load a checkpoint into the freshly built roles (every rank reads the files)."""
+        t, env, where = data.trainer, self.env, f"checkpoint of step {data.trainer.get('step')}"
+        for index in range(t["stage"] + 1):  # replay stage hooks so modules match the checkpoint
+            self.plan.start_stage(index, self.roles)
+        try:
+            for role in self.roles.trainable():
+                load_model_state(role.module, data.tensors[f"roles/{role.name}"], env)
+                if role.ema is not None:
+                    load_model_state(role.ema.module, data.tensors[f"ema/{role.name}"], env)
+                role.updates = t["roles"][role.name]["updates"]
+                if f"optim/{role.name}" in data.json:
+                    state = ckpt.unflatten_optimizer_state(data.tensors.get(f"optim/{role.name}", {}),
+                                                           data.json[f"optim/{role.name}"])
+                    load_optimizer_state(role.module, role.optimizer, state)
+            for stage in self.stages:
+                for obj in stage.objectives:
+                    if (key := f"objectives/{stage.name}.{obj.name}") in data.tensors:
+                        obj.load_state_dict(data.tensors[key])
+        except (KeyError, RuntimeError, ValueError) as err:
+            detail = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+            raise UserError(f"{where} does not match this run's roles ({detail})") from None
+        rng = data.json.get(f"rng/rank{env.rank}", data.json.get("rng/rank0"))
+        if rng is not None:
+            ckpt.restore_rng(rng)
+        self.monitor.load_state_dict(t.get("health", {}))
+        self.state = TrainState(step=t["step"], stage=t["stage"], data_position=t["data_position"],
+                                bad_streak=t["bad_streak"], saved_step=t["step"])
+
+
+def train(plan: Plan, run_dir: Path, *, resume_from: Path | None = None, config_yaml: str,
+          overwrite: bool = False, resuming_here: bool = False) -> TrainState:
+    """Run (or continue) training of ``plan`` into ``run_dir``; joins torchrun's process group."""
+    train_cfg = plan.config.train
+    env = init_distributed(train_cfg.device, train_cfg.distributed)
+    flush = train_cfg.flush_denormal and torch.set_flush_denormal(True)  # process-wide; undone below
+    try:
+        trainer = Trainer(plan, run_dir, env)
+        return trainer.run(resume_from, config_yaml, overwrite=overwrite, resuming_here=resuming_here)
+    finally:
+        if flush:
+            torch.set_flush_denormal(False)
+        env.close()

@@ -1,0 +1,205 @@
+"""Recipes: named training plans in a registry (STYLE §7). A recipe is config + a few builders.
+
+A recipe declares *which roles exist* and *which objectives update them, how often, in which
+stages* — in its YAML defaults, validated by its pydantic config — and builds the modules for
+its roles. The engine (:mod:`fewstep.engine.trainer`) does everything else. A new method is a
+subclass like this one::
+
+    class MyConfig(RecipeConfig):            # train / roles / stages come from EngineConfig
+        model: str = "toy-teacher"
+        my_knob: float = 0.5                 # method keys, typed, next to the code
+
+    @register_recipe
+    class MyRecipe(PipelineRecipe):
+        name = "my_recipe"                   # fewstep distill --recipe my_recipe
+        Config = MyConfig                    # defaults: my_recipe.yaml next to this file
+        buildable_roles = (*PipelineRecipe.buildable_roles, "discriminator")
+
+        def build_modules(self):
+            modules = super().build_modules()      # student/teacher/fake_score/reference from `model`
+            if "discriminator" in self.config.roles:
+                modules["discriminator"] = MyDiscriminator(...)
+            return modules
+
+with ``my_recipe.yaml``::
+
+    model: toy-teacher
+    train: {steps: 2000, batch_size: 8, eval_every: 500}
+    roles:
+      student:       {optim: {lr: 1.0e-5, warmup_steps: 100}, every: 5, ema: 0.999}
+      fake_score:    {optim: {lr: 1.0e-5}}
+      discriminator: {optim: {lr: 1.0e-4, betas: [0.0, 0.99]}}
+      teacher:       {}
+    stages:
+      main:
+        objectives:
+          vsd:   {kind: vsd, role: student, cfg_scale: 4.5}
+          gan_g: {kind: gan_generator, role: student, weight: 0.01}
+          fake:  {kind: flow_matching, role: fake_score}
+          gan_d: {kind: gan_discriminator, role: discriminator}
+
+Objectives are looked up by ``kind`` in :data:`fewstep.objectives.base.OBJECTIVES`, so a
+recipe may use any registered objective; several stages run in sequence, each with its own
+objectives, ``steps`` and ``every`` overrides; :meth:`Recipe.start_stage` can adjust roles when
+a stage begins (e.g. add LoRA adapters).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import pkgutil
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import load_config, load_yaml
+from ..engine.config import EngineConfig
+from ..engine.data import DataSource, ToyWorldSource
+from ..engine.roles import Roles
+from ..errors import UserError
+
+
+class RecipeConfig(EngineConfig):
+    """Base of every recipe's config: ``train``, ``roles``, ``stages`` plus the recipe's keys."""
+
+
+class Recipe:
+    """A training plan: typed config + builders for roles and data (the engine's ``Plan``)."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[RecipeConfig]]
+    buildable_roles: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, config: RecipeConfig):
+        self.config = config
+
+    # -- configuration ---------------------------------------------------------------------------
+    @classmethod
+    def defaults_path(cls) -> Path:
+        """``<module dir>/<name>.yaml``."""
+        module = importlib.import_module(cls.__module__)
+        return Path(module.__file__).with_name(f"{cls.name}.yaml")
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        path = cls.defaults_path()
+        return load_yaml(path) if path.is_file() else {}
+
+    @classmethod
+    def load_config(cls, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                    base: dict[str, Any] | None = None) -> RecipeConfig:
+        """``base`` (the YAML defaults unless given) ← ``path`` ← ``overrides``, validated and checked."""
+        config = load_config(cls.Config, path, overrides, base=cls.defaults() if base is None else base)
+        cls.check(config)
+        return config
+
+    @classmethod
+    def check(cls, config: RecipeConfig) -> None:
+        """Recipe-specific validation beyond the config types (runs on --dry-run too)."""
+        for role in config.roles:
+            if role not in cls.buildable_roles:
+                raise UserError(f"config key 'roles.{role}': recipe {cls.name!r} does not build a {role!r} role "
+                                f"(it builds {', '.join(cls.buildable_roles)})")
+
+    # -- what the engine calls -----------------------------------------------------------------------
+    def build_modules(self) -> dict[str, nn.Module]:
+        raise NotImplementedError
+
+    def data_source(self, device: torch.device) -> DataSource:
+        raise NotImplementedError
+
+    def student_pipeline(self):
+        """A plain (unwrapped) pipeline whose ``denoiser`` takes the student's weights, or None."""
+        return None
+
+    def reference_videos(self, prompt: str, seeds: list[int]) -> np.ndarray:
+        """``(n, T, H, W, 3)`` uint8 videos the student's samples are compared with (health)."""
+        raise NotImplementedError
+
+    def start_stage(self, index: int, roles: Roles) -> None:
+        """Called when stage ``index`` begins (and replayed in order on resume, before loading)."""
+
+
+class PipelineRecipe(Recipe):
+    """A recipe whose networks start from one :class:`~fewstep.models.pipeline.VideoPipeline`.
+
+    ``config.model`` (a shipped name or a model directory) is loaded once. Every declared role
+    among ``student``, ``teacher``, ``fake_score`` and ``reference`` starts as a copy of its
+    denoiser (trainable or frozen per the role's ``optim``); its frozen codec and text encoder
+    turn toy-world clips into batches; the student is exported as a copy of the pipeline.
+    Health references are the teacher's samples when there is a teacher, else toy-world clips.
+    """
+
+    buildable_roles = ("student", "teacher", "fake_score", "reference")
+
+    def __init__(self, config: RecipeConfig):
+        super().__init__(config)
+        self._pipeline = None
+        self._export = None
+
+    @property
+    def pipeline(self):
+        if self._pipeline is None:
+            from ..models.pipeline import VideoPipeline
+
+            self._pipeline = VideoPipeline.load(self.config.model).requires_grad_(False)
+        return self._pipeline
+
+    def build_modules(self) -> dict[str, nn.Module]:
+        return {name: copy.deepcopy(self.pipeline.denoiser).requires_grad_(self.config.roles[name].trainable)
+                for name in self.config.roles if name in PipelineRecipe.buildable_roles}
+
+    def data_source(self, device: torch.device) -> DataSource:
+        return ToyWorldSource(self.pipeline.to(device), self.config.train.seed)
+
+    def student_pipeline(self):
+        if self._export is None:
+            self._export = copy.deepcopy(self.pipeline).eval()
+        return self._export
+
+    def reference_videos(self, prompt: str, seeds: list[int]) -> np.ndarray:
+        if "teacher" in self.config.roles:  # the teacher's own default sampler on the eval seeds
+            teacher = self.pipeline
+            shape = teacher.latent_shape(1)[1:]
+            noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s & (2**63 - 1)))
+                                 for s in seeds])
+            videos, _ = teacher.generate([prompt] * len(seeds), noise=noise)
+            return videos
+        from ..data.toyworld import render_clip
+
+        cfg = self.pipeline.config
+        return np.stack([render_clip(prompt, seed, cfg.frames, cfg.size)[0] for seed in seeds])
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry
+# ---------------------------------------------------------------------------------------------
+
+RECIPES: dict[str, type[Recipe]] = {}
+
+
+def register_recipe(cls: type[Recipe]) -> type[Recipe]:
+    assert cls.name not in RECIPES or RECIPES[cls.name] is cls, f"recipe {cls.name!r} registered twice"
+    RECIPES[cls.name] = cls
+    return cls
+
+
+def recipe_class(name: str) -> type[Recipe]:
+    """The recipe registered as ``name`` (imports ``fewstep.recipes.<name>``, then all recipe modules)."""
+    from .. import recipes as package
+
+    if name not in RECIPES:
+        try:
+            importlib.import_module(f"{package.__name__}.{name}")
+        except ModuleNotFoundError:
+            pass
+    if name not in RECIPES:
+        for info in pkgutil.iter_modules(package.__path__):
+            importlib.import_module(f"{package.__name__}.{info.name}")
+    if name not in RECIPES:
+        raise UserError(f"unknown recipe {name!r}; known recipes: {', '.join(sorted(RECIPES)) or 'none'}")
+    return RECIPES[name]
