@@ -200,16 +200,21 @@ class ToyCodec(nn.Module):
         """Reconstruction ``decode(encode(video))`` (clamped)."""
         return self.decode(self.encode(video))
 
-    def reconstruction_loss(self, video: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def reconstruction_loss(self, video: torch.Tensor, weight: torch.Tensor | None = None
+                            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Autoencoder training loss, unreduced: ``L1 + MSE + λ·mean(z²)`` per sample → ``(B,)``.
 
-        Trains the raw (unclamped) decoder output. Metrics are detached batch means:
-        ``l1``, ``mse``, ``psnr`` (of the clamped reconstruction), ``latent_std`` (raw ``z``).
+        ``weight`` (broadcastable to the video, e.g. ``(B, 1, T, H, W)``) re-weights pixels in
+        the L1 and MSE terms (the toy pretraining up-weights the subject so the codec does not
+        linger on the "background plus blob" plateau). Trains the raw (unclamped) decoder
+        output. Metrics are detached batch means: ``l1``, ``mse``, ``psnr`` (of the clamped
+        reconstruction, unweighted), ``latent_std`` (raw ``z``).
         """
         z = self.encode_raw(video)  # (B, C, t, h, w)
         recon = self.decode_raw(z)  # (B, 3, T, H, W)
-        l1 = (recon - video).abs().flatten(1).mean(dim=1)  # (B,)
-        mse = (recon - video).pow(2).flatten(1).mean(dim=1)  # (B,)
+        w = 1.0 if weight is None else weight
+        l1 = (w * (recon - video).abs()).flatten(1).mean(dim=1)  # (B,)
+        mse = (w * (recon - video).pow(2)).flatten(1).mean(dim=1)  # (B,)
         latent_l2 = z.pow(2).flatten(1).mean(dim=1)  # (B,)
         loss = l1 + mse + self.config.latent_l2_weight * latent_l2
         metrics = {
