@@ -5,6 +5,8 @@ FID/FVD embed real and generated samples with a network trained to *classify* re
 is a small 3D-conv classifier of the toy world's attributes, trained from pixels::
 
     clip (B, T, H, W, 3) ─3D conv stages─▶ (B, C, T', H', W') ─mean ⊕ max pool─▶ (B, 2C)
+        (the first stages are per frame, kernels 1×3×3, so that fast motion does not smear
+         shapes; the later ones are 3×3×3 and stride time)
         ─Linear, GELU─▶ features (B, d) ─one linear head per attribute─▶ colour, shape, motion,
                                                                          speed, background
 
@@ -16,14 +18,13 @@ caches them in a ``.npz`` next to the weights (the shipped ``toy-features`` dire
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
+import pydantic
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -35,13 +36,12 @@ from fewstep.data.toyworld import EVAL_PROMPTS, FRAMES, SIZE, eval_suite
 from fewstep.errors import UserError
 from fewstep.rewards.base import load_asset, resolve_asset, save_asset
 from fewstep.rewards.toy_clip import resample
-from fewstep.rewards.training_data import ATTRIBUTES, LabelledClips
+from fewstep.rewards.training_data import ATTRIBUTES, LabelledClips, Progress, warmup_cosine
 
 from .frechet import FrechetStats
 
 SHIPPED_NAME = "toy-features"
 REFERENCE_CLIPS = 1024  # real eval clips behind the cached reference statistics
-Progress = Callable[[int, int, dict], None]  # (step, steps, metrics)
 
 
 class FeatureNetConfig(StrictModel):
@@ -49,8 +49,18 @@ class FeatureNetConfig(StrictModel):
 
     frames: int = Field(FRAMES, ge=2, description="clip length T the net expects")
     size: int = Field(SIZE, ge=8, description="frame height = width the net expects, px")
-    channels: list[int] = Field([16, 32, 64], min_length=1, description="one strided 3D conv stage each")
+    channels: list[int] = Field([16, 32, 64], min_length=1, description="one 3D conv stage each")
+    spatial_strides: list[int] = Field([2, 2, 2], description="spatial stride per stage")
+    temporal_kernels: list[int] = Field([1, 3, 3], description="temporal kernel size per stage (1 = per frame)")
+    temporal_strides: list[int] = Field([1, 2, 2], description="temporal stride per stage")
     feature_dim: int = Field(64, ge=2, description="width d of the penultimate features")
+
+    @pydantic.model_validator(mode="after")
+    def _check(self) -> FeatureNetConfig:
+        n = len(self.channels)
+        if not len(self.spatial_strides) == len(self.temporal_kernels) == len(self.temporal_strides) == n:
+            raise ValueError(f"spatial_strides, temporal_kernels and temporal_strides need one entry per stage ({n})")
+        return self
 
 
 class VideoFeatureNet(nn.Module):
@@ -61,19 +71,21 @@ class VideoFeatureNet(nn.Module):
         self.config = config = config or FeatureNetConfig()
         layers: list[nn.Module] = []
         c_in = 3
-        for i, c in enumerate(config.channels):
-            stride = (1, 2, 2) if i == 0 else (2, 2, 2)  # keep full frame rate for the first stage
-            layers += [nn.Conv3d(c_in, c, 3, stride=stride, padding=1), nn.GELU()]
+        for c, ss, kt, st in zip(config.channels, config.spatial_strides, config.temporal_kernels,
+                                 config.temporal_strides):
+            layers += [nn.Conv3d(c_in, c, (kt, 3, 3), stride=(st, ss, ss), padding=(kt // 2, 1, 1), bias=False),
+                       nn.BatchNorm3d(c), nn.ReLU()]
             c_in = c
         self.encoder = nn.Sequential(*layers)
         self.embed = nn.Sequential(nn.Linear(2 * c_in, config.feature_dim), nn.GELU())
         self.heads = nn.ModuleDict({name: nn.Linear(config.feature_dim, len(classes))
                                     for name, classes in ATTRIBUTES.items()})
         self.directory: Path | None = None  # set by load(); where reference statistics are cached
+        self.metrics: dict = {}  # training metrics, filled by load()
 
     def forward(self, frames: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """``(B, T, H, W, 3)`` float in [−1, 1] → ``(features (B, d), {attribute: logits (B, n)})``."""
-        x = resample(frames, self.config.frames, self.config.size)
+        x = resample(frames, self.config.frames, self.config.size)  # frames picked evenly in time
         x = rearrange(x, "b t h w c -> b c t h w")
         g = self.encoder(x)  # (B, C, T', H', W')
         pooled = torch.cat([g.mean(dim=(2, 3, 4)), g.amax(dim=(2, 3, 4))], dim=1)  # (B, 2C)
@@ -150,7 +162,7 @@ def attribute_accuracy(net: VideoFeatureNet, clips: LabelledClips, batch_size: i
 
 
 def train_feature_net(
-    steps: int = 800,
+    steps: int = 400,
     batch_size: int = 64,
     seed: int = 0,
     device: str | torch.device = "cpu",
@@ -167,22 +179,22 @@ def train_feature_net(
 ) -> tuple[VideoFeatureNet, dict]:
     """Train the feature net on ``ToyWorld("train")`` clips; returns ``(model, metrics)``.
 
-    Phases: render a pool of ``pool_size`` training clips (or use ``data``, e.g. the pool the
-    toy CLIP trained on) → ``steps`` AdamW steps (linear warm-up, cosine decay) on batches under
-    the flip/reversal symmetries → attribute accuracy on ``eval_clips`` clips of
-    ``ToyWorld("eval")`` (keys ``eval_acc_*``). ``model`` continues training an existing net (a
-    fresh optimizer). ``progress(step, steps, metrics)`` is called every ``log_every`` steps.
+    Phases: render a pool of ``pool_size`` training clips at the toy world's geometry (or use
+    ``data``, e.g. the pool the toy CLIP trained on) → ``steps`` AdamW steps (linear warm-up,
+    cosine decay) on batches under the flip/reversal symmetries → attribute accuracy on
+    ``eval_clips`` clips of ``ToyWorld("eval")`` at the training clips' geometry (keys
+    ``eval_acc_*``). ``model`` continues training an existing net (with a fresh optimizer).
+    ``progress(step, steps, metrics)`` is called every ``log_every`` steps and at the end.
     """
     start = time.perf_counter()
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = (model or VideoFeatureNet(config)).to(device).train()
-    cfg = model.config
-    data = data or LabelledClips.render("train", pool_size, cfg.frames, cfg.size)
+    data = data or LabelledClips.render("train", pool_size)  # the toy world's geometry; the net resamples
     render_s = time.perf_counter() - start
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _warmup_cosine(s, steps, warmup_steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, steps, warmup_steps))
     metrics: dict = {}
     for step in range(1, steps + 1):
         batch = data.sample(batch_size, rng, pairs=False)
@@ -196,18 +208,12 @@ def train_feature_net(
             progress(step, steps, metrics)
 
     model.eval()
+    frames, size = data.videos.shape[1:3]  # evaluate at the geometry trained on
     results = {f"eval_acc_{k}": v for k, v in attribute_accuracy(
-        model, LabelledClips.render("eval", eval_clips, cfg.frames, cfg.size)).items()}
+        model, LabelledClips.render("eval", eval_clips, frames, size)).items()}
     results |= {"final_loss": metrics.get("loss", float("nan")), "steps": steps, "batch_size": batch_size,
                 "seed": seed, "render_seconds": render_s, "seconds": time.perf_counter() - start}
     return model, results
-
-
-def _warmup_cosine(step: int, steps: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 # --- reference statistics -----------------------------------------------------------------------
@@ -234,8 +240,9 @@ def reference_stats(
     ``frames × size²`` (default: the net's own), embedded by ``net`` (default: the shipped one).
 
     Cached as ``cache_dir/reference_{num_clips}_{frames}x{size}.npz`` (default ``cache_dir``: the
-    directory the net was loaded from; ``None`` for an unsaved net = no cache). The cache is
-    written atomically and skipped silently where the directory is read-only.
+    directory the net was loaded from, which :meth:`VideoFeatureNet.save` replaces whole, so a
+    cache never outlives its weights; an unsaved net has no cache). The cache is written
+    atomically and skipped silently where the directory is read-only.
     """
     net = net or VideoFeatureNet.load()
     frames = frames or net.config.frames
@@ -248,11 +255,20 @@ def reference_stats(
     clips = LabelledClips.from_suite(reference_suite(num_clips), frames, size)
     stats = FrechetStats.from_features(net.features(clips.videos))
     if path is not None:
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npz", dir=cache_dir)
-            os.close(fd)
-            stats.save(tmp)
-            os.replace(tmp, path)
-        except OSError:
-            Path(tmp).unlink(missing_ok=True) if "tmp" in locals() else None
+        _save_cache(stats, path)
     return stats
+
+
+def _save_cache(stats: FrechetStats, path: Path) -> None:
+    """Write ``stats`` to ``path`` atomically; skipped where the directory is not writable."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npz", dir=path.parent)
+    except OSError:
+        return
+    os.close(fd)
+    try:
+        stats.save(tmp)
+        os.replace(tmp, path)
+    except OSError:
+        Path(tmp).unlink(missing_ok=True)

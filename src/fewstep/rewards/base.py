@@ -43,14 +43,16 @@ WEIGHTS_FILE = "model.safetensors"
 
 
 class Reward(nn.Module):
-    """``reward(frames (B, T, H, W, 3) in [−1, 1], prompts list[str]) -> (B,)``; higher is better."""
+    """``reward(frames (B, T, H, W, 3) in [−1, 1], prompts list[str]) -> (B,)``; higher is better.
+
+    Rewards that ignore the caption (sharpness, JPEG) accept ``prompts=None``."""
 
     differentiable: bool = False
 
-    def reward(self, frames: Tensor, prompts: list[str]) -> Tensor:
+    def reward(self, frames: Tensor, prompts: list[str] | None = None) -> Tensor:
         raise NotImplementedError
 
-    def forward(self, frames: Tensor, prompts: list[str]) -> Tensor:
+    def forward(self, frames: Tensor, prompts: list[str] | None = None) -> Tensor:
         return self.reward(frames, prompts)
 
 

@@ -16,7 +16,6 @@ with the semantic toy-CLIP reward (RGTD Eq. 13), not alone.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from .base import Reward, check_frames

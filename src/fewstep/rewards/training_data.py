@@ -14,7 +14,9 @@ A vertical flip would turn the apex-up triangle upside down, so it is not used.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -33,6 +35,7 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "background": BACKGROUNDS,
 }
 APPEARANCE = ("colour", "shape", "background")  # what a single frame shows
+Progress = Callable[[int, int, dict], None]  # progress(step, steps, metrics) of a training function
 
 _HFLIP = {"left": "right", "right": "left"}
 _REVERSE = {"left": "right", "right": "left", "up": "down", "down": "up"}
@@ -69,20 +72,29 @@ class LabelledClips:
         return cls(videos, [p for p, _ in suite], labels)
 
     def sample(self, batch_size: int, generator: np.random.Generator, augment: bool = True,
-               pairs: bool = True) -> dict:
+               pairs: bool = True, group: int = 1, group_by: tuple[str, ...] = ("colour", "background")) -> dict:
         """A training batch: ``frames (B, T, H, W, 3)`` float32 tensor in [−1, 1], ``prompts``, ``labels``.
 
         With ``pairs`` the batch holds ``B/2`` pool clips, each twice under two different
-        symmetries (so the same appearance appears with two motions when the clip moves).
+        symmetries (so the same appearance appears with two motions when the clip moves). With
+        ``group > 1`` the pool clips come in groups of ``group`` that share the attributes
+        ``group_by``, so that clips differ from many others only in shape or motion (hard negatives).
         """
+        num = (batch_size + 1) // 2 if pairs else batch_size
+        if group > 1:
+            anchors = generator.integers(len(self), size=-(-num // group))
+            keys = np.stack([self.labels[name] for name in group_by], axis=1)  # (N, len(group_by))
+            base = np.concatenate([generator.choice(np.flatnonzero((keys == keys[a]).all(1)), size=group)
+                                   for a in anchors])[:num]
+        else:
+            base = generator.integers(len(self), size=num)
         if pairs:
-            base = generator.integers(len(self), size=(batch_size + 1) // 2)
             first = generator.integers(4, size=len(base))
             second = (first + generator.integers(1, 4, size=len(base))) % 4  # a different symmetry
             index = np.repeat(base, 2)[:batch_size]
             ops = np.stack([first, second], axis=1).reshape(-1)[:batch_size]
         else:
-            index = generator.integers(len(self), size=batch_size)
+            index = base
             ops = generator.integers(4, size=batch_size)
         if not augment:
             ops = np.zeros_like(ops)
@@ -124,3 +136,11 @@ def caption_matches(prompts: list[str], labels: dict[str, torch.Tensor], appeara
             if value is not None:
                 out[:, j] &= labels[name] == ATTRIBUTES[name].index(value)
     return out
+
+
+def warmup_cosine(step: int, steps: int, warmup: int, floor: float = 0.05) -> float:
+    """Learning-rate factor: linear warm-up over ``warmup`` steps, then cosine decay to ``floor``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min((step - warmup) / max(1, steps - warmup), 1.0)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))

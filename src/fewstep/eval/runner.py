@@ -1,0 +1,224 @@
+"""The evaluation runner: generate the eval suite with a model, score it, and write results.
+
+:func:`evaluate` (toy VBench, DESIGN §4) generates ``num_per_prompt`` videos for every prompt
+(``EVAL_PROMPTS`` by default) in batches and reports::
+
+    total, quality, semantic, dimensions   analysers.score_clips + aggregate (VBench grouping)
+    fvd              Fréchet distance between feature-net embeddings of the generated videos and
+                     cached statistics of real eval clips (eval/features.py)
+    vendi_pixel      DOLLAR Eq. 17 per prompt (K keyframes, raw pixel vectors), mean over prompts
+    vendi_feature    Vendi of the feature-net embeddings of each prompt's videos, mean over
+                     prompts (the embedding is of whole clips, so there are no keyframes)
+    nfe              network evaluations per video (a CFG step counts 2)
+    seconds_per_video  wall clock of sampling + decoding / number of videos (after a warm-up)
+    steps, cfg_scale, num_videos, num_per_prompt, seed
+    jpeg             mean JPEG compressibility reward (−kB per frame, rewards/jpeg.py)
+
+Every video's initial noise is drawn from one generator seeded with ``seed`` in suite order, so
+results do not depend on the batch size (except for the noise a stochastic sampler injects
+between steps, which is seeded per batch). :func:`generate_to_dir` and :func:`evaluate_to_dir` are
+the ``fewstep generate`` and ``fewstep eval`` commands: they validate everything first and
+publish their outputs only when complete (eval/report.py).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fewstep.data.toyworld import EVAL_PROMPTS, parse_prompt, to_unit
+from fewstep.errors import UserError
+
+from .analysers import aggregate, score_clips
+from .diversity import vendi_score, video_vendi
+from .features import REFERENCE_CLIPS, VideoFeatureNet, reference_stats
+from .frechet import FrechetStats, frechet_distance
+from .report import staged_output, write_json_atomic, write_mp4, write_report
+
+VENDI_KEYFRAMES = 4  # K in DOLLAR Eq. 17 (at most the clip length)
+
+
+@dataclass
+class Generated:
+    """Videos of one model: ``frames (N, T, H, W, 3)`` uint8, one prompt each."""
+
+    frames: np.ndarray
+    prompts: list[str]
+    nfe: int  # network evaluations per video
+    seconds: float  # wall clock of sampling + decoding, all videos
+    steps: int  # sampler steps (intervals of the time grid)
+    cfg_scale: float | None  # the effective CFG scale (None = no CFG)
+
+
+def check_steps(steps) -> None:
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise UserError(f"steps={steps!r} is invalid; expected an integer >= 1")
+
+
+def check_prompts(prompts) -> list[str]:
+    """Parse every prompt (a UserError names the first bad word); the captions as given."""
+    if isinstance(prompts, str) or not prompts:
+        raise UserError("prompts must be a non-empty list of captions")
+    for prompt in prompts:
+        parse_prompt(prompt)
+    return list(prompts)
+
+
+def generate_videos(pipe, prompts: list[str], *, steps: int | None = None, cfg_scale: float | None = None,
+                    seed: int = 0, batch_size: int = 32, warmup: bool = True) -> Generated:
+    """Sample ``prompts`` with ``pipe`` in batches; ``steps``/``cfg_scale`` default to the model's own.
+
+    Phases: validate → draw all initial noise in order → (warm-up call, untimed) → timed batches.
+    """
+    check_steps(steps)
+    prompts = check_prompts(prompts)
+    if cfg_scale is not None and not math.isfinite(cfg_scale):
+        raise UserError(f"cfg_scale={cfg_scale!r} is invalid; expected a finite number")
+    if batch_size < 1:
+        raise UserError(f"batch_size={batch_size} is invalid; expected an integer >= 1")
+    pipe.text_encoder.tokenizer(prompts)  # words the model does not know are a UserError here
+
+    n = len(prompts)
+    noise = torch.randn(pipe.latent_shape(n), generator=torch.Generator().manual_seed(seed))  # (N, C, T', H', W')
+    if warmup:
+        pipe.generate(prompts[:1], steps=1, cfg_scale=cfg_scale, seed=seed, noise=noise[:1])
+    chunks, seconds, nfe = [], 0.0, 0
+    for lo in range(0, n, batch_size):
+        start = time.perf_counter()
+        frames, result = pipe.generate(prompts[lo: lo + batch_size], steps=steps, cfg_scale=cfg_scale,
+                                       seed=seed + lo, noise=noise[lo: lo + batch_size])
+        seconds += time.perf_counter() - start
+        chunks.append(frames)
+        nfe = result.nfe
+    effective_cfg = pipe.config.sampling.cfg_scale if cfg_scale is None else cfg_scale
+    return Generated(np.concatenate(chunks), prompts, nfe, seconds, len(pipe.sampling_times(steps)) - 1,
+                     None if effective_cfg in (None, 1.0) else float(effective_cfg))
+
+
+def evaluate_with_samples(
+    pipe,
+    steps: int | None = None,
+    cfg_scale: float | None = None,
+    num_per_prompt: int = 4,
+    prompts: list[str] = EVAL_PROMPTS,
+    seed: int = 0,
+    feature_net: VideoFeatureNet | None = None,
+    ref_stats: FrechetStats | None = None,
+    batch_size: int = 32,
+    reference_clips: int = REFERENCE_CLIPS,
+) -> tuple[dict, dict[str, np.ndarray]]:
+    """:func:`evaluate`, also returning the videos by prompt: ``{prompt: (n, T, H, W, 3) uint8}``."""
+    if not isinstance(num_per_prompt, int) or num_per_prompt < 1:
+        raise UserError(f"num_per_prompt={num_per_prompt!r} is invalid; expected an integer >= 1")
+    check_steps(steps)
+    prompts = check_prompts(prompts)
+    feature_net = feature_net or VideoFeatureNet.load()  # fail before generating when it is missing
+
+    # 1. Generate every prompt's videos, prompt-major.
+    suite = [p for p in prompts for _ in range(num_per_prompt)]
+    gen = generate_videos(pipe, suite, steps=steps, cfg_scale=cfg_scale, seed=seed, batch_size=batch_size)
+    N, T, H, W, _ = gen.frames.shape
+    by_prompt = {p: gen.frames[i * num_per_prompt: (i + 1) * num_per_prompt] for i, p in enumerate(prompts)}
+
+    # 2. Toy VBench dimensions and their grouping.
+    dimensions = score_clips(gen.frames, suite)
+    groups = aggregate(dimensions)
+
+    # 3. Fréchet distance to real eval clips rendered at the model's geometry.
+    if ref_stats is None:
+        ref_stats = reference_stats(reference_clips, feature_net, frames=T, size=H)
+    feats = feature_net.features(gen.frames)  # (N, d)
+    fvd = frechet_distance(feats, ref_stats) if N >= 2 else float("nan")
+
+    # 4. Diversity per prompt (DOLLAR Eq. 17), averaged over prompts.
+    keyframes = min(VENDI_KEYFRAMES, T)
+    vendi_pixel = np.mean([video_vendi(v, keyframes=keyframes) for v in by_prompt.values()])
+    vendi_feature = np.mean([vendi_score(feats[i * num_per_prompt: (i + 1) * num_per_prompt])
+                             for i in range(len(prompts))])
+
+    # 5. JPEG compressibility (the non-differentiable reward), −kB per frame.
+    from fewstep.rewards.jpeg import JpegCompressibility
+
+    jpeg = JpegCompressibility().reward(torch.from_numpy(to_unit(gen.frames)))
+
+    metrics = {
+        "total": groups["total"], "quality": groups["quality"], "semantic": groups["semantic"],
+        "dimensions": dimensions, "fvd": float(fvd), "vendi_pixel": float(vendi_pixel),
+        "vendi_feature": float(vendi_feature), "nfe": gen.nfe, "seconds_per_video": gen.seconds / N,
+        "steps": gen.steps, "cfg_scale": gen.cfg_scale, "num_videos": N, "num_per_prompt": num_per_prompt,
+        "seed": seed, "jpeg": float(jpeg.mean()),
+    }
+    return metrics, by_prompt
+
+
+def evaluate(
+    pipe,
+    steps: int | None = None,
+    cfg_scale: float | None = None,
+    num_per_prompt: int = 4,
+    prompts: list[str] = EVAL_PROMPTS,
+    seed: int = 0,
+    feature_net: VideoFeatureNet | None = None,
+    ref_stats: FrechetStats | None = None,
+    batch_size: int = 32,
+    reference_clips: int = REFERENCE_CLIPS,
+) -> dict:
+    """Toy-VBench metrics of ``pipe`` on ``prompts`` (module docstring); JSON-serialisable."""
+    return evaluate_with_samples(pipe, steps, cfg_scale, num_per_prompt, prompts, seed, feature_net, ref_stats,
+                                 batch_size, reference_clips)[0]
+
+
+# --- the commands -------------------------------------------------------------------------------
+
+
+def _slug(prompt: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")
+
+
+def generate_to_dir(model: str, prompts: list[str], out: str | Path, *, steps: int | None = None,
+                    cfg_scale: float | None = None, num: int = 1, seed: int = 0, fps: int = 8,
+                    scale: int = 8, batch_size: int = 32) -> Path:
+    """``fewstep generate``: ``num`` videos per prompt → ``out/NNN_<prompt>.mp4`` (×``scale``,
+    nearest neighbour) and ``out/samples.npz`` (``frames (K, T, H, W, 3)`` uint8 at the model's
+    resolution, ``prompts (K,)``), prompt-major."""
+    from fewstep.models.pipeline import VideoPipeline
+
+    if not isinstance(num, int) or num < 1:
+        raise UserError(f"--num {num!r} is invalid; expected an integer >= 1")
+    check_steps(steps)
+    prompts = check_prompts(prompts)
+    pipe = VideoPipeline.load(model)
+    suite = [p for p in prompts for _ in range(num)]
+    gen = generate_videos(pipe, suite, steps=steps, cfg_scale=cfg_scale, seed=seed, batch_size=batch_size,
+                          warmup=False)
+    with staged_output(out) as stage:
+        for i, (video, prompt) in enumerate(zip(gen.frames, suite)):
+            write_mp4(stage / f"{i:03d}_{_slug(prompt)}.mp4", video, fps=fps, scale=scale)
+        np.savez(stage / "samples.npz", frames=gen.frames, prompts=np.array(suite, dtype=str))
+    return Path(out)
+
+
+def evaluate_to_dir(model: str, out: str | Path, *, steps: int | None = None, cfg_scale: float | None = None,
+                    num: int = 4, seed: int = 0, features: str = "toy-features", batch_size: int = 32,
+                    label: str | None = None) -> dict:
+    """``fewstep eval``: ``out/metrics.json`` and ``out/report.html`` (+ ``out/gifs/``)."""
+    from fewstep.models.pipeline import VideoPipeline
+
+    if not isinstance(num, int) or num < 1:
+        raise UserError(f"--num {num!r} is invalid; expected an integer >= 1")
+    check_steps(steps)
+    pipe = VideoPipeline.load(model)
+    feature_net = VideoFeatureNet.load(features)
+    metrics, by_prompt = evaluate_with_samples(pipe, steps, cfg_scale, num, seed=seed, feature_net=feature_net,
+                                               batch_size=batch_size)
+    metrics = {"model": str(model), **metrics}
+    with staged_output(out) as stage:
+        write_json_atomic(stage / "metrics.json", metrics)
+        write_report(stage, [(label or Path(str(model)).name, metrics, by_prompt)])
+    return metrics
