@@ -75,7 +75,7 @@ def timesteps(
 
 @app.command()
 def pretrain(
-    stage: str = typer.Option("all", help="codec | latents | teacher | export | all (in that order)."),
+    stage: str = typer.Option("all", help="rewards | codec | latents | teacher | export | all (in that order)."),
     work: Path = typer.Option(Path("runs/pretrain"), help="Work directory for checkpoints and caches."),
     out: Path = typer.Option(None, help="Where to export the teacher (default: the package's shipped toy-teacher)."),
     config: Path = typer.Option(None, help="YAML file overriding pretraining defaults."),
@@ -87,10 +87,11 @@ def pretrain(
 
     from .config import load_config
     from .models.pipeline import SHIPPED
-    from .pretrain import PretrainConfig, build_latents, export_teacher, train_codec, train_teacher
+    from .models.pipeline import ASSETS
+    from .pretrain import PretrainConfig, build_latents, export_teacher, train_codec, train_rewards, train_teacher
     from .utils.progress import StageProgress
 
-    stages = ["codec", "latents", "teacher", "export"]
+    stages = ["rewards", "codec", "latents", "teacher", "export"]
     if stage != "all" and stage not in stages:
         raise UserError(f"--stage must be one of all, {', '.join(stages)}; got {stage!r}")
     cfg = load_config(PretrainConfig, config, set_)
@@ -104,6 +105,8 @@ def pretrain(
     with StageProgress() as progress:
         for name in stages if stage == "all" else [stage]:
             left = budget - (time.monotonic() - start)
+            if name == "rewards" and (stage == "rewards" or not (ASSETS / "toy-features" / "config.json").is_file()):
+                train_rewards(cfg, ASSETS, progress)
             if name == "codec" and not train_codec(cfg, work, left, progress):
                 break
             if name == "latents":

@@ -2,6 +2,8 @@
 
 Stages, each resumable and each writing its result under the work directory::
 
+    rewards   the toy CLIP reward and the toy video feature net (Fréchet distance), shipped as
+              ``toy-clip`` and ``toy-features`` (minutes each; see fewstep.rewards / fewstep.eval)
     codec     video autoencoder on toy clips (L1 + MSE), then the latent scaling factor
               s = 1/std(z) so that teacher latents have unit variance (as LDM does)
     latents   a cache of N training clips encoded by the frozen codec (+ their captions)
@@ -74,12 +76,20 @@ class TeacherStage(StrictModel):
     cfg_scale: float = Field(4.0, description="default CFG scale written into the exported model")
 
 
+class RewardStage(StrictModel):
+    clip_steps: int = Field(500, ge=1, description="toy CLIP (contrastive frame/clip-caption scorer) steps")
+    feature_steps: int = Field(400, ge=1, description="toy video feature net (for Fréchet distance) steps")
+    batch_size: int = Field(64, ge=2)
+    pool_size: int = Field(3000, ge=64, description="labelled training clips rendered once for both")
+
+
 class PretrainConfig(StrictModel):
     seed: int = 0
     checkpoint_every: int = Field(250, ge=1)
     codec: CodecStage = Field(default_factory=CodecStage)
     latents: LatentStage = Field(default_factory=LatentStage)
     teacher: TeacherStage = Field(default_factory=TeacherStage)
+    rewards: RewardStage = Field(default_factory=RewardStage)
 
 
 Progress = Callable[[str, int, int, dict], None]  # (stage, step, total, metrics)
@@ -367,3 +377,25 @@ def export_teacher(cfg: PretrainConfig, work: Path, out: Path) -> Path:
         for i, p in enumerate(params):
             p.copy_(model[f"ema{i}"])
     return pipe.save(out)
+
+
+def train_rewards(cfg: PretrainConfig, assets: Path, progress: Progress | None) -> dict:
+    """Train and save ``toy-clip`` and ``toy-features`` (with the Fréchet reference statistics)."""
+    from .eval.features import reference_stats, train_feature_net
+    from .rewards.toy_clip import train_toy_clip
+    from .rewards.training_data import LabelledClips
+
+    stage = cfg.rewards
+    pool = LabelledClips.render("train", stage.pool_size)
+
+    def report(name):
+        return (lambda step, total, metrics: progress(name, step, total, metrics)) if progress else None
+
+    clip, clip_metrics = train_toy_clip(stage.clip_steps, stage.batch_size, cfg.seed, progress=report("toy-clip"),
+                                        data=pool, pool_size=stage.pool_size)
+    clip.save(assets / "toy-clip", clip_metrics)
+    net, feature_metrics = train_feature_net(stage.feature_steps, stage.batch_size, cfg.seed,
+                                             progress=report("toy-features"), data=pool, pool_size=stage.pool_size)
+    directory = net.save(assets / "toy-features", feature_metrics)
+    reference_stats(net=net, cache_dir=directory)
+    return {"toy-clip": clip_metrics, "toy-features": feature_metrics}
