@@ -22,8 +22,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -42,6 +40,7 @@ from .models.codec import ToyCodec, ToyCodecConfig, frames_to_video
 from .models.pipeline import SamplingConfig, ToyPipelineConfig, VideoPipeline
 from .models.text_encoder import ToyTextEncoderConfig
 from .models.toy_dit import ToyDiTConfig
+from .utils.io import atomic_directory
 
 
 class CodecStage(StrictModel):
@@ -100,23 +99,8 @@ Progress = Callable[[str, int, int, dict], None]  # (stage, step, total, metrics
 # ----------------------------------------------------------------------------------------------
 
 def _atomic_dir(target: Path, write: Callable[[Path], None]) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_directory(target) as tmp:
         write(tmp)
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:

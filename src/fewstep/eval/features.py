@@ -36,7 +36,7 @@ from fewstep.data.toyworld import EVAL_PROMPTS, FRAMES, SIZE, eval_suite
 from fewstep.errors import UserError
 from fewstep.rewards.base import load_asset, resolve_asset, save_asset
 from fewstep.rewards.toy_clip import resample
-from fewstep.rewards.training_data import ATTRIBUTES, LabelledClips, Progress, warmup_cosine
+from fewstep.rewards.training_data import ATTRIBUTES, LabelledClips, Progress, fit
 
 from .frechet import FrechetStats
 
@@ -193,19 +193,11 @@ def train_feature_net(
     data = data or LabelledClips.render("train", pool_size)  # the toy world's geometry; the net resamples
     render_s = time.perf_counter() - start
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, steps, warmup_steps))
-    metrics: dict = {}
-    for step in range(1, steps + 1):
+    def loss_fn():
         batch = data.sample(batch_size, rng, pairs=False)
-        loss, metrics = model.loss(batch["frames"].to(device), batch["labels"])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        if progress is not None and (step % log_every == 0 or step == steps):
-            progress(step, steps, metrics)
+        return model.loss(batch["frames"].to(device), batch["labels"])
+
+    metrics = fit(model, steps, lr, warmup_steps, loss_fn, progress, log_every)
 
     model.eval()
     frames, size = data.videos.shape[1:3]  # evaluate at the geometry trained on

@@ -16,16 +16,13 @@ sees a half-written model.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 from pydantic import Field
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ..data.toyworld import to_uint8
@@ -33,6 +30,7 @@ from ..config import FlowMatchingConfig, ScheduleConfig, StrictModel, parse_conf
 from ..diffusion.samplers import SAMPLERS, SampleResult
 from ..diffusion.schedules import sampling_grid
 from ..errors import UserError
+from ..utils.io import atomic_directory, load_weights
 from .backbones import Conditioning
 from .codec import ToyCodec, ToyCodecConfig, video_to_frames
 from .denoiser import Denoiser
@@ -140,20 +138,11 @@ class VideoPipeline(nn.Module):
 
     def save(self, directory: str | Path) -> Path:
         """Write the model atomically to ``directory`` (replacing an older model there)."""
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        try:
+        with atomic_directory(directory) as tmp:
             for name, state in self.state_dicts().items():
                 save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp / f"{name}.safetensors")
             (tmp / "model.json").write_text(json.dumps(self.config.model_dump(mode="json"), indent=2))
-            for f in tmp.iterdir():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-            replace_directory(tmp, directory)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return directory
+        return Path(directory)
 
     @classmethod
     def load(cls, name_or_dir: str | Path, device: str | torch.device = "cpu") -> "VideoPipeline":
@@ -163,17 +152,7 @@ class VideoPipeline(nn.Module):
         pipe = cls(config)
         for name, module in (("backbone", pipe.denoiser.backbone.module), ("codec", pipe.codec),
                              ("text_encoder", pipe.text_encoder)):
-            path = directory / f"{name}.safetensors"
-            try:
-                state = load_file(path)
-            except FileNotFoundError:
-                raise UserError(f"model {directory}: missing {path.name}") from None
-            except Exception as err:  # safetensors raises its own error types for corrupt files
-                raise UserError(f"model {directory}: cannot read {path.name} ({type(err).__name__})") from None
-            missing, unexpected = module.load_state_dict(state, strict=False)
-            if missing or unexpected:
-                raise UserError(f"model {directory}: {path.name} does not match model.json "
-                                f"(missing {len(missing)}, unexpected {len(unexpected)} tensors)")
+            load_weights(module, directory / f"{name}.safetensors", f"model {directory}", "model.json")
         return pipe.to(device).eval()
 
 
@@ -190,16 +169,4 @@ def resolve_model(name_or_dir: str | Path) -> Path:
         known = ", ".join(SHIPPED)
         raise UserError(f"--model {name_or_dir}: not a shipped model ({known}) nor a directory with model.json")
     return directory
-
-
-def replace_directory(src: Path, dst: Path) -> None:
-    """Move ``src`` to ``dst``, replacing an existing ``dst`` with at most a moment of absence."""
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
 

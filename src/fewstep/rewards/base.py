@@ -21,20 +21,18 @@ saved atomically (temporary sibling directory, fsync, rename) and loaded by a sh
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 from pydantic import BaseModel
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from fewstep.config import parse_config
 from fewstep.errors import UserError
-from fewstep.models.pipeline import ASSETS, replace_directory
+from fewstep.models.pipeline import ASSETS
+from fewstep.utils.io import atomic_directory, load_weights
 
 C = TypeVar("C", bound=BaseModel)
 
@@ -91,21 +89,12 @@ def resolve_asset(name_or_dir: str | Path, shipped: str, what: str) -> Path:
 def save_asset(directory: str | Path, config: BaseModel, module: nn.Module,
                metrics: dict[str, Any] | None = None) -> Path:
     """Write ``config`` + ``module``'s weights (+ training ``metrics``) atomically to ``directory``."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with atomic_directory(directory) as tmp:
         state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
         save_file(state, tmp / WEIGHTS_FILE)
         meta = {"config": config.model_dump(mode="json"), "metrics": metrics or {}}
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        replace_directory(tmp, directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return directory
+    return Path(directory)
 
 
 def load_asset(directory: Path, config_cls: type[C], build, what: str,
@@ -118,15 +107,5 @@ def load_asset(directory: Path, config_cls: type[C], build, what: str,
     if not isinstance(meta, dict) or "config" not in meta:
         raise UserError(f"{what} {directory}: {CONFIG_FILE} lacks a 'config' mapping")
     module = build(parse_config(config_cls, meta["config"]))
-    path = directory / WEIGHTS_FILE
-    try:
-        state = load_file(path)
-    except FileNotFoundError:
-        raise UserError(f"{what} {directory}: missing {WEIGHTS_FILE}") from None
-    except Exception as err:  # safetensors raises its own error types for corrupt files
-        raise UserError(f"{what} {directory}: cannot read {WEIGHTS_FILE} ({type(err).__name__})") from None
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise UserError(f"{what} {directory}: {WEIGHTS_FILE} does not match {CONFIG_FILE} "
-                        f"(missing {len(missing)}, unexpected {len(unexpected)} tensors)")
+    load_weights(module, directory / WEIGHTS_FILE, f"{what} {directory}", CONFIG_FILE)
     return module.to(device).eval(), dict(meta.get("metrics") or {})

@@ -51,7 +51,7 @@ from fewstep.errors import UserError
 from fewstep.models.text_encoder import ToyTextEncoder, ToyTextEncoderConfig
 
 from .base import Reward, check_frames, load_asset, resolve_asset, save_asset
-from .training_data import LabelledClips, Progress, caption_matches, warmup_cosine
+from .training_data import LabelledClips, Progress, caption_matches, fit
 
 SHIPPED_NAME = "toy-clip"
 Head = Literal["frame", "clip", "both"]
@@ -396,20 +396,12 @@ def train_toy_clip(
     data = data or LabelledClips.render("train", pool_size)  # the toy world's geometry; the model resamples
     render_s = time.perf_counter() - start
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, steps, warmup_steps))
-    metrics: dict = {}
-    for step in range(1, steps + 1):
+    def loss_fn():
         batch = data.sample(batch_size, rng, group=group)
         negatives = counterfactual_captions(batch["prompts"], rng) if hard_negatives else []
-        loss, metrics = model.loss(batch["frames"].to(device), batch["prompts"], batch["labels"], negatives)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        if progress is not None and (step % log_every == 0 or step == steps):
-            progress(step, steps, metrics)
+        return model.loss(batch["frames"].to(device), batch["prompts"], batch["labels"], negatives)
+
+    metrics = fit(model, steps, lr, warmup_steps, loss_fn, progress, log_every)
 
     model.eval()
     frames, size = data.videos.shape[1:3]  # evaluate at the geometry trained on

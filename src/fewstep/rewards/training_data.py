@@ -20,6 +20,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from torch import nn
 
 from fewstep.data.toyworld import (
     BACKGROUNDS, COLOURS, FRAMES, MOTIONS, SHAPES, SIZE, Prompt, ToyWorld, parse_prompt, render_clip, to_unit,
@@ -144,3 +145,24 @@ def warmup_cosine(step: int, steps: int, warmup: int, floor: float = 0.05) -> fl
         return (step + 1) / warmup
     progress = min((step - warmup) / max(1, steps - warmup), 1.0)
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def fit(model: nn.Module, steps: int, lr: float, warmup_steps: int,
+        loss_fn: Callable[[], tuple[torch.Tensor, dict]], progress=None, log_every: int = 50) -> dict:
+    """The toy pixel models' training loop: AdamW (weight decay 0.01), warm-up + cosine LR,
+    gradient clipping at 1; ``loss_fn()`` draws a batch and returns ``(loss, metrics)``.
+    ``progress(step, steps, metrics)`` is called every ``log_every`` steps and at the end.
+    Returns the last step's metrics."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, steps, warmup_steps))
+    metrics: dict = {}
+    for step in range(1, steps + 1):
+        loss, metrics = loss_fn()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        if progress is not None and (step % log_every == 0 or step == steps):
+            progress(step, steps, metrics)
+    return metrics
