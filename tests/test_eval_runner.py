@@ -20,12 +20,8 @@ KEYS = {"total", "quality", "semantic", "dimensions", "fvd", "vendi_pixel", "ven
         "seconds_per_video", "steps"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# small pixel models run far faster on one thread when the cores are shared (conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
