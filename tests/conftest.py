@@ -36,3 +36,12 @@ def make_tiny_pipeline(seed: int = 0, **sampling) -> VideoPipeline:
 @pytest.fixture
 def tiny_pipeline() -> VideoPipeline:
     return make_tiny_pipeline()
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one torch thread (restored afterwards)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

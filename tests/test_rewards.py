@@ -14,13 +14,8 @@ from fewstep.rewards import base as reward_base
 from fewstep.rewards.training_data import LabelledClips, caption_matches
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small ops on a shared 2-core machine run far faster on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# small pixel models run far faster on one thread when the cores are shared (conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_clip_config(**kw) -> ToyClipConfig:
