@@ -44,10 +44,14 @@ from .utils.io import atomic_directory
 
 
 class CodecStage(StrictModel):
-    steps: int = Field(4000, ge=1)
+    steps: int = Field(7000, ge=1)
     batch_size: int = Field(8, ge=1)
     lr: float = Field(2e-3, gt=0)
+    # a strong weight breaks the "background plus blob" plateau early; a light one later lets the
+    # background around the subject's edges catch up (a strong one leaves a faint halo there)
     foreground_weight: float = Field(10.0, ge=0, description="extra loss weight on subject pixels")
+    foreground_weight_late: float = Field(3.0, ge=0, description="the extra weight from late_from_step on")
+    late_from_step: int = Field(4000, ge=0)
     # per-frame (2D) convolutions: several times cheaper on a CPU than 3D ones, and the toy
     # world's frames need no temporal context to be reconstructed
     model: ToyCodecConfig = Field(default_factory=lambda: ToyCodecConfig(temporal_factor=1, temporal_kernel=1))
@@ -172,7 +176,8 @@ def train_codec(cfg: PretrainConfig, work: Path, max_seconds: float, progress: P
             group["lr"] = stage.lr * 0.5 * (1 + math.cos(math.pi * step / stage.steps))
         idx = np.arange(step * stage.batch_size, (step + 1) * stage.batch_size) + 10**8  # disjoint from the cache
         video, _ = _clip_batch(world, idx)
-        loss, metrics = codec.reconstruction_loss(video, 1 + stage.foreground_weight * subject_mask(video))
+        extra = stage.foreground_weight if step < stage.late_from_step else stage.foreground_weight_late
+        loss, metrics = codec.reconstruction_loss(video, 1 + extra * subject_mask(video))
         opt.zero_grad(set_to_none=True)
         loss.mean().backward()
         opt.step()
