@@ -183,7 +183,7 @@ def train_codec(cfg: PretrainConfig, work: Path, max_seconds: float, progress: P
         opt.step()
         step += 1
         if progress:
-            progress("codec", step, stage.steps, {"loss": float(loss.mean()), "psnr": float(metrics["psnr"])})
+            progress("codec", step, stage.steps, {"loss": loss.detach().mean().item(), "psnr": float(metrics["psnr"])})
         if step % cfg.checkpoint_every == 0 or time.monotonic() - start > max_seconds:
             _atomic_dir(state_dir, save_state)
             if time.monotonic() - start > max_seconds and step < stage.steps:
