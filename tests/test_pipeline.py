@@ -29,6 +29,9 @@ def test_explicit_student_times_and_consistency_sampler():
     _, res = pipe.generate(["a red circle moves left"], seed=0)
     assert res.nfe == 4
     assert res.times.tolist() == [1.0, 0.75, 0.5, 0.25, 0.0]
+    # asking for the student's own step count keeps its grid; another count gets an even grid
+    assert pipe.sampling_times(4).tolist() == [1.0, 0.75, 0.5, 0.25, 0.0]
+    assert pipe.sampling_times(2).tolist() == [1.0, 0.001, 0.0]  # the scheduler-style 2-step grid
 
 
 def test_save_load_round_trip(tiny_pipeline, tmp_path):

@@ -90,9 +90,10 @@ class VideoPipeline(nn.Module):
         return self.codec.latent_shape((batch, 3, self.config.frames, self.config.size, self.config.size))
 
     def sampling_times(self, steps: int | None = None) -> Tensor:
-        """Times the default sampler visits (explicit ``sampling.times`` unless ``steps`` is given)."""
+        """Times the sampler visits: the model's explicit ``sampling.times`` (a student's own grid)
+        when ``steps`` is None or equals that grid's step count, else an evenly spaced grid."""
         cfg = self.config.sampling
-        if steps is None and cfg.times is not None:
+        if cfg.times is not None and steps in (None, len(cfg.times) - 1):
             return torch.tensor(cfg.times, dtype=torch.float64)
         return sampling_grid(self.denoiser.schedule, steps or cfg.steps)
 
