@@ -33,13 +33,13 @@ from safetensors.torch import load_file, save_file
 
 from .config import FlowMatchingConfig, StrictModel
 from .data.toyworld import VOCAB, ToyWorld
-from .diffusion.parameterization import from_x0_eps
 from .diffusion.schedules import LogitNormal
 from .errors import UserError
 from .models.codec import ToyCodec, ToyCodecConfig, frames_to_video
 from .models.pipeline import SamplingConfig, ToyPipelineConfig, VideoPipeline
 from .models.text_encoder import ToyTextEncoderConfig
 from .models.toy_dit import ToyDiTConfig
+from .objectives.flow_matching import denoising_loss
 from .utils.io import atomic_directory
 
 
@@ -271,14 +271,9 @@ def teacher_pipeline_config(cfg: PretrainConfig, codec: ToyCodec) -> ToyPipeline
 def flow_matching_loss(pipe: VideoPipeline, x0: torch.Tensor, prompts: list[str], generator: torch.Generator,
                        t_dist) -> torch.Tensor:
     """Per-sample diffusion loss in the denoiser's own parameterisation: ‖out − target(x0, ε)‖²."""
-    den = pipe.denoiser
     t = t_dist.sample(x0.shape[0], generator).to(x0.dtype)
     eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
-    alpha, sigma = den.schedule.coefficients(t, x0)
-    x_t = alpha * x0 + sigma * eps
-    out = den(x_t, t, pipe.encode_prompts(prompts))
-    target = from_x0_eps(den.prediction_type, x0, eps, alpha, sigma)
-    return (out - target).pow(2).flatten(1).mean(1)  # (B,)
+    return denoising_loss(pipe.denoiser, x0, t, eps, pipe.encode_prompts(prompts))  # (B,)
 
 
 def train_teacher(cfg: PretrainConfig, work: Path, max_seconds: float, progress: Progress | None) -> bool:

@@ -42,7 +42,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from ..diffusion.parameterization import from_x0_eps
+from .flow_matching import denoising_loss
 from .base import (Batch, Objective, ObjectiveConfig, ObjectiveOutput, RoleName, Roles, StepContext,
                    TimestepsConfig, UniformTimes, register_objective)
 from .student import Backprop, StepSchedule, step_times, student_sample
@@ -152,10 +152,5 @@ class FakeScoreLoss(Objective):
             x_hat = student_sample(student, batch, ctx, times, role=self.config.generator).x0  # (B, C, T, H, W)
         t = ctx.times(self.distribution, "fake/t").to(x_hat.dtype)  # (B,)
         eps = ctx.randn(tuple(x_hat.shape[1:]), "fake/eps", dtype=x_hat.dtype)  # (B, C, T, H, W)
-        alpha, sigma = fake.schedule.coefficients(t, x_hat)  # (B, 1, 1, 1, 1) each
-        x_t = alpha * x_hat + sigma * eps
-        target = from_x0_eps(fake.prediction_type, x_hat, eps, alpha, sigma)
-        out = fake(x_t, t, batch.cond)  # raw output in the fake model's prediction type, no CFG
-        dtype = torch.promote_types(out.dtype, torch.float32)
-        mse = (out.to(dtype) - target.to(dtype)).pow(2).flatten(1).mean(1)  # (B,)
+        mse = denoising_loss(fake, x_hat, t, eps, batch.cond)  # (B,), the fake model's own parameterisation
         return self.output({"mse": mse}, {"t_mean": float(t.mean())})

@@ -22,6 +22,7 @@ from typing import Literal
 
 import torch
 from pydantic import Field
+from torch import Tensor
 
 from ..diffusion.parameterization import from_x0_eps
 from ..models.backbones import Conditioning
@@ -46,6 +47,18 @@ def drop_captions(cond: Conditioning, uncond: Conditioning, drop: torch.Tensor) 
     return Conditioning(context, mask, extra)
 
 
+def denoising_loss(denoiser, x0: Tensor, t: Tensor, eps: Tensor, cond: Conditioning) -> Tensor:
+    """Per-sample ``mean ‖out(x_t, t) − target(x0, ε)‖²`` in the denoiser's own prediction type,
+    ``x_t = α(t)·x0 + σ(t)·ε`` (no CFG); computed in at least float32. Shared by every objective
+    and pretraining stage that trains a denoiser on (x0, ε) pairs."""
+    alpha, sigma = denoiser.schedule.coefficients(t, x0)  # (B, 1, 1, 1, 1) each
+    x_t = alpha * x0 + sigma * eps
+    target = from_x0_eps(denoiser.prediction_type, x0, eps, alpha, sigma)
+    out = denoiser(x_t, t, cond)  # raw network output, (B, C, T, H, W)
+    dtype = torch.promote_types(out.dtype, torch.float32)
+    return (out.to(dtype) - target.to(dtype)).pow(2).flatten(1).mean(1)  # (B,)
+
+
 @register_objective
 class FlowMatchingLoss(Objective):
     """Denoising loss of ``config.role``'s denoiser in its own prediction type (see module doc)."""
@@ -66,9 +79,5 @@ class FlowMatchingLoss(Objective):
         if self.config.caption_dropout > 0:
             cond = drop_captions(batch.cond, batch.uncond, ctx.rand("caption_dropout") < self.config.caption_dropout)
 
-        alpha, sigma = denoiser.schedule.coefficients(t, x0)  # (B, 1, 1, 1, 1) each
-        x_t = alpha * x0 + sigma * eps
-        target = from_x0_eps(denoiser.prediction_type, x0, eps, alpha, sigma)
-        out = denoiser(x_t, t, cond)  # raw network output, (B, C, T, H, W)
-        mse = (out.float() - target.float()).pow(2).flatten(1).mean(1)  # (B,)
+        mse = denoising_loss(denoiser, x0, t, eps, cond)  # (B,)
         return self.output({"mse": mse}, {"t_mean": float(t.mean())})
