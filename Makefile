@@ -25,5 +25,9 @@ test: setup
 test-all: setup
 	$(PY) -m pytest -q -m ''
 
+# the main job on the embedded default: toy teacher -> 4-step DOLLAR student, eval, report
+demo: setup
+	$(VENV)/bin/fewstep demo --out runs/demo
+
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -166,6 +166,75 @@ def eval_(
 
 
 @app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), help="Output directory: run/, report.html, summary.json."),
+    model: str = typer.Option("toy-teacher", help="Teacher to distil: a shipped name or a model directory."),
+    set_: list[str] = typer.Option([], "--set", help="Override a dollar-recipe key, e.g. train.steps=300."),
+    num: int = typer.Option(4, help="Videos per eval prompt."),
+):
+    """The main job on the embedded default: distil a 4-step DOLLAR student, evaluate, report."""
+    from .demo import run_demo, summary_table
+
+    summary = run_demo(out, model=model, overrides=list(set_), num=num)
+    typer.echo(summary_table(summary))
+    typer.echo(f"demo took {summary['seconds']['total'] / 60:.1f} min; wrote {out}/report.html and "
+               f"{out}/summary.json")
+
+
+@app.command()
+def bench(
+    student: str = typer.Option(..., help="Student model directory (e.g. RUN/student)."),
+    teacher: str = typer.Option("toy-teacher", help="Teacher: a shipped name or a model directory."),
+    steps: list[int] = typer.Option([4, 2, 1], "--steps", help="Student step counts to time (repeatable)."),
+    teacher_steps: int = typer.Option(50, help="Teacher sampler steps (with its own CFG)."),
+    num: int = typer.Option(8, help="Videos per timed generation."),
+    repeats: int = typer.Option(3, help="Interleaved repetitions; medians are reported."),
+    reward: str = typer.Option("toy-clip", help="Differentiable pixel reward of the memory comparison."),
+    memory_batch: int = typer.Option(8, help="Batch size of the memory comparison."),
+    backprop: str = typer.Option("last", help="Student graph in the whole-step memory comparison: all | last."),
+    out: Path = typer.Option(None, help="Also write the results to this JSON file."),
+):
+    """Student vs teacher wall clock and NFE; peak memory of an LRM step vs a pixel-reward step."""
+    import json
+
+    import torch
+
+    from .eval.bench import bench_reward_memory, bench_speed
+    from .eval.report import write_json_atomic
+    from .models.pipeline import VideoPipeline
+
+    if any(n < 1 for n in steps) or teacher_steps < 1 or num < 1 or repeats < 1 or memory_batch < 1:
+        raise UserError("--steps, --teacher-steps, --num, --repeats and --memory-batch must be >= 1")
+    student_pipe, teacher_pipe = VideoPipeline.load(student), VideoPipeline.load(teacher)
+    flush = torch.set_flush_denormal(True)  # as in training: denormal floats slow CPU kernels several-fold
+    speed = bench_speed(student_pipe, teacher_pipe, student_steps=tuple(steps), teacher_steps=teacher_steps,
+                        num_videos=num, repeats=repeats)
+    if backprop not in ("all", "last"):
+        raise UserError(f"--backprop must be 'all' or 'last', got {backprop!r}")
+    memory = bench_reward_memory(student_pipe, reward=reward, batch_size=memory_batch, steps=max(steps),
+                                 backprop=backprop)
+    result = {"speed": speed, "memory": memory, "flush_denormal": bool(flush)}
+    t = speed["teacher"]
+    typer.echo(f"teacher {t['steps']} steps (CFG {t['cfg_scale']}): NFE {t['nfe']}, "
+               f"{t['seconds_per_video']['sampling'] * 1e3:.1f} ms/video sampling, "
+               f"{t['seconds_per_video']['end_to_end'] * 1e3:.1f} ms/video with decoding")
+    for n, s in speed["students"].items():
+        typer.echo(f"student {n} steps: NFE {s['nfe']} ({s['nfe_ratio']:.1f}x fewer), "
+                   f"{s['seconds_per_video']['sampling'] * 1e3:.2f} ms/video sampling "
+                   f"({s['speedup']['sampling']:.1f}x), {s['seconds_per_video']['end_to_end'] * 1e3:.2f} ms/video "
+                   f"with decoding ({s['speedup']['end_to_end']:.1f}x)")
+    for scope, what in (("reward", "reward gradient dR/dx"), ("step", f"whole step, backprop {backprop}")):
+        m = memory[scope]
+        typer.echo(f"peak memory, {what} (batch {memory['batch_size']}, {memory['steps']} student steps): "
+                   f"LRM {m['lrm_bytes'] / 2**20:.2f} MiB vs pixel reward through the decoder "
+                   f"{m['pixel_bytes'] / 2**20:.2f} MiB (ratio {m['ratio']:.3f})")
+    if out is not None:
+        write_json_atomic(out, result)
+    typer.echo(json.dumps({"speedup_4": speed["students"].get("4", {}).get("speedup"),
+                           "memory_ratio": {scope: memory[scope]["ratio"] for scope in ("reward", "step")}}))
+
+
+@app.command()
 def distill(
     recipe: str = typer.Option(None, "--recipe", help="Recipe name (finetune, …); optional with --resume."),
     config: Path = typer.Option(None, "--config", help="YAML file merged over the recipe's defaults."),
@@ -181,6 +250,38 @@ def distill(
     text = run_distill(recipe, config, overrides, out, resume, dry_run, overwrite)
     if dry_run:
         typer.echo(text, nl=False)
+
+
+@app.command()
+def synth(
+    teacher: str = typer.Option(..., help="The teacher: a shipped model name (toy-teacher) or a model directory."),
+    prompts: str = typer.Option("toy", help="'toy' (the toy world's training prompts, by index) or a text file "
+                                            "with one prompt per line (sample i uses line i mod P)."),
+    num: int = typer.Option(..., help="Trajectories to synthesize (sample i: prompt i, noise seeded by (seed, i))."),
+    out: Path = typer.Option(..., help="Store directory: manifest.json + shards; rerun the same command to resume."),
+    steps: int = typer.Option(50, help="Euler steps of the teacher's solver (its grid contains the key timesteps)."),
+    cfg: float = typer.Option(None, help="CFG scale w in uncond + w·(cond − uncond) (default: the teacher's own)."),
+    keep: str = typer.Option("keys", help="keys: latents at AccVideo's key timesteps; all: the whole path."),
+    seed: int = typer.Option(0, help="Seed of the per-sample noise."),
+    batch_size: int = typer.Option(16, help="Samples solved together."),
+    shard_size: int = typer.Option(256, help="Samples per shard file."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+):
+    """Store teacher denoising trajectories (AccVideo's SynVid) for `distill --recipe accvideo`."""
+    import torch
+
+    from .data.trajectories import synthesize
+    from .utils.progress import StageProgress
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device must be auto, cpu or cuda; got {device!r}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    with StageProgress() as progress:
+        store = synthesize(teacher, out, num, prompts=prompts, steps=steps, cfg_scale=cfg, keep=keep, seed=seed,
+                           batch_size=batch_size, shard_size=shard_size, device=device, progress=progress)
+    typer.echo(f"{len(store)} trajectories ({len(store.manifest.shards)} shards, times "
+               f"{', '.join(f'{t:.4g}' for t in store.settings.times[:6])}{', …' if keep == 'all' else ''}) in {out}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -149,9 +149,11 @@ def _fmt(value) -> str:
 
 
 def write_report(out_dir: str | Path, results: list[tuple[str, dict, dict[str, np.ndarray]]],
-                 max_videos: int = 4, scale: int = 4, fps: int = 8) -> Path:
+                 max_videos: int = 4, scale: int = 4, fps: int = 8, title: str = "fewstep evaluation",
+                 sections: list[tuple[str, str]] = ()) -> Path:
     """``out_dir/report.html`` + ``out_dir/gifs/`` for ``results`` = ``[(label, metrics,
-    {prompt: (n, T, H, W, 3) uint8}), …]`` (module docstring). Returns the HTML path."""
+    {prompt: (n, T, H, W, 3) uint8}), …]`` (module docstring). ``sections`` are extra
+    ``(heading, html)`` blocks placed between the table and the samples. Returns the HTML path."""
     out_dir = Path(out_dir)
     gif_dir = out_dir / "gifs"
     gif_dir.mkdir(parents=True, exist_ok=True)
@@ -192,7 +194,7 @@ def write_report(out_dir: str | Path, results: list[tuple[str, dict, dict[str, n
     grid.append("</table>")
 
     page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>fewstep evaluation</title>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
 body {{ font-family: sans-serif; margin: 1.5em; }}
 table {{ border-collapse: collapse; margin-bottom: 2em; }}
@@ -201,12 +203,13 @@ td, th {{ border: 1px solid #ccc; padding: 3px 6px; text-align: right; font-size
 .grid td.prompt {{ text-align: left; max-width: 16em; }}
 img {{ image-rendering: pixelated; display: block; }}
 </style></head><body>
-<h1>fewstep evaluation</h1>
+<h1>{html.escape(title)}</h1>
 <h2>Metrics</h2>
 <p>total = (4·quality + 1·semantic) / 5 (VBench grouping); fvd: Fréchet distance of toy feature-net
 embeddings to real eval clips (lower is better); vendi: effective number of distinct videos per prompt
 (DOLLAR Eq. 17); nfe: network evaluations per video; jpeg: −kB per frame.</p>
 {table}
+{"".join(f"<h2>{html.escape(heading)}</h2>{body}" for heading, body in sections)}
 <h2>Samples</h2>
 {"".join(grid)}
 </body></html>

@@ -71,10 +71,11 @@ def check_prompts(prompts) -> list[str]:
 
 
 def generate_videos(pipe, prompts: list[str], *, steps: int | None = None, cfg_scale: float | None = None,
-                    seed: int = 0, batch_size: int = 32, warmup: bool = True) -> Generated:
+                    seed: int = 0, batch_size: int = 32, warmup: bool = True, progress=None) -> Generated:
     """Sample ``prompts`` with ``pipe`` in batches; ``steps``/``cfg_scale`` default to the model's own.
 
     Phases: validate → draw all initial noise in order → (warm-up call, untimed) → timed batches.
+    ``progress(done, total)`` is called after every batch.
     """
     check_steps(steps)
     prompts = check_prompts(prompts)
@@ -96,6 +97,8 @@ def generate_videos(pipe, prompts: list[str], *, steps: int | None = None, cfg_s
         seconds += time.perf_counter() - start
         chunks.append(frames)
         nfe = result.nfe
+        if progress is not None:
+            progress(min(lo + batch_size, n), n)
     effective_cfg = pipe.config.sampling.cfg_scale if cfg_scale is None else cfg_scale
     return Generated(np.concatenate(chunks), prompts, nfe, seconds, len(pipe.sampling_times(steps)) - 1,
                      None if effective_cfg in (None, 1.0) else float(effective_cfg))
@@ -112,8 +115,10 @@ def evaluate_with_samples(
     ref_stats: FrechetStats | None = None,
     batch_size: int = 32,
     reference_clips: int = REFERENCE_CLIPS,
+    progress=None,
 ) -> tuple[dict, dict[str, np.ndarray]]:
-    """:func:`evaluate`, also returning the videos by prompt: ``{prompt: (n, T, H, W, 3) uint8}``."""
+    """:func:`evaluate`, also returning the videos by prompt: ``{prompt: (n, T, H, W, 3) uint8}``
+    (``progress(done, total)`` follows the generation batches)."""
     if not isinstance(num_per_prompt, int) or num_per_prompt < 1:
         raise UserError(f"num_per_prompt={num_per_prompt!r} is invalid; expected an integer >= 1")
     check_steps(steps)
@@ -122,7 +127,8 @@ def evaluate_with_samples(
 
     # 1. Generate every prompt's videos, prompt-major.
     suite = [p for p in prompts for _ in range(num_per_prompt)]
-    gen = generate_videos(pipe, suite, steps=steps, cfg_scale=cfg_scale, seed=seed, batch_size=batch_size)
+    gen = generate_videos(pipe, suite, steps=steps, cfg_scale=cfg_scale, seed=seed, batch_size=batch_size,
+                          progress=progress)
     N, T, H, W, _ = gen.frames.shape
     by_prompt = {p: gen.frames[i * num_per_prompt: (i + 1) * num_per_prompt] for i, p in enumerate(prompts)}
 
