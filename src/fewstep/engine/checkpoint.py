@@ -26,7 +26,6 @@ Test hook (only for the crash test): ``FEWSTEP_TEST_CRASH_IN_CHECKPOINT=<step>``
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -42,6 +41,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
+from ..utils.io import sha256_file as _sha256
 
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 CRASH_ENV = "FEWSTEP_TEST_CRASH_IN_CHECKPOINT"
@@ -98,14 +98,6 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_checkpoint(run_dir: Path, step: int, data: CheckpointData, keep: int) -> Path:

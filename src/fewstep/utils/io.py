@@ -1,7 +1,8 @@
-"""Atomic model directories and checked weight loading (safetensors + JSON; never pickle)."""
+"""Atomic model directories, file checksums and checked weight loading (safetensors + JSON; never pickle)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -43,6 +44,15 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
         replace_directory(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def load_weights(module: nn.Module, path: Path, owner: str, config_name: str) -> None:

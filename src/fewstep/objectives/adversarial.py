@@ -1,0 +1,411 @@
+"""Adversarial training on frozen-teacher features (AccVideo, papers/002, §4.3, Eq. 7–8, Alg. 1).
+
+Reusable pieces, then AccVideo's two objectives:
+
+* :func:`block_features` / :func:`teacher_features` — the frozen feature extractor: a denoiser is
+  run as usual and the hidden tokens after a chosen transformer block are caught by a forward
+  hook. Any backbone exposing its blocks as a ``ModuleList`` named ``blocks`` (the toy DiT, Wan)
+  or ``transformer_blocks`` (CogVideoX, HunyuanVideo's double-stream blocks) works; the tokens
+  ``(B, N, D)`` are laid out on the ``(T', H', W')`` token grid the backbone's ``patch_size``
+  implies. AccVideo Fig. 6: the last block for ``t'_k > 0`` ("the 60th layer") and an earlier one
+  at ``t'_0 = 0`` ("the 40th", i.e. 2/3 of the depth — our default ``clean_block``).
+* :class:`TimestepHeads` — the discriminator role: m timestep-aware projection heads
+  ``H_0 … H_{m−1}``, each a small 2D CNN over every frame of the feature grid, averaged to one
+  logit per sample (Eq. 8: ``D(l, t'_k) = H_k(v_θ(l, t'_k))``). ``single_head`` shares one head
+  across timesteps (the §5.2 ablation).
+* :func:`discriminator_loss` / :func:`generator_loss` — Eq. 7 and the hinge form (RGTD Eq. 11–12).
+* :class:`LatentQueues` — ``Q_0 … Q_m``, FIFO queues of student latents at each key time with
+  their captions (Alg. 1 l. 3, 11–17), saved with checkpoints.
+
+**Eq. 7** is the standard GAN, ``min_β max_φ E[log D(l') + log(1 − D(l^gen))]`` with
+``D = sigmoid(logit)``. The discriminator minimises ``softplus(−d_real) + softplus(d_fake)``
+(exactly ``−log D(l') − log(1 − D(l^gen))``). For the generator, ``loss: minimax`` is Eq. 7 taken
+literally, ``log(1 − D(l^gen)) = −softplus(d_fake)``; the default ``non_saturating`` is
+``−log D(l^gen) = softplus(−d_fake)``, the form Goodfellow et al. — whom §4.3 cites for "the standard
+GAN" — recommend in practice (same fixed point, no vanishing gradient while D wins). ``hinge`` is
+``relu(1 − d_real) + relu(1 + d_fake)`` / ``−d_fake`` (RGTD Eq. 11–12).
+
+**Alg. 1 as two objectives.** One engine step is one pass of Alg. 1's inner loop, with k cycling
+``m−1, m−2, …, 0`` over consecutive steps (l. 5; all micro-batches of a step share k):
+
+1. at ``k = m−1`` fresh noise ``z`` for the batch enters ``Q_m`` with the batch's captions (l. 11–12);
+2. the oldest ``B`` latents ``l^gen_{t'_{k+1}}`` leave ``Q_{k+1}`` (l. 15) and take *one* student
+   Euler step to ``t'_k`` (l. 16, Eq. 5); the result enters ``Q_k`` (l. 17);
+3. ``queue_gan_generator`` (role student, weight λ_adv): the generator loss of
+   ``D(l^gen_{t'_k}, t'_k)`` — differentiated through that last Euler step and through the frozen
+   teacher's features, but not into the heads (they enter with detached parameters);
+   ``queue_gan_discriminator`` (role discriminator): the discriminator loss of the real key latents
+   ``l'_{t'_k}`` of the batch (from the store; ``source: forward`` diffuses data latents instead,
+   as in the trajectory objective) against the detached ``l^gen_{t'_k}`` — only head ``H_k`` is used
+   (and so updated) in the step, as in l. 22.
+
+Each objective keeps its *own* queues and regenerates its step-2 latents with the student as it is
+when it runs — the project's rule for shared samples (:mod:`fewstep.objectives.student`): no
+objective hands tensors to another. Both draw ``z`` as the student role under the same name, so
+the two queue sets start the same chains (same noise, same captions); the discriminator's copy
+takes each Euler step with the student as updated earlier in that engine step (Alg. 1 updates β
+and H_k from one L_adv; the engine updates the roles one after the other). If ``Q_{k+1}`` holds
+fewer than ``B`` latents (after a change of batch size or cadence, or a queue trimmed to
+``queue_size``), the missing ones are solved from fresh noise with the student down to
+``t'_{k+1}`` — the slow path the queues exist to avoid, but exact. Queue contents and the cycle
+position are the objective's ``state_dict``, so a resumed run continues exactly. In multi-process
+training each rank keeps its own queues; a checkpoint stores rank 0's.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from pydantic import Field
+from torch import Tensor, nn
+
+from ..config import StrictModel
+from ..diffusion.samplers import euler_step, sample_euler
+from ..errors import UserError
+from ..models.backbones import Conditioning
+from .base import Batch, Objective, ObjectiveConfig, ObjectiveOutput, RoleName, Roles, StepContext, register_objective
+from .trajectory import KEY_GRIDS, KeyGrid, KeySource, key_grid, key_latents, stored_times
+
+GANLoss = Literal["non_saturating", "minimax", "hinge"]
+BLOCK_LISTS = ("blocks", "transformer_blocks")
+
+
+# ---------------------------------------------------------------------------------------------
+# The frozen feature extractor
+# ---------------------------------------------------------------------------------------------
+
+def find_blocks(module: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
+    """``(owner, blocks)``: the first ``ModuleList`` named in :data:`BLOCK_LISTS` below ``module``."""
+    for owner in module.modules():
+        for name in BLOCK_LISTS:
+            blocks = getattr(owner, name, None)
+            if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
+                return owner, blocks
+    raise UserError(f"{type(module).__name__} exposes no transformer blocks (a ModuleList named "
+                    f"{' or '.join(BLOCK_LISTS)}) to take discriminator features from")
+
+
+def token_grid(owner: nn.Module, latent_shape: Sequence[int], tokens: int) -> tuple[int, int, int]:
+    """``(T', H', W')`` of the backbone's tokens for latents ``(B, C, T, H, W)``, from its ``patch_size``."""
+    config = getattr(owner, "config", None)
+    patch = getattr(config, "patch_size", None)
+    if isinstance(patch, int):  # diffusers CogVideoX / HunyuanVideo: spatial size + patch_size_t
+        patch = (getattr(config, "patch_size_t", None) or 1, patch, patch)
+    grid = tuple(n // p for n, p in zip(latent_shape[2:], patch)) if patch is not None else ()
+    if len(grid) != 3 or math.prod(grid) != tokens:
+        raise UserError(f"{type(owner).__name__}: cannot lay {tokens} block tokens on a grid for latents "
+                        f"{tuple(latent_shape)} (patch_size {patch})")
+    return grid  # type: ignore[return-value]
+
+
+def block_features(denoiser, x_t: Tensor, t: Tensor, cond: Conditioning, blocks: Sequence[int]) -> list[Tensor]:
+    """Hidden tokens ``(B, N, D)`` after each of ``blocks`` (negative indices allowed), one forward pass.
+
+    The whole network runs (stopping it early would skip the hooks distributed wrappers rely on);
+    its output is discarded. Gradients flow to ``x_t`` when the caller's mode allows.
+    """
+    return _hooked(denoiser, find_blocks(denoiser)[1], x_t, t, cond, blocks)
+
+
+def _hooked(denoiser, modules: nn.ModuleList, x_t: Tensor, t: Tensor, cond: Conditioning,
+            blocks: Sequence[int]) -> list[Tensor]:
+    depth = len(modules)
+    if any(not -depth <= b < depth for b in blocks):
+        raise UserError(f"feature blocks {list(blocks)} out of range for a backbone of depth {depth}")
+    ids = [b % depth for b in blocks]
+    caught: dict[int, Tensor] = {}
+
+    def catch(i):
+        def hook(module, args, output):
+            caught[i] = output[0] if isinstance(output, tuple) else output  # diffusers blocks return tuples
+        return hook
+
+    handles = [modules[i].register_forward_hook(catch(i)) for i in set(ids)]
+    try:
+        denoiser(x_t, t, cond)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [caught[i] for i in ids]
+
+
+class FeatureConfig(StrictModel):
+    """Where discriminator features come from (AccVideo Eq. 8, Fig. 6)."""
+
+    role: RoleName = Field("teacher", description="the frozen denoiser v_θ used as feature extractor")
+    block: int = Field(-1, description="block whose output is the feature at t > 0 (AccVideo: the last)")
+    clean_block: int | None = Field(None, description="block at t = 0; null = the block at 2/3 of the depth "
+                                                      "(AccVideo: the 40th of 60)")
+
+
+def teacher_features(denoiser, x_t: Tensor, t: Tensor, cond: Conditioning, config: FeatureConfig) -> Tensor:
+    """Features ``(B, D, T', H', W')`` of ``x_t`` at times ``t`` (B,): ``block`` where t > 0, ``clean_block`` at 0."""
+    owner, modules = find_blocks(denoiser)
+    clean = config.clean_block if config.clean_block is not None else max(0, round(2 * len(modules) / 3) - 1)
+    noisy, clean_feats = _hooked(denoiser, modules, x_t, t, cond, [config.block, clean])  # (B, N, D) each
+    tokens = torch.where((t == 0).reshape(-1, 1, 1), clean_feats, noisy)
+    gt, gh, gw = token_grid(owner, x_t.shape, tokens.shape[1])
+    return rearrange(tokens, "b (t h w) d -> b d t h w", t=gt, h=gh, w=gw)
+
+
+# ---------------------------------------------------------------------------------------------
+# The discriminator heads
+# ---------------------------------------------------------------------------------------------
+
+class TimestepHeads(nn.Module):
+    """AccVideo Eq. 8's projection heads: ``logit = H_k(features)`` with one 2D CNN per key timestep.
+
+    ``forward(features (B, D, T', H', W'), k (B,) int64) -> (B,)``: sample b uses head ``k[b]``
+    (head 0 for every sample when ``single_head``). Each head: conv3×3 → GroupNorm → SiLU → conv1×1
+    to one logit per position of every frame, averaged over frames and positions.
+    """
+
+    def __init__(self, channels: int, timesteps: int, width: int = 64, single_head: bool = False):
+        super().__init__()
+        self.timesteps, self.single_head = timesteps, single_head
+        self.heads = nn.ModuleList([nn.Sequential(
+            nn.Conv2d(channels, width, 3, padding=1), nn.GroupNorm(math.gcd(32, width), width), nn.SiLU(),
+            nn.Conv2d(width, 1, 1)) for _ in range(1 if single_head else timesteps)])
+
+    def head_index(self, k: Tensor) -> Tensor:
+        """Which head each sample's timestep index uses."""
+        if bool(((k < 0) | (k >= self.timesteps)).any()):
+            raise ValueError(f"timestep index {k.tolist()} out of range 0..{self.timesteps - 1}")
+        return torch.zeros_like(k) if self.single_head else k
+
+    def forward(self, features: Tensor, k: Tensor) -> Tensor:
+        frames = rearrange(features, "b d t h w -> b t d h w")
+        head = self.head_index(k)
+        logits = features.new_zeros(features.shape[0])
+        for i in head.unique().tolist():
+            rows = head == i
+            x = rearrange(frames[rows], "b t d h w -> (b t) d h w")  # every frame through the 2D head
+            out = rearrange(self.heads[i](x), "(b t) 1 h w -> b (t h w)", b=int(rows.sum()))
+            logits = logits.index_put((rows,), out.mean(dim=1))
+        return logits  # (B,)
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses (per sample)
+# ---------------------------------------------------------------------------------------------
+
+def discriminator_loss(kind: GANLoss, d_real: Tensor, d_fake: Tensor) -> Tensor:
+    """The discriminator's loss from logits ``(B,)`` (module doc): Eq. 7's, or the hinge (RGTD Eq. 12)."""
+    if kind == "hinge":
+        return F.relu(1 - d_real) + F.relu(1 + d_fake)
+    return F.softplus(-d_real) + F.softplus(d_fake)  # −log D(real) − log(1 − D(fake))
+
+
+def generator_loss(kind: GANLoss, d_fake: Tensor) -> Tensor:
+    """The generator's loss from logits ``(B,)``: non-saturating, Eq. 7 literally (minimax), or hinge (RGTD Eq. 11)."""
+    if kind == "hinge":
+        return -d_fake
+    if kind == "minimax":
+        return -F.softplus(d_fake)  # log(1 − D(fake))
+    return F.softplus(-d_fake)  # −log D(fake)
+
+
+# ---------------------------------------------------------------------------------------------
+# The latent queues
+# ---------------------------------------------------------------------------------------------
+
+class LatentQueues:
+    """``Q_0 … Q_m`` (AccVideo Alg. 1 l. 3): FIFO queues of latents ``(n, C, T, H, W)`` at key times
+    ``t'_0 … t'_m`` with their captions; each keeps at most ``capacity`` entries (oldest dropped)."""
+
+    def __init__(self, m: int, capacity: int):
+        self.capacity = capacity
+        self.latents: list[Tensor | None] = [None] * (m + 1)
+        self.conds: list[Conditioning | None] = [None] * (m + 1)
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+    def size(self, j: int) -> int:
+        return 0 if self.latents[j] is None else len(self.latents[j])
+
+    def push(self, j: int, latents: Tensor, cond: Conditioning) -> None:
+        """Append ``latents`` (n, C, T, H, W) with ``cond`` (batch n) to ``Q_j``."""
+        latents = latents.detach()
+        cond = Conditioning(cond.context.detach(), cond.mask if cond.mask is not None else
+                            torch.ones(cond.context.shape[:2], dtype=torch.bool, device=cond.context.device),
+                            {k: v.detach() for k, v in cond.extra.items()})
+        if self.latents[j] is not None:
+            latents = torch.cat([self.latents[j].to(latents.device), latents])
+            cond = Conditioning.cat([self.conds[j].to(device=latents.device), cond])
+        keep = slice(max(0, len(latents) - self.capacity), None)
+        self.latents[j], self.conds[j] = latents[keep], cond.index(keep)
+
+    def pop(self, j: int, n: int) -> tuple[Tensor, Conditioning] | None:
+        """The oldest ``min(n, size)`` entries of ``Q_j`` (None when empty), removed from it."""
+        if self.size(j) == 0:
+            return None
+        out = self.latents[j][:n], self.conds[j].index(slice(0, n))
+        rest = slice(n, None)
+        self.latents[j], self.conds[j] = self.latents[j][rest], self.conds[j].index(rest)
+        if self.size(j) == 0:
+            self.latents[j] = self.conds[j] = None
+        return out
+
+    def state_dict(self) -> dict[str, Tensor]:
+        state = {}
+        for j, (x, c) in enumerate(zip(self.latents, self.conds)):
+            if x is not None:
+                state |= {f"q{j}/latents": x, f"q{j}/context": c.context, f"q{j}/mask": c.mask,
+                          **{f"q{j}/extra.{k}": v for k, v in c.extra.items()}}
+        return state
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        for j in range(len(self)):
+            if f"q{j}/latents" not in state:
+                self.latents[j] = self.conds[j] = None
+                continue
+            extra = {key.split("extra.", 1)[1]: v for key, v in state.items() if key.startswith(f"q{j}/extra.")}
+            self.latents[j] = state[f"q{j}/latents"]
+            self.conds[j] = Conditioning(state[f"q{j}/context"], state[f"q{j}/mask"], extra)
+
+
+# ---------------------------------------------------------------------------------------------
+# AccVideo's objectives
+# ---------------------------------------------------------------------------------------------
+
+class QueueGANConfig(ObjectiveConfig):
+    """Keys both queue-GAN objectives have."""
+
+    times: KeyGrid = Field("keys", description="key timesteps of the queues and heads (as trajectory_guidance)")
+    source: KeySource = Field("trajectory", description="real latents: stored trajectories or forward diffusion")
+    loss: GANLoss = Field("non_saturating", description="GAN loss form (module doc)")
+    features: FeatureConfig = Field(default_factory=FeatureConfig)
+    queue_size: int = Field(64, ge=1, description="capacity of each latent queue Q_j")
+
+
+class QueueGANGeneratorConfig(QueueGANConfig):
+    kind: Literal["queue_gan_generator"] = "queue_gan_generator"
+    discriminator: RoleName = Field("discriminator", description="the role holding the heads H_k")
+
+    @property
+    def roles(self) -> tuple[str, str]:
+        """``(generator, discriminator)``: whose latents fill the queues, who holds the heads."""
+        return self.role, self.discriminator
+
+    def reads(self) -> set[str]:
+        return {self.features.role, self.discriminator}
+
+
+class QueueGANDiscriminatorConfig(QueueGANConfig):
+    kind: Literal["queue_gan_discriminator"] = "queue_gan_discriminator"
+    role: RoleName = Field("discriminator", description="the role holding the heads H_k")
+    generator: RoleName = Field("student", description="the role whose latents fill the queues")
+
+    @property
+    def roles(self) -> tuple[str, str]:
+        """``(generator, discriminator)``: whose latents fill the queues, who holds the heads."""
+        return self.generator, self.role
+
+    def reads(self) -> set[str]:
+        return {self.features.role, self.generator}
+
+
+class _QueueGAN(Objective):
+    """Shared by both objectives: the queues, Alg. 1's k cycle, one Euler step of fakes, D's logits."""
+
+    def __init__(self, config: QueueGANGeneratorConfig | QueueGANDiscriminatorConfig, name: str):
+        super().__init__(config, name)
+        self.student_role, self.heads_role = config.roles
+        self.m = len(KEY_GRIDS[config.times]) - 1
+        self.queues = LatentQueues(self.m, config.queue_size)
+        self.steps_seen, self.last_step = 0, -1  # engine steps this objective has run; the last one
+
+    # -- Alg. 1 ----------------------------------------------------------------------------------
+    def segment(self, ctx: StepContext) -> int:
+        """l. 5: ``k = m−1, m−2, …, 0, m−1, …`` — one value per engine step."""
+        if ctx.step != self.last_step:
+            self.steps_seen, self.last_step = self.steps_seen + 1, ctx.step
+        return self.m - 1 - (self.steps_seen - 1) % self.m
+
+    def fakes(self, batch: Batch, roles: Roles, ctx: StepContext, times: Tensor, *,
+              grad: bool) -> tuple[Tensor, Conditioning, int]:
+        """``(l^gen_{t'_k}, its captions, k)`` by Alg. 1 l. 11–17; ``times`` (m + 1,) increasing (t'_0 first)."""
+        student = roles[self.student_role].module
+        k, B = self.segment(ctx), len(batch)
+        shape, dtype = tuple(batch.latents.shape[1:]), batch.latents.dtype
+        as_student = replace(ctx, role=self.student_role)  # both objectives draw the same z
+        if k == self.m - 1:  # l. 11–12: a new cycle starts from noise
+            self.queues.push(self.m, as_student.randn(shape, "queue/z", dtype=dtype), batch.cond)
+        popped = self.queues.pop(k + 1, B)  # l. 15: l^gen_{t'_{k+1}}
+        x, cond = (popped[0].to(batch.latents.device), popped[1].to(device=batch.latents.device)) if popped \
+            else (batch.latents[:0], batch.cond.index(slice(0, 0)))
+        if len(x) < B:  # refill: solve fresh noise down to t'_{k+1} with the student (exact, slow)
+            rest = slice(len(x), B)
+            z = as_student.randn(shape, "queue/refill", dtype=dtype)[rest]
+            path = times.flip(0)[: self.m - k]  # t'_m … t'_{k+1}
+            if len(path) > 1:
+                with torch.no_grad():
+                    z = sample_euler(student, z, path, batch.cond.index(rest)).x
+            x, cond = torch.cat([x, z]), Conditioning.cat([cond, batch.cond.index(rest)])
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):  # l. 16: one Euler step (Eq. 5)
+            pred = student.predict(x, times[k + 1].to(dtype), cond)
+            l_gen = euler_step(pred, *student.schedule.coefficients(times[k].to(dtype), x))
+        self.queues.push(k, l_gen, cond)  # l. 17
+        return l_gen, cond, k
+
+    def logits(self, roles: Roles, x: Tensor, t: Tensor, cond: Conditioning, k: int, *,
+               detach_heads: bool = False) -> Tensor:
+        """``D(x, t'_k) = H_k(features(x, t'_k))`` per sample (B,) (Eq. 8)."""
+        teacher, heads = roles[self.config.features.role].module, roles[self.heads_role].module
+        t_b = t.to(x.dtype).expand(x.shape[0])  # (B,)
+        feats = teacher_features(teacher, x, t_b, cond, self.config.features)  # (B, D, T', H', W')
+        head = torch.full((x.shape[0],), k, dtype=torch.long, device=x.device)
+        if detach_heads:  # D as a fixed function of its input: no gradient into the heads
+            params = {n: p.detach() for n, p in heads.named_parameters()}
+            return torch.func.functional_call(heads, params, (feats, head))
+        return heads(feats, head)
+
+    # -- persistent state --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Tensor]:
+        return {**self.queues.state_dict(),
+                "cycle": torch.tensor([self.steps_seen, self.last_step], dtype=torch.int64)}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.queues.load_state_dict(state)
+        self.steps_seen, self.last_step = (int(v) for v in state["cycle"])
+
+
+@register_objective
+class QueueGANGenerator(_QueueGAN):
+    """AccVideo Eq. 7 for the student (Alg. 1 l. 11–21): fool H_k with one Euler step of queued latents."""
+
+    kind = "queue_gan_generator"
+    Config = QueueGANGeneratorConfig
+
+    def __call__(self, batch: Batch, roles: Roles, ctx: StepContext) -> ObjectiveOutput:
+        grid, _ = key_grid(self.config.times, stored_times(batch, self.config.source))
+        times = grid.flip(0).to(batch.latents.device)  # (m + 1,) increasing: t'_0 … t'_m
+        l_gen, cond, k = self.fakes(batch, roles, ctx, times, grad=True)
+        d_fake = self.logits(roles, l_gen, times[k], cond, k, detach_heads=True)  # (B,)
+        loss = generator_loss(self.config.loss, d_fake)
+        return self.output({"adv": loss}, {"k": k, "d_fake": float(d_fake.detach().mean())})
+
+
+@register_objective
+class QueueGANDiscriminator(_QueueGAN):
+    """AccVideo Eq. 7 for the heads (Alg. 1 l. 20–22): real key latents against queued student latents."""
+
+    kind = "queue_gan_discriminator"
+    Config = QueueGANDiscriminatorConfig
+
+    def __call__(self, batch: Batch, roles: Roles, ctx: StepContext) -> ObjectiveOutput:
+        student = roles[self.student_role].module
+        keys = key_latents(batch, self.config.times, self.config.source, ctx, student.schedule, "adv")
+        with torch.no_grad():
+            l_gen, cond, k = self.fakes(batch, roles, ctx, keys.times, grad=False)
+        d_real = self.logits(roles, keys.latents[:, k], keys.times[k], batch.cond, k)  # (B,)
+        d_fake = self.logits(roles, l_gen, keys.times[k], cond, k)  # (B,)
+        loss = discriminator_loss(self.config.loss, d_real, d_fake)
+        return self.output({"adv": loss}, {"k": k, "d_real": float(d_real.detach().mean()),
+                                           "d_fake": float(d_fake.detach().mean())})

@@ -1,0 +1,227 @@
+"""The ``accvideo`` recipe (AccVideo Alg. 1): resolved config and switches, the ablations, a smoke run
+through the CLI on a tiny synthesized store, the exported 5-step student, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from conftest import make_tiny_pipeline
+from fewstep.data.trajectories import synthesize
+from fewstep.engine.data import ToyWorldSource
+from fewstep.engine.distributed import DistEnv
+from fewstep.engine.trainer import Trainer
+from fewstep.models.pipeline import VideoPipeline
+from fewstep.objectives.trajectory import KEY_GRIDS
+from fewstep.recipes.accvideo import AccVideo
+from test_engine_support import cli, losses, teacher_dir, tensors  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+#: A tiny run: batch 4, every step logged, no evaluation; learning rates raised for 20 steps.
+TINY = ["train.batch_size=4", "train.log_every=1", "train.eval_every=0", "train.checkpoint_every=0",
+        "train.tensorboard=false", "roles.student.optim.lr=3e-3", "roles.student.optim.warmup_steps=0",
+        "roles.discriminator.optim.lr=1e-3"]
+KEYS = list(KEY_GRIDS["keys"])
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    """Stores of *another* tiny teacher (so the student has something to learn): key times, and the
+    whole 10-step path (``--keep all``, for the uniform-grid ablation)."""
+    root = tmp_path_factory.mktemp("accvideo")
+    threads = torch.get_num_threads()  # a module fixture runs before the function-scoped one_thread
+    torch.set_num_threads(1)
+    try:
+        make_tiny_pipeline(seed=1).save(root / "other")
+        keys = synthesize(root / "other", root / "keys", 16, steps=10, batch_size=8, shard_size=8)
+        full = synthesize(root / "other", root / "all", 8, steps=10, batch_size=8, shard_size=8, keep="all")
+    finally:
+        torch.set_num_threads(threads)
+    return {"keys": keys.directory, "all": full.directory}
+
+
+def accvideo_sets(teacher, data, *extra: str) -> list[str]:
+    out = []
+    for item in [f"model={teacher}", *([f"data={data}"] if data else []), *TINY, *extra]:
+        out += ["--set", item]
+    return out
+
+
+def dry_run(capsys, teacher, data, tmp_path, *extra) -> dict:
+    rc, out, err = cli(capsys, "distill", "--recipe", "accvideo", "--out", tmp_path / "run", "--dry-run",
+                       *accvideo_sets(teacher, data, *extra))
+    assert rc == 0, err
+    assert not (tmp_path / "run").exists()
+    return yaml.safe_load(out)
+
+
+def overrides(teacher, data, *extra) -> list[str]:
+    return [f"model={teacher}", *([f"data={data}"] if data else []), *TINY, *extra]
+
+
+# ------------------------------------------------------------------------------------ the config
+def test_dry_run_prints_the_resolved_config(teacher_dir, stores, tmp_path, capsys):
+    cfg = dry_run(capsys, teacher_dir, stores["keys"], tmp_path)
+    assert (cfg["adversarial"], cfg["single_head"], cfg["times"], cfg["source"]) == (True, False, "keys", "trajectory")
+    assert list(cfg["roles"]) == ["student", "teacher", "discriminator"] and cfg["roles"]["teacher"]["optim"] is None
+    objectives = cfg["stages"]["accvideo"]["objectives"]
+    assert {name: (o["kind"], o["role"], o["weight"]) for name, o in objectives.items()} == {
+        "traj": ("trajectory_guidance", "student", 1.0), "adv_g": ("queue_gan_generator", "student", 0.1),
+        "adv_d": ("queue_gan_discriminator", "discriminator", 0.1)}  # λ_adv = 0.1
+    assert {(o["times"], o["source"]) for o in objectives.values()} == {("keys", "trajectory")}
+    assert objectives["adv_g"]["features"] == {"role": "teacher", "block": -1, "clean_block": None}
+    assert cfg["train"]["eval_steps"] == [5]
+    # the resolved config is a fixed point (what --resume re-reads from RUN/config.yaml)
+    again = AccVideo.load_config(None, [], base=cfg)
+    assert yaml.safe_load(yaml.safe_dump(again.model_dump(mode="json"))) == cfg
+
+
+@pytest.mark.parametrize("switch,store,objectives,fields", [
+    ("adversarial=false", "keys", ["traj"], {"times": "keys", "source": "trajectory"}),
+    ("single_head=true", "keys", ["traj", "adv_g", "adv_d"], {"times": "keys", "source": "trajectory"}),
+    ("times=uniform", "all", ["traj", "adv_g", "adv_d"], {"times": "uniform", "source": "trajectory"}),
+    ("source=forward", None, ["traj", "adv_g", "adv_d"], {"times": "keys", "source": "forward"}),
+])
+def test_switches_reach_the_objectives(teacher_dir, stores, tmp_path, capsys, switch, store, objectives, fields):
+    cfg = dry_run(capsys, teacher_dir, stores[store] if store else None, tmp_path, switch)
+    name, value = switch.split("=")
+    assert cfg[name] == yaml.safe_load(value)
+    stage = cfg["stages"]["accvideo"]["objectives"]
+    assert list(stage) == objectives
+    assert all({k: o[k] for k in fields} == fields for o in stage.values())
+    assert ("discriminator" in cfg["roles"]) == (switch != "adversarial=false")
+
+
+# ------------------------------------------------------------------------------------ the ablations
+@pytest.mark.parametrize("switch", ["adversarial=false", "single_head=true", "times=uniform", "source=forward"])
+def test_ablations_build_and_train(teacher_dir, stores, tmp_path, switch):
+    store = {"times=uniform": stores["all"], "source=forward": None}.get(switch, stores["keys"])
+    recipe = AccVideo(AccVideo.load_config(None, overrides(teacher_dir, store, switch, "train.steps=1")))
+    trainer = Trainer(recipe, tmp_path / "run", DistEnv())
+    (stage,) = trainer.stages
+    record = trainer.train_step()
+    assert np.isfinite(record["loss/student/traj/traj"])
+    if switch == "adversarial=false":
+        assert [o.kind for o in stage.objectives] == ["trajectory_guidance"] and "discriminator" not in trainer.roles
+        return
+    assert stage.order == ["student", "discriminator"]  # Alg. 1: s_β, then H_k
+    assert np.isfinite(record["loss/discriminator/adv_d/adv"]) and np.isfinite(record["loss/student/adv_g/adv"])
+    heads = trainer.roles["discriminator"].module
+    assert len(heads.heads) == (1 if switch == "single_head=true" else 5)
+    grid = recipe.student_pipeline().config.sampling.times
+    if switch == "times=uniform":  # the nearest stored times of the 10-step path: "selected from our trajectories"
+        assert grid[0] == 1.0 and grid[-1] == 0.0 and grid != KEYS
+        assert max(abs(a - b) for a, b in zip(grid, KEY_GRIDS["uniform"])) < 0.05
+    else:
+        assert grid == KEYS
+    assert isinstance(trainer.source, ToyWorldSource) == (switch == "source=forward")
+
+
+# ------------------------------------------------------------------------------------ training
+@pytest.fixture(scope="module")
+def smoke_run(teacher_dir, stores, tmp_path_factory):
+    """20 steps of the full recipe through the CLI, distilling the other teacher's store."""
+    from fewstep.cli import main
+
+    run = tmp_path_factory.mktemp("accvideo-run") / "run"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["distill", "--recipe", "accvideo", "--out", str(run),
+                     *accvideo_sets(teacher_dir, stores["keys"], "train.steps=20",
+                                    "train.checkpoint_every=10")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return run
+
+
+def test_smoke_run_lowers_the_trajectory_loss(smoke_run):
+    logged = losses(smoke_run)
+    assert sorted(logged) == list(range(1, 21))
+    terms = ("loss/student/traj/traj", "loss/student/adv_g/adv", "loss/discriminator/adv_d/adv")
+    assert all(set(terms) <= set(rec) and all(np.isfinite(rec[t]) for t in terms) for rec in logged.values())
+    traj = [logged[s]["loss/student/traj/traj"] for s in range(1, 21)]
+    assert np.mean(traj[-5:]) < 0.5 * np.mean(traj[:5]), traj  # ≈ 0.1× over 20 steps at lr 3e-3
+    metrics = [json.loads(line) for line in (smoke_run / "metrics.jsonl").read_text().splitlines()]
+    ks = [r["metric/student/adv_g/k"] for r in metrics if "metric/student/adv_g/k" in r]
+    assert ks == [4, 3, 2, 1, 0] * 4  # Alg. 1's inner loop, one k per step
+    trainer = json.loads((smoke_run / "checkpoints" / "step_000020" / "trainer.json").read_text())
+    assert trainer["roles"]["student"]["updates"] == 20 and trainer["roles"]["discriminator"]["updates"] == 20
+
+
+def test_checkpoint_holds_the_queues(smoke_run):
+    state = tensors(smoke_run, 20, "objectives/accvideo.adv_d")
+    assert state["cycle"].tolist() == [20, 19]  # 20 steps seen, the last one step 19
+    assert state["q0/latents"].shape == (16, 4, 4, 4, 4)  # Q_0: 4 finished cycles of 4 samples
+    assert "q5/latents" not in state  # Q_5 is emptied as soon as it is filled
+    assert set(tensors(smoke_run, 20, "objectives/accvideo.adv_g")) == set(state)
+
+
+def test_exported_student_samples_on_the_key_times(smoke_run):
+    student = VideoPipeline.load(smoke_run / "student")
+    sampling = student.config.sampling
+    assert (sampling.sampler, sampling.times, sampling.cfg_scale) == ("euler", KEYS, None)
+    videos, result = student.generate(["a red circle moves right"], seed=0)
+    assert result.nfe == 5 and videos.shape == (1, 8, 16, 16, 3) and videos.dtype == np.uint8
+    weights = tensors(smoke_run, 20)  # no EMA: RUN/student holds the live weights
+    assert all((v == weights[k]).all() for k, v in student.denoiser.state_dict().items())
+
+
+def test_resume_continues_with_the_queues(smoke_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    rc, _, err = cli(capsys, "distill", "--resume", run, "--set", "train.steps=23")
+    assert rc == 0, err
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    ks = [r["metric/student/adv_g/k"] for r in metrics if "metric/student/adv_g/k" in r]
+    assert ks[-3:] == [4, 3, 2]  # the cycle continues where the checkpoint left it
+    assert tensors(run, 23, "objectives/accvideo.adv_d")["cycle"].tolist() == [23, 22]
+
+
+def test_stop_and_resume_is_exact(smoke_run, teacher_dir, stores, tmp_path, capsys):
+    """Stopped mid-cycle (step 12: k = 2 next) and resumed, the run ends bit-identical to the smoke run."""
+    run = tmp_path / "run"
+    rc, _, err = cli(capsys, "distill", "--recipe", "accvideo", "--out", run,
+                     *accvideo_sets(teacher_dir, stores["keys"], "train.steps=12", "train.checkpoint_every=10"))
+    assert rc == 0, err
+    rc, _, err = cli(capsys, "distill", "--resume", run, "--set", "train.steps=20")
+    assert rc == 0, err
+    for stem in ("roles/student", "roles/discriminator", "optim/student", "optim/discriminator",
+                 "objectives/accvideo.adv_g", "objectives/accvideo.adv_d"):
+        got, want = tensors(run, 20, stem), tensors(smoke_run, 20, stem)
+        assert got.keys() == want.keys(), stem
+        assert all(torch.equal(got[k], want[k]) for k in want), stem
+    assert losses(run) == losses(smoke_run)
+
+
+# ------------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize("store,override,message", [
+    (None, "times=keys", "config key 'data': give the trajectory store"),
+    ("keys", "times=uniform", "config key 'times': 'uniform' on store"),
+    ("keys", "times=linear", "config key 'times': Input should be 'keys' or 'uniform'"),
+    ("keys", "single_head=maybe", "config key 'single_head'"),
+    ("keys", "stages.accvideo.objectives.traj.times=uniform",
+     "'stages.accvideo.objectives.traj.times': 'uniform' disagrees with times='keys'; set times instead"),
+    ("keys", "stages.accvideo.objectives.adv_g.loss=wasserstein", "config key 'stages.accvideo.objectives.adv_g.loss'"),
+    ("keys", "roles.lrm.optim.lr=1e-4", "recipe 'accvideo' does not build a 'lrm' role"),
+    ("keys", "roles.discriminator.optim=null", "objective 'queue_gan_discriminator' updates role 'discriminator', "
+                                               "which is frozen"),
+])
+def test_bad_config_is_one_line_exit_2(teacher_dir, stores, tmp_path, capsys, store, override, message):
+    rc, _, err = cli(capsys, "distill", "--recipe", "accvideo", "--out", tmp_path / "run",
+                     *accvideo_sets(teacher_dir, stores[store] if store else None, override))
+    assert rc == 2
+    assert message in err and err.startswith("error: ") and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_store_is_one_line_exit_2(teacher_dir, tmp_path, capsys):
+    rc, _, err = cli(capsys, "distill", "--recipe", "accvideo", "--out", tmp_path / "run",
+                     *accvideo_sets(teacher_dir, tmp_path / "nowhere"))
+    assert rc == 2 and "no manifest.json" in err and err.count("\n") == 1, err
