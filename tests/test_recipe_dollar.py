@@ -46,7 +46,7 @@ def test_dry_run_prints_the_resolved_config(teacher_dir, tmp_path, capsys):
     assert cfg["ablation"] == "vsd_cd" and cfg["student_steps"] == 4 and cfg["m"] == 5
     roles = cfg["roles"]
     assert list(roles) == ["student", "teacher", "fake_score"]  # no lrm without an LRM objective
-    assert roles["student"]["every"] == 5 and roles["student"]["ema"] == 0.999
+    assert roles["student"]["every"] == 5 and roles["student"]["ema"] == 0.95
     assert roles["fake_score"]["every"] == 1 and roles["teacher"]["optim"] is None
     objectives = cfg["stages"]["dollar"]["objectives"]
     assert {name: (o["kind"], o["role"], o["weight"]) for name, o in objectives.items()} == {

@@ -3,7 +3,8 @@
 Alg. 1 of the paper, as roles and objectives of one stage (``dollar.yaml``, defaults of §4.1)::
 
     roles
-      student     G_θ ← model (Alg. 1 l. 4); EMA 0.999 = the CD target θ⁻ and the exported model;
+      student     G_θ ← model (Alg. 1 l. 4); EMA (0.95 per update; the paper gives none) = the CD
+                  target θ⁻ and the exported model;
                   updated every 5th step (fake:student = 5:1, §4.1)
       teacher     v_θ', frozen: VSD's real score (CFG) and CD's m-step solver Denoise^m (CFG)
       fake_score  θ_fake ← model (= the teacher, l. 4), updated every step
