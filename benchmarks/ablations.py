@@ -1,13 +1,21 @@
-"""DOLLAR's ablation tables (papers/001 Tables 3, 5 and 7) on the embedded default.
+"""Ablation tables of the recipes on the embedded default.
 
-    python benchmarks/dollar_ablations.py --out runs/ablations [--steps 600] [--variants vsd,vsd_cd,...]
+    python benchmarks/ablations.py --recipe dollar --out runs/ablations/dollar [--steps 600] [--variants vsd,vsd_cd]
+    python benchmarks/ablations.py --recipe accvideo --out runs/ablations/accvideo [--synth 512]
 
-Each variant is one ``fewstep distill --recipe dollar`` run from the same teacher, seed and budget
-(the demo's, :data:`fewstep.demo.DEMO_SETTINGS`), followed by ``fewstep eval`` of its student at
-its own step count on the eval suite; the teacher is evaluated at 50 steps with its CFG and at 4
+Each variant is one ``fewstep distill`` run from the same teacher, seed and budget (for DOLLAR the
+demo's, :data:`fewstep.demo.DEMO_SETTINGS`), followed by ``fewstep eval`` of its student at its
+own step count on the eval suite; the teacher is evaluated at 50 steps with its CFG and at 4
 steps. A finished variant (``OUT/<name>/eval/metrics.json``) is not rerun. Prints a Markdown
-table (Table 3: quality / semantic / total, sharpness, FVD, Vendi; Table 5: JPEG compressibility;
-Table 7: m = 1 vs 5), and writes it to ``OUT/table.md``.
+table and writes it to ``OUT/table.md``:
+
+* ``dollar`` — papers/001 Table 3 (VSD, VSD+CD, + LRM: quality / semantic / total, sharpness, FVD,
+  Vendi), Table 5 (JPEG compressibility: LRM vs DDPO), Table 7 (m = 1 vs 5), and the
+  heterogeneous parameterisation of §3.2;
+* ``accvideo`` — papers/002 Table 3 (synthetic trajectories vs forward-diffused real data at the
+  same budget; with and without the adversarial term and timestep-aware heads) and Table 4 (key
+  vs uniform timesteps). The trajectory store is made first by ``fewstep synth`` (``--synth N``
+  trajectories, ``--keep all`` so that the uniform-times variant can pick its times).
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from fewstep.recipes.launch import distill
 
 #: name → the dollar switches it sets (papers/001: Tab. 3 rows VSD / VSD+CD / VSD+CD+LRM, Tab. 5
 #: VSD+DDPO, Tab. 7 m = 1, the heterogeneous parameterisation of §3.2).
-VARIANTS: dict[str, list[str]] = {
+DOLLAR: dict[str, list[str]] = {
     "vsd": ["ablation=vsd"],
     "vsd_cd": ["ablation=vsd_cd"],
     "vsd_cd_lrm_jpeg": ["ablation=vsd_cd_lrm", "reward=jpeg"],
@@ -32,6 +40,15 @@ VARIANTS: dict[str, list[str]] = {
     "vsd_cd_m1": ["ablation=vsd_cd", "m=1"],
     "vsd_cd_x0": ["ablation=vsd_cd", "parameterization=x0"],
 }
+#: name → the accvideo switches (papers/002: Tab. 3 data and loss rows, Tab. 4 timesteps).
+ACCVIDEO: dict[str, list[str]] = {
+    "synthetic": [],
+    "forward": ["source=forward"],
+    "no_adversarial": ["adversarial=false"],
+    "single_head": ["single_head=true"],
+    "uniform_times": ["times=uniform"],
+}
+RECIPES = {"dollar": (DOLLAR, "vsd,vsd_cd,vsd_cd_lrm_jpeg"), "accvideo": (ACCVIDEO, "synthetic,forward")}
 COLUMNS = ("steps", "nfe", "total", "quality", "semantic", "sharpness", "fvd", "vendi_pixel", "vendi_feature",
            "jpeg")
 
@@ -44,14 +61,23 @@ def row(name: str, metrics: dict, seconds: float | None) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="dollar")
     parser.add_argument("--out", type=Path, default=Path("runs/ablations"))
     parser.add_argument("--model", default="toy-teacher")
     parser.add_argument("--steps", type=int, default=None, help="train.steps (default: the demo's)")
-    parser.add_argument("--variants", default="vsd,vsd_cd,vsd_cd_lrm_jpeg")
+    parser.add_argument("--variants", default=None, help="comma-separated (default: the headline ones)")
     parser.add_argument("--num", type=int, default=4, help="videos per eval prompt")
+    parser.add_argument("--synth", type=int, default=512, help="accvideo: trajectories to synthesize")
     args = parser.parse_args()
 
+    variants, default = RECIPES[args.recipe]
     base = [f"model={args.model}", *DEMO_SETTINGS] + ([f"train.steps={args.steps}"] if args.steps else [])
+    if args.recipe == "accvideo":
+        from fewstep.data.trajectories import synthesize
+
+        store = args.out / "synvid"
+        synthesize(args.model, store, args.synth, keep="all")  # resumes / is a no-op when complete
+        base.append(f"data={store}")
     lines = ["| variant | " + " | ".join(COLUMNS) + " | train min |", "|" + "---|" * (len(COLUMNS) + 2)]
     for label, steps in (("teacher 50 (CFG)", 50), ("teacher 4 (CFG)", 4)):
         target = args.out / f"teacher_{steps}"
@@ -60,12 +86,12 @@ def main() -> None:
             evaluate_to_dir(args.model, target, steps=steps, num=args.num)
         lines.append(row(label, json.loads(metrics_path.read_text()), None))
         print(lines[-1], flush=True)
-    for name in args.variants.split(","):
+    for name in (args.variants or default).split(","):
         run_dir, eval_dir = args.out / name, args.out / name / "eval"
         seconds = None
         if not (eval_dir / "metrics.json").is_file():
             start = time.monotonic()
-            distill("dollar", None, [*base, *VARIANTS[name]], run_dir, overwrite=True)
+            distill(args.recipe, None, [*base, *variants[name]], run_dir, overwrite=True)
             seconds = time.monotonic() - start
             evaluate_to_dir(str(run_dir / "student"), eval_dir, num=args.num)
             (eval_dir / "train_seconds.json").write_text(json.dumps({"seconds": seconds}))
