@@ -76,7 +76,10 @@ class TeacherStage(StrictModel):
     backbone: ToyDiTConfig = Field(default_factory=lambda: ToyDiTConfig(
         depth=4, patch_size=(2, 2, 2), latent_frames=16, latent_height=8, latent_width=8))
     text_dim: int = 64
-    cfg_scale: float = Field(4.0, description="default CFG scale written into the exported model")
+    # 50 Euler steps at step 12000, 2 videos × 24 eval prompts: CFG 1.5 / 2 / 3 / 4 gave total 0.841 /
+    # 0.839 / 0.823 / 0.797 and Fréchet distance 46 / 54 / 78 / 98 (semantic 0.856 / 0.871 / 0.890 /
+    # 0.891): above 2, guidance over-saturates and the distance to real clips grows
+    cfg_scale: float = Field(2.0, description="default CFG scale written into the exported model")
 
 
 class RewardStage(StrictModel):

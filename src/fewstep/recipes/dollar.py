@@ -56,7 +56,7 @@ a one-line error naming both keys.
 
 **Guidance.** DOLLAR's CFG weights (its Eq. 9 form ``cond + w·(cond − uncond)``: 7.5 in CD, 3.5
 for the real score) are our 8.5 and 4.5 (DESIGN §2) — the values for a VP teacher such as
-CogVideoX. The toy flow-matching teacher uses its own sampling CFG, 4.0 (``fewstep pretrain``'s
+CogVideoX. The toy flow-matching teacher uses its own sampling CFG, 2.0 (``fewstep pretrain``'s
 ``teacher.cfg_scale``), for both; see ``dollar.yaml``.
 
 **Export.** ``RUN/student`` is the model with the student's EMA weights and its default sampler
