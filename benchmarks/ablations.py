@@ -35,6 +35,7 @@ DOLLAR: dict[str, list[str]] = {
     "vsd": ["ablation=vsd"],
     "vsd_cd": ["ablation=vsd_cd"],
     "vsd_cd_lrm_jpeg": ["ablation=vsd_cd_lrm", "reward=jpeg"],
+    "vsd_cd_lrm_jpeg_ft5": ["ablation=vsd_cd_lrm", "reward=jpeg", "stages.dollar.objectives.ft.weight=5"],
     "vsd_lrm_jpeg": ["ablation=vsd_lrm", "reward=jpeg"],
     "vsd_ddpo_jpeg": ["ablation=vsd_ddpo", "reward=jpeg"],
     "vsd_cd_m1": ["ablation=vsd_cd", "m=1"],

@@ -29,7 +29,7 @@ from .errors import UserError
 
 #: The demo's budget on top of ``dollar.yaml`` (2 CPU cores, a few minutes of training).
 DEMO_SETTINGS: list[str] = [
-    "train.steps=600",
+    "train.steps=400",
     "train.batch_size=8",
     "train.eval_every=0",
     "train.checkpoint_every=300",
