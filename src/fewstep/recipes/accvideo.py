@@ -68,9 +68,8 @@ from ..config import StrictModel, format_validation_error
 from ..data.trajectories import TrajectorySource, TrajectoryStore, read_manifest
 from ..errors import UserError
 from ..objectives.adversarial import TimestepHeads
-from ..objectives.base import ObjectiveConfig
 from ..objectives.trajectory import KEY_GRIDS, KeyGrid, KeySource, key_grid
-from .base import PipelineRecipe, RecipeConfig, register_recipe
+from .base import PipelineRecipe, RecipeConfig, map_stage_objectives, register_recipe
 
 #: The objective kinds the switches write into, and the adversarial ones ``adversarial: false`` drops.
 ACCVIDEO_KINDS = ("trajectory_guidance", "queue_gan_generator", "queue_gan_discriminator")
@@ -106,20 +105,13 @@ class AccVideoConfig(RecipeConfig, AccVideoKeys):
         except ValidationError as err:
             raise UserError(format_validation_error(err, AccVideoKeys)) from None
         data = copy.deepcopy(data)
-        for sname, stage in data["stages"].items():
-            if not isinstance(stage, dict) or not isinstance(stage.get("objectives"), dict):
-                continue
-            objectives = {}
-            for oname, raw in stage["objectives"].items():
-                if isinstance(raw, ObjectiveConfig):  # built in code: keep only the keys it was given
-                    raw = {**raw.model_dump(mode="json", exclude_unset=True), "kind": raw.kind}
-                kind = raw.get("kind") if isinstance(raw, dict) else None
-                if kind in ADVERSARIAL_KINDS and not keys.adversarial:
-                    continue
-                if kind in ACCVIDEO_KINDS:
-                    raw = _write_switches(raw, keys, f"stages.{sname}.objectives.{oname}")
-                objectives[oname] = raw
-            stage["objectives"] = objectives
+        def rewrite(key: str, raw: Any) -> Any:
+            kind = raw.get("kind") if isinstance(raw, dict) else None
+            if kind in ADVERSARIAL_KINDS and not keys.adversarial:
+                return map_stage_objectives.DROP
+            return _write_switches(raw, keys, key) if kind in ACCVIDEO_KINDS else raw
+
+        map_stage_objectives(data, rewrite)
         roles = data.get("roles")
         if not keys.adversarial and isinstance(roles, dict):
             data["roles"] = {name: spec for name, spec in roles.items() if name != "discriminator"}

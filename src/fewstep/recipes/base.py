@@ -67,6 +67,35 @@ class RecipeConfig(EngineConfig):
     """Base of every recipe's config: ``train``, ``roles``, ``stages`` plus the recipe's keys."""
 
 
+_DROP = object()
+
+
+def map_stage_objectives(data: dict[str, Any], fn) -> None:
+    """Rewrite every objective of a raw config mapping in place (recipe switches, before validation).
+
+    ``fn(key, raw)`` gets the dotted key (``stages.S.objectives.O``) and the objective as a mapping
+    (an :class:`ObjectiveConfig` built in code becomes the mapping of the keys it was given) and
+    returns the new value, or :data:`map_stage_objectives.DROP` to remove the objective. Stages or
+    objective sections that are not mappings are left for the engine's own validation to report.
+    """
+    from ..objectives.base import ObjectiveConfig
+
+    for sname, stage in data["stages"].items():
+        if not isinstance(stage, dict) or not isinstance(stage.get("objectives"), dict):
+            continue
+        objectives = {}
+        for oname, raw in stage["objectives"].items():
+            if isinstance(raw, ObjectiveConfig):  # built in code: keep only the keys it was given
+                raw = {**raw.model_dump(mode="json", exclude_unset=True), "kind": raw.kind}
+            value = fn(f"stages.{sname}.objectives.{oname}", raw)
+            if value is not _DROP:
+                objectives[oname] = value
+        stage["objectives"] = objectives
+
+
+map_stage_objectives.DROP = _DROP
+
+
 class Recipe:
     """A training plan: typed config + builders for roles and data (the engine's ``Plan``)."""
 

@@ -84,7 +84,7 @@ from ..errors import UserError
 from ..objectives.base import ObjectiveConfig, objective_class
 from ..objectives.reward import LatentRewardModelConfig, build_lrm
 from ..objectives.student import step_times
-from .base import PipelineRecipe, RecipeConfig, register_recipe
+from .base import PipelineRecipe, RecipeConfig, map_stage_objectives, register_recipe
 
 Ablation = Literal["vsd", "vsd_cd", "vsd_lrm", "vsd_cd_lrm", "vsd_ddpo"]
 
@@ -153,26 +153,19 @@ class DollarConfig(RecipeConfig, DollarKeys):
         data = copy.deepcopy(data)
         kept, found = set(ABLATIONS[keys.ablation]), set()
         used_roles: set[str] = set()
-        for sname, stage in data["stages"].items():
-            if not isinstance(stage, dict) or not isinstance(stage.get("objectives"), dict):
-                continue
-            objectives = {}
-            for oname, raw in stage["objectives"].items():
-                key = f"stages.{sname}.objectives.{oname}"
-                if isinstance(raw, ObjectiveConfig):  # built in code: keep only the keys it was given
-                    raw = {**raw.model_dump(mode="json", exclude_unset=True), "kind": raw.kind}
-                if isinstance(raw, dict) and isinstance(raw.get("kind"), str) and objective_class(raw["kind"]):
-                    raw = _apply_switches(raw, keys, key)
-                obj = _parse_objective(raw, key)  # validated even when dropped: a typo is an error
-                if not isinstance(obj, ObjectiveConfig):
-                    objectives[oname] = obj  # not a mapping: the engine's own validation reports it
-                    continue
-                if obj.kind in MANAGED_KINDS and obj.kind not in kept:
-                    continue
-                found.add(obj.kind)
-                used_roles |= {obj.role} | obj.reads()
-                objectives[oname] = obj
-            stage["objectives"] = objectives
+        def rewrite(key: str, raw: Any) -> Any:
+            if isinstance(raw, dict) and isinstance(raw.get("kind"), str) and objective_class(raw["kind"]):
+                raw = _apply_switches(raw, keys, key)
+            obj = _parse_objective(raw, key)  # validated even when dropped: a typo is an error
+            if not isinstance(obj, ObjectiveConfig):
+                return obj  # not a mapping: the engine's own validation reports it
+            if obj.kind in MANAGED_KINDS and obj.kind not in kept:
+                return map_stage_objectives.DROP
+            found.add(obj.kind)
+            used_roles.update({obj.role} | obj.reads())
+            return obj
+
+        map_stage_objectives(data, rewrite)
         missing = [k for k in ABLATIONS[keys.ablation] if k not in found]
         if missing:
             raise UserError(f"config key 'ablation': {keys.ablation!r} needs an objective of kind {missing[0]!r} "
