@@ -103,11 +103,13 @@ def test_lrm_fit_works_with_the_non_differentiable_jpeg_reward(tmp_path):
     lrm = build_lrm(TINY_LRM, in_channels=batch.latents.shape[1])
     student = copy.deepcopy(pipe.denoiser)
     roles = {"lrm": FakeRole("lrm", lrm), "student": FakeRole("student", student)}
-    objective = LRMFit(LRMFit.Config(reward="jpeg", reward_kwargs={"quality": 90}, decoder=str(tmp_path / "model")),
-                       "lrm")
+    # the data latents alone (the one-step x̂0 of the generated set changes every step), so the four
+    # rewards can be fitted exactly; the loss is in units of the rewards' spread (1 = predicting μ)
+    objective = LRMFit(LRMFit.Config(reward="jpeg", reward_kwargs={"quality": 90}, decoder=str(tmp_path / "model"),
+                                     generated=False), "lrm")
     optim = torch.optim.Adam(lrm.parameters(), lr=1e-2)
     losses = []
-    for step in range(25):
+    for step in range(40):
         out = objective(batch, roles, make_ctx(4, role="lrm", step=step))
         loss = sum(v.mean() for v in out.losses.values())
         optim.zero_grad()
@@ -116,7 +118,12 @@ def test_lrm_fit_works_with_the_non_differentiable_jpeg_reward(tmp_path):
         losses.append(float(loss.detach()))
     assert not objective.reward_model.differentiable
     assert out.metrics["reward_real"] < 0  # −kB per frame
-    assert np.mean(losses[-5:]) < 0.1 * np.mean(losses[:5])
+    assert np.mean(losses[-5:]) < 0.05
+    r = objective.pixel_reward(batch.latents, batch.prompts)
+    np.testing.assert_allclose(float(lrm.reward_mean), float(r.mean()), rtol=1e-4)  # μ, σ² of a fixed batch
+    np.testing.assert_allclose(float(lrm.reward_var), float(r.var(unbiased=False)), rtol=1e-3)
+    with torch.no_grad():  # R^l answers in the reward's units
+        assert float((lrm(batch.latents, batch.cond) - r).pow(2).mean()) < 0.05 * float(r.var(unbiased=False))
 
 
 def test_lrm_finetune_gradient_reaches_the_student_only():
@@ -145,6 +152,49 @@ def test_lrm_finetune_gradient_reaches_the_student_only():
             assert a is None and b is None
         else:
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_lrm_reward_statistics_are_the_exponentially_weighted_mean_and_variance():
+    lrm = build_lrm(TINY_LRM, in_channels=4)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(6, generator=g, dtype=F64) * 0.05 - 0.3 + 0.02 * k for k in range(30)]
+    m = 0.9
+    for r in batches:
+        lrm.update_statistics(r, m)
+    # the weights of an EMA whose first value is the first batch: w_0 = m^(K−1), w_k = (1 − m)·m^(K−1−k)
+    k = len(batches)
+    w = torch.tensor([m ** (k - 1)] + [(1 - m) * m ** (k - 1 - i) for i in range(1, k)], dtype=F64)
+    values = torch.stack(batches)  # (K, 6)
+    mean = float((w[:, None] * values).sum() / 6)
+    var = float((w[:, None] * (values - mean) ** 2).sum() / 6)
+    np.testing.assert_allclose(float(lrm.reward_mean), mean, rtol=1e-5)
+    np.testing.assert_allclose(float(lrm.reward_var), var, rtol=1e-3)
+    assert int(lrm.reward_updates) == k
+
+
+def test_lrm_finetune_standardized_is_eq15_divided_by_sigma():
+    pipe, batch = tiny_setup(2)
+    student = copy.deepcopy(pipe.denoiser).requires_grad_(True)
+    torch.manual_seed(0)
+    lrm = build_lrm(TINY_LRM, batch.latents.shape[1])
+    lrm.update_statistics(torch.tensor([-0.30, -0.26, -0.37]), 0.99)
+    mu, sigma = float(lrm.reward_mean), float(lrm.reward_std)
+    roles = {"student": FakeRole("student", student), "lrm": FakeRole("lrm", lrm)}
+    params = [p for p in student.parameters() if p.requires_grad]
+    ctx = make_ctx(2)
+    out = {}
+    for standardized in (True, False):
+        objective = LRMFinetune(LRMFinetune.Config(student_times="dollar2", standardized=standardized), "ft")
+        result = objective(batch, roles, ctx)
+        loss = result.losses["ft"]
+        out[standardized] = (loss.detach(), torch.autograd.grad(loss.mean(), params, allow_unused=True),
+                             result.metrics["lrm_reward"])
+    (z_loss, z_grads, z_reward), (r_loss, r_grads, r_reward) = out[True], out[False]
+    torch.testing.assert_close(z_loss, (r_loss + mu) / sigma)  # −z = −(R^l − μ)/σ
+    np.testing.assert_allclose(z_reward, r_reward, rtol=1e-5)  # the metric is in reward units either way
+    for a, b in zip(z_grads, r_grads):
+        if a is not None:
+            torch.testing.assert_close(a, b / sigma, rtol=1e-4, atol=1e-7)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from fewstep.models.text_encoder import ToyTextEncoderConfig
 from fewstep.rewards import REWARDS, JpegCompressibility, SharpnessReward, ToyClip, ToyClipConfig, ToyClipReward, \
     build_reward, train_toy_clip
 from fewstep.rewards import base as reward_base
+from fewstep.rewards.jpeg import frame_grid, jpeg_kilobytes
 from fewstep.rewards.training_data import LabelledClips, caption_matches
 
 
@@ -54,6 +55,26 @@ def test_jpeg_flat_more_compressible_than_noise():
     assert float(scores[0]) > float(scores[1])
     with pytest.raises(UserError, match="quality"):
         JpegCompressibility(quality=0)
+
+
+def test_jpeg_grid_tiles_frames_and_pays_the_container_once():
+    video = np.arange(5 * 2 * 3 * 3, dtype=np.uint8).reshape(5, 2, 3, 3)
+    grid = frame_grid(video)  # 5 frames -> 3 columns x 2 rows, the sixth cell zero
+    assert grid.shape == (4, 9, 3)
+    np.testing.assert_array_equal(grid[2:, 3:6], video[4])
+    np.testing.assert_array_equal(grid[:2, 6:9], video[2])
+    assert not grid[2:, 6:].any()
+    # a clip's reward is its coded content: a uniform clip costs far less per frame than one file
+    # per frame would (one container for the whole clip), and adding a moving square costs more
+    flat = np.full((16, 32, 32, 3), 40, np.uint8)
+    shape = flat.copy()
+    for t in range(16):
+        shape[t, 8:20, t:t + 12] = (200, 30, 30)
+    reward = JpegCompressibility()
+    uniform_file = jpeg_kilobytes(flat[0], 95)
+    scores = reward(torch.from_numpy(np.stack([flat, shape])).float() / 127.5 - 1)
+    assert -float(scores[0]) < 0.15 * uniform_file
+    assert float(scores[1]) < float(scores[0])
 
 
 @pytest.mark.parametrize("make", [SharpnessReward, lambda: ToyClipReward(ToyClip(tiny_clip_config()))],

@@ -207,7 +207,7 @@ img {{ image-rendering: pixelated; display: block; }}
 <h2>Metrics</h2>
 <p>total = (4·quality + 1·semantic) / 5 (VBench grouping); fvd: Fréchet distance of toy feature-net
 embeddings to real eval clips (lower is better); vendi: effective number of distinct videos per prompt
-(DOLLAR Eq. 17); nfe: network evaluations per video; jpeg: −kB per frame.</p>
+(DOLLAR Eq. 17); nfe: network evaluations per video; jpeg: −kB per frame of the clip JPEG-encoded as one frame grid.</p>
 {table}
 {"".join(f"<h2>{html.escape(heading)}</h2>{body}" for heading, body in sections)}
 <h2>Samples</h2>

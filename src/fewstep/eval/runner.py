@@ -12,7 +12,7 @@
     nfe              network evaluations per video (a CFG step counts 2)
     seconds_per_video  wall clock of sampling + decoding / number of videos (after a warm-up)
     steps, cfg_scale, num_videos, num_per_prompt, seed
-    jpeg             mean JPEG compressibility reward (−kB per frame, rewards/jpeg.py)
+    jpeg             mean JPEG compressibility reward (−kB per frame, the clip as one frame grid, rewards/jpeg.py)
 
 Every video's initial noise is drawn from one generator seeded with ``seed`` in suite order, so
 results do not depend on the batch size (except for the noise a stochastic sampler injects

@@ -48,6 +48,17 @@ LRM is a replicated module of another role, whose forward with autograd enabled 
 update the DDP reducer does not expect; ``lrm_ema: true`` scores with the lrm role's EMA copy,
 which is not replicated.)
 
+**Standardised rewards** (deviation, on by default: ``standardize`` / ``standardized``). Eq. 14–15
+are written in the reward's own units, so β_FT's meaning depends on them: JPEG compressibility of
+toy clips is −0.30 ± 0.056 kB per frame, a CLIP-like score ±0.1, DOLLAR's HPS ±0.01. Here the LRM
+keeps running statistics ``μ, σ`` of the fitted rewards (:meth:`VideoLRM.update_statistics`,
+DDPO's reward normalisation with an EMA instead of per-batch statistics) and its network predicts
+``z = (R − μ)/σ``; ``lrm_fit`` minimises ``(z_φ(x) − (R(Dec(x)) − μ)/σ)²`` (Eq. 14 divided by σ²)
+and ``lrm_finetune`` maximises ``z_φ(G_θ(ε)) = (R^l_φ(G_θ(ε)) − μ)/σ`` (Eq. 15 divided by σ, a
+constant shift aside), so β_FT = 1 weighs one standard deviation of reward against the VSD and CD
+terms whatever the reward. The LRM itself still answers in reward units (``μ + σ·z``). With
+``standardize: false`` / ``standardized: false`` the objectives are Eq. 14–15 as written.
+
 **DDPO (kind ``ddpo``, role student)**, DOLLAR App. 7.4, DDPO_SF: the student samples with
 DDIM η > 0 on its step schedule followed by ``t = 0`` (η = 1 on a VP schedule is the DDPM
 posterior of Eq. 27), the reward of the decoded final sample weights the log-probabilities of
@@ -82,6 +93,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
 import torch
+import torch.distributed as dist
 from einops import rearrange
 from pydantic import Field, field_validator
 from torch import Tensor, nn
@@ -170,19 +182,64 @@ class VideoLRM(nn.Module):
 
     ``temporal="average"``: the mean over latent frames of ``frame_model`` (a 2-D LRM);
     ``temporal="conv3d"``: ``frame_model`` is a 3-D LRM (``dims=3``) applied to the whole video.
+
+    The network predicts the reward in standard units, ``z(x)``, and ``forward`` returns it in the
+    reward's own units, ``μ + σ·z(x)``, with ``μ, σ`` running statistics of the fitted rewards held
+    as buffers (``reward_mean``, ``reward_var``; updated by :meth:`update_statistics`, see the module
+    doc, "Standardised rewards"). Until the first update ``μ = 0, σ = 1``.
     """
 
     def __init__(self, frame_model: nn.Module, temporal: Literal["average", "conv3d"] = "average"):
         super().__init__()
         self.frame_model, self.temporal = frame_model, temporal
+        self.register_buffer("reward_mean", torch.zeros(()))
+        self.register_buffer("reward_var", torch.ones(()))
+        self.register_buffer("reward_updates", torch.zeros((), dtype=torch.long))
 
-    def forward(self, x: Tensor, cond: Conditioning | None = None) -> Tensor:
+    @property
+    def reward_std(self) -> Tensor:
+        return self.reward_var.clamp_min(1e-12).sqrt()
+
+    def standardized(self, x: Tensor, cond: Conditioning | None = None) -> Tensor:
+        """``z(x) = (R^l(x) − μ)/σ``, (B,)."""
         if self.temporal == "conv3d":
             return self.frame_model(x, cond)
         frames = x.shape[2]
         flat = rearrange(x, "b c t h w -> (b t) c h w")  # (B·T, C, H, W)
         per_frame = self.frame_model(flat, None if cond is None else cond.repeat(frames))  # (B·T,)
         return rearrange(per_frame, "(b t) -> b t", t=frames).mean(1)  # (B,)
+
+    def forward(self, x: Tensor, cond: Conditioning | None = None) -> Tensor:
+        z = self.standardized(x, cond)
+        return self.reward_mean.to(z.dtype) + self.reward_std.to(z.dtype) * z  # (B,) R^l(x)
+
+    @torch.no_grad()
+    def update_statistics(self, rewards: Tensor, momentum: float) -> None:
+        """Fold a batch of target rewards (N,) into ``μ, σ²``: set on the first call, then an EMA.
+
+        ``δ = mean(r) − μ;  μ ← μ + (1 − m)·δ;  σ² ← m·(σ² + (1 − m)·δ²) + (1 − m)·var(r)`` — the
+        exponentially weighted mean and variance (West 1979), in a form free of the cancellation of
+        ``E[r²] − E[r]²`` for rewards far from zero (JPEG: −0.3 ± 0.05 kB).
+        """
+        r = rewards.detach().double().flatten()
+        sums = torch.stack([torch.tensor(float(r.numel()), dtype=torch.float64), r.sum().cpu(), r.pow(2).sum().cpu()])
+        if dist.is_available() and dist.is_initialized():  # every rank folds in the same global batch
+            sums = sums.to(self.reward_mean.device)
+            dist.all_reduce(sums)
+            sums = sums.cpu()
+        n, total, squares = (float(v) for v in sums)
+        mean = total / n
+        batch_mean = torch.tensor(mean, device=self.reward_mean.device)
+        batch_var = torch.tensor(max(squares / n - mean**2, 0.0), device=self.reward_mean.device)
+        if int(self.reward_updates) == 0:
+            self.reward_mean.copy_(batch_mean)
+            self.reward_var.copy_(batch_var if batch_var > 0 else torch.ones(()))
+        else:
+            delta = batch_mean - self.reward_mean
+            self.reward_mean.add_((1 - momentum) * delta)
+            self.reward_var.copy_(momentum * (self.reward_var + (1 - momentum) * delta**2)
+                                  + (1 - momentum) * batch_var)
+        self.reward_updates.add_(1)
 
 
 class LatentRewardModelConfig(StrictModel):
@@ -281,6 +338,8 @@ class LRMFitConfig(PixelRewardConfig):
     timesteps: TimestepsConfig = Field(default_factory=_one_step_times, description="t of the one-step x̂0")
     cfg_scale: float | None = Field(None, description="CFG w of the generator's x̂0 (DOLLAR App. 7.4 uses v^w); "
                                                       "null = none")
+    standardize: bool = Field(True, description="regress the standardised reward (r − μ)/σ, running μ, σ")
+    stats_momentum: float = Field(0.99, ge=0, lt=1, description="EMA momentum of the running μ, σ² (per step)")
 
     def reads(self) -> set[str]:
         return {self.generator} if self.generated else set()
@@ -320,15 +379,24 @@ class LRMFit(PixelRewardObjective):
             sets["real"] = batch.latents
         if self.config.generated:
             sets["generated"] = self.one_step_x0(batch, roles, ctx)
+        rewards = {key: self.pixel_reward(x.detach(), batch.prompts) for key, x in sets.items()}  # (B,) R(Dec(x))
+        if self.config.standardize:
+            lrm.update_statistics(torch.cat(list(rewards.values())), self.config.stats_momentum)
+        mean, std = lrm.reward_mean.float(), lrm.reward_std.float()
         errors, metrics = [], {}
         for key, x in sets.items():
-            x = x.detach()
-            r = self.pixel_reward(x, batch.prompts)  # (B,) R(Dec(x)), no grad
-            r_hat = lrm(x, batch.cond)  # (B,) R^l_φ(x)
-            errors.append((r_hat.float() - r.float()).pow(2))  # (B,)
-            metrics[f"mse_{key}"] = float(errors[-1].detach().mean())
+            r = rewards[key].float()
+            if self.config.standardize:  # (z(x) − (r − μ)/σ)², the squared error in units of σ
+                z = lrm.standardized(x.detach(), batch.cond).float()  # (B,)
+                errors.append((z - (r - mean) / std).pow(2))  # (B,)
+                r_hat = mean + std * z.detach()
+            else:
+                r_hat = lrm(x.detach(), batch.cond).float()  # (B,) R^l_φ(x)
+                errors.append((r_hat - r).pow(2))  # (B,)
+            metrics[f"mse_{key}"] = float((r_hat.detach() - r).pow(2).mean())  # in the reward's units
             metrics[f"reward_{key}"] = float(r.mean())
             metrics[f"lrm_{key}"] = float(r_hat.detach().mean())
+        metrics["reward_std"] = float(std)
         # Eq. 14's mean over the merged batch X ∪ X' (Alg. 1 l. 16), kept per sample: (B,)
         return self.output({"mse": torch.stack(errors).mean(0)}, metrics)
 
@@ -338,16 +406,20 @@ class LRMFinetuneConfig(ObjectiveConfig):
     student_times: StepSchedule = Field("dollar4", description="the student's step schedule (as in the vsd objective)")
     backprop: Backprop = Field("all", description="'all': through every generator step; 'last': last call only")
     lrm_ema: bool = Field(False, description="score with the lrm role's EMA copy (if any) instead of the live LRM")
+    standardized: bool = Field(True, description="maximise the standardised reward (R^l − μ)/σ, so that the "
+                                                 "weight β_FT is in units of the reward's spread")
 
     def reads(self) -> set[str]:
         return {"lrm"}
 
 
-def frozen_reward_gradient(lrm: nn.Module, x: Tensor, cond: Conditioning) -> tuple[Tensor, Tensor]:
-    """``(R^l(x), ∂R^l/∂x)``: (B,) and (B, C, T, H, W), differentiating w.r.t. ``x`` only (LRM params untouched)."""
+def frozen_reward_gradient(score: Callable[[Tensor, Conditioning], Tensor], x: Tensor,
+                           cond: Conditioning) -> tuple[Tensor, Tensor]:
+    """``(s(x), ∂s/∂x)``: (B,) and (B, C, T, H, W) for a frozen scorer ``s`` (an LRM or its ``standardized``),
+    differentiating w.r.t. ``x`` only (the scorer's parameters are untouched)."""
     with torch.enable_grad():
         x_in = x.detach().requires_grad_(True)
-        r = lrm(x_in, cond)  # (B,)
+        r = score(x_in, cond)  # (B,)
         (g,) = torch.autograd.grad(r.sum(), x_in)
     return r.detach(), g
 
@@ -364,11 +436,13 @@ class LRMFinetune(Objective):
         lrm = roles["lrm"].ema_module if self.config.lrm_ema else roles["lrm"].module
         times = step_times(self.config.student_times, student.schedule)
         x_hat = student_sample(student, batch, ctx, times, role=self.role, backprop=self.config.backprop).x0
-        r, g = frozen_reward_gradient(lrm, x_hat, batch.cond)  # (B,), (B, C, T, H, W)
+        score = lrm.standardized if self.config.standardized else lrm
+        r, g = frozen_reward_gradient(score, x_hat, batch.cond)  # (B,), (B, C, T, H, W)
         dtype = torch.promote_types(x_hat.dtype, torch.float32)
         inner = (x_hat.to(dtype) * g.to(dtype)).flatten(1).sum(1)  # (B,) Σ g·x̂
-        loss = -r.to(dtype) - inner + inner.detach()  # value −R^l(x̂), gradient −g·∂x̂/∂θ
-        return self.output({"ft": loss}, {"lrm_reward": float(r.mean())})
+        loss = -r.to(dtype) - inner + inner.detach()  # value −R^l(x̂) (or −z), gradient −g·∂x̂/∂θ
+        reward = lrm.reward_mean + lrm.reward_std * r if self.config.standardized else r
+        return self.output({"ft": loss}, {"lrm_reward": float(reward.float().mean())})
 
 
 # =============================================================================================
