@@ -96,6 +96,23 @@ def test_lrm_fit_regresses_a_known_reward():
     assert float((r_hat - r).pow(2).mean()) < 0.05 * float(r.var())
 
 
+def test_lrm_fit_on_student_samples_scores_the_latents_the_finetune_differentiates():
+    sched = VPDiscrete()
+    student = gaussian_student(sched, dtype=F64)
+    lrm = build_lrm(TINY_LRM, in_channels=4).double()
+    roles = {"lrm": FakeRole("lrm", lrm), "student": FakeRole("student", student)}
+    objective = LRMFit(LRMFit.Config(reward="sharpness", real=False, generated_from="sample",
+                                     student_times="dollar2"), "lrm")
+    objective.decoder, objective.reward_model = as_frames, ChannelMean()
+    batch = make_batch(torch.zeros(3, 4, 2, 4, 4, dtype=F64))
+    out = objective(batch, roles, make_ctx(3, role="lrm", step=7))
+    # G(ε) with the noise the student's own objectives draw at step 7
+    x = student_sample(student, batch, make_ctx(3, role="student", step=7), step_times("dollar2", sched)).x0
+    np.testing.assert_allclose(out.metrics["reward_generated"], float(ChannelMean()(as_frames(x)).mean()), rtol=1e-6)
+    with torch.no_grad():
+        np.testing.assert_allclose(out.metrics["lrm_generated"], float(lrm(x).mean()), rtol=1e-6)
+
+
 def test_lrm_fit_works_with_the_non_differentiable_jpeg_reward(tmp_path):
     pipe, batch = tiny_setup(4)
     pipe.save(tmp_path / "model")

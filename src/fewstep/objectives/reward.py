@@ -29,7 +29,11 @@ declares an ``lrm`` role builds its module with it.
 
 on the data latents ``X`` (``batch.latents``) and generated latents ``X'``: the generator's one-step
 prediction ``x̂0`` (DOLLAR Eq. 8 — §3.4: "we apply Eq. (8) for single-step prediction of generated
-samples") at a time ``t ~ U[0.02, 0.98]`` from the noisy data latents, detached. ``R`` is a pixel
+samples") at a time ``t ~ U[0.02, 0.98]`` from the noisy data latents, detached. Option
+(``generated_from: sample``): ``X'`` is the generator's few-step sample ``G_θ(ε)`` with the ε its
+own objectives draw in the same step — the very latents whose reward gradient ``lrm_finetune``
+takes — at the cost of one more gradient-free few-step generation; a one-step ``x̂0`` from noised
+data is a blurrier, differently distributed stand-in for them. ``R`` is a pixel
 reward named by ``reward`` (:func:`fewstep.rewards.build_reward`) and evaluated under
 ``torch.no_grad`` — it is never differentiated, so a non-differentiable reward such as JPEG
 compressibility works. The loss term ``mse`` is, per sample, the mean of its squared errors on
@@ -334,6 +338,10 @@ class LRMFitConfig(PixelRewardConfig):
     role: RoleName = Field("lrm", description="the latent reward model being fitted")
     real: bool = Field(True, description="fit on the data latents X")
     generated: bool = Field(True, description="fit on generated latents X' (one-step x̂0, DOLLAR Eq. 8)")
+    generated_from: Literal["one_step", "sample"] = Field(
+        "one_step", description="X' as the generator's one-step x̂0 from noised data (DOLLAR Eq. 8) or its "
+                                "few-step samples G(ε) on student_times, the latents lrm_finetune scores")
+    student_times: StepSchedule = Field("dollar4", description="the generator's step schedule (generated_from: sample)")
     generator: RoleName = Field("student", description="the role whose one-step x̂0 gives X'")
     timesteps: TimestepsConfig = Field(default_factory=_one_step_times, description="t of the one-step x̂0")
     cfg_scale: float | None = Field(None, description="CFG w of the generator's x̂0 (DOLLAR App. 7.4 uses v^w); "
@@ -377,7 +385,12 @@ class LRMFit(PixelRewardObjective):
         sets = {}
         if self.config.real:
             sets["real"] = batch.latents
-        if self.config.generated:
+        if self.config.generated and self.config.generated_from == "sample":
+            generator = roles[self.config.generator].module
+            times = step_times(self.config.student_times, generator.schedule)
+            with torch.no_grad():  # the same ε as the generator's own objectives draw this step
+                sets["generated"] = student_sample(generator, batch, ctx, times, role=self.config.generator).x0
+        elif self.config.generated:
             sets["generated"] = self.one_step_x0(batch, roles, ctx)
         rewards = {key: self.pixel_reward(x.detach(), batch.prompts) for key, x in sets.items()}  # (B,) R(Dec(x))
         if self.config.standardize:
