@@ -187,7 +187,7 @@ def bench(
     teacher: str = typer.Option("toy-teacher", help="Teacher: a shipped name or a model directory."),
     steps: list[int] = typer.Option([4, 2, 1], "--steps", help="Student step counts to time (repeatable)."),
     teacher_steps: int = typer.Option(50, help="Teacher sampler steps (with its own CFG)."),
-    num: int = typer.Option(8, help="Videos per timed generation."),
+    num: int = typer.Option(32, help="Videos per timed generation (one batch; 32 = fewstep eval/generate's batch)."),
     repeats: int = typer.Option(3, help="Interleaved repetitions; medians are reported."),
     reward: str = typer.Option("toy-clip", help="Differentiable pixel reward of the memory comparison."),
     memory_batch: int = typer.Option(8, help="Batch size of the memory comparison."),

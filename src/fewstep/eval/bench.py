@@ -11,6 +11,11 @@ interleaved ``repeats`` times (so background load affects all alike); the median
 ``speedup = teacher seconds / student seconds`` and ``nfe_ratio = teacher NFE / student NFE``
 (CFG counts two evaluations per step, so 50 CFG steps against 4 steps is 25×).
 
+The batch (``num_videos``, default 32 — the batch ``fewstep eval`` and ``generate`` sample in) sets
+how close the wall-clock ratio comes to the NFE ratio: the teacher's CFG step is one forward of
+the doubled batch, which on a CPU costs 1.9× a single-batch forward at 8 videos (2 cores; the
+4-step speed-up is then 22–23×) but 2.2× at 32 (28×).
+
 **Memory** (DOLLAR §3.3: the latent reward model keeps the decoder out of the graph). The
 student's reward fine-tuning, ``x̂ = G_θ(ε)`` on the student's grid then ``−R(x̂).mean()`` and
 backward, with the reward computed two ways:
@@ -60,7 +65,7 @@ def _time_model(pipe, prompts, steps, cfg_scale, noise) -> tuple[float, float, i
     return sampled - start, done - start, result.nfe
 
 
-def bench_speed(student, teacher, *, student_steps=(4, 2, 1), teacher_steps: int = 50, num_videos: int = 8,
+def bench_speed(student, teacher, *, student_steps=(4, 2, 1), teacher_steps: int = 50, num_videos: int = 32,
                 repeats: int = 3, seed: int = 0) -> dict:
     """Seconds per video and NFE of the teacher and of the student at each step count (module doc)."""
     prompts = [EVAL_PROMPTS[i % len(EVAL_PROMPTS)] for i in range(num_videos)]
