@@ -47,6 +47,8 @@ DOLLAR: dict[str, list[str]] = {
     "vsd_cd_lrm_jpeg_ft2_last": ["ablation=vsd_cd_lrm", "reward=jpeg", "stages.dollar.objectives.ft.weight=2",
                                  "stages.dollar.objectives.ft.backprop=last"],
     "vsd_cd_lrm_jpeg_ft1": ["ablation=vsd_cd_lrm", "reward=jpeg", "stages.dollar.objectives.ft.weight=1"],
+    "vsd_seed1": ["ablation=vsd", "train.seed=1"],
+    "vsd_cd_seed1": ["ablation=vsd_cd", "train.seed=1"],
     "vsd_lrm_jpeg": ["ablation=vsd_lrm", "reward=jpeg"],
     "vsd_ddpo_jpeg": ["ablation=vsd_ddpo", "reward=jpeg"],
     "vsd_cd_m1": ["ablation=vsd_cd", "m=1"],
