@@ -14,7 +14,7 @@ interleaved ``repeats`` times (so background load affects all alike); the median
 The batch (``num_videos``, default 32 — the batch ``fewstep eval`` and ``generate`` sample in) sets
 how close the wall-clock ratio comes to the NFE ratio: the teacher's CFG step is one forward of
 the doubled batch, which on a CPU costs 1.9× a single-batch forward at 8 videos (2 cores; the
-4-step speed-up is then 22–23×) but 2.2× at 32 (28×).
+4-step speed-up is then 22–23×) but 2.2× at 32 (25–28×).
 
 **Memory** (DOLLAR §3.3: the latent reward model keeps the decoder out of the graph). The
 student's reward fine-tuning, ``x̂ = G_θ(ε)`` on the student's grid then ``−R(x̂).mean()`` and

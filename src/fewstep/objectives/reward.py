@@ -213,33 +213,34 @@ class VideoLRM(nn.Module):
         per_frame = self.frame_model(flat, None if cond is None else cond.repeat(frames))  # (B·T,)
         return rearrange(per_frame, "(b t) -> b t", t=frames).mean(1)  # (B,)
 
+    def to_reward(self, z: Tensor) -> Tensor:
+        """Standard units → the reward's own: ``μ + σ·z``."""
+        return self.reward_mean.to(z.dtype) + self.reward_std.to(z.dtype) * z
+
     def forward(self, x: Tensor, cond: Conditioning | None = None) -> Tensor:
-        z = self.standardized(x, cond)
-        return self.reward_mean.to(z.dtype) + self.reward_std.to(z.dtype) * z  # (B,) R^l(x)
+        return self.to_reward(self.standardized(x, cond))  # (B,) R^l(x)
 
     @torch.no_grad()
     def update_statistics(self, rewards: Tensor, momentum: float) -> None:
         """Fold a batch of target rewards (N,) into ``μ, σ²``: set on the first call, then an EMA.
 
         ``δ = mean(r) − μ;  μ ← μ + (1 − m)·δ;  σ² ← m·(σ² + (1 − m)·δ²) + (1 − m)·var(r)`` — the
-        exponentially weighted mean and variance (West 1979), in a form free of the cancellation of
-        ``E[r²] − E[r]²`` for rewards far from zero (JPEG: −0.3 ± 0.05 kB).
+        exponentially weighted mean and variance (West 1979). The batch moments are sums of
+        ``r − μ`` (in float64), which keeps ``var(r) = E[(r − μ)²] − δ²`` free of cancellation for
+        rewards far from zero (JPEG: −0.3 ± 0.05 kB).
         """
-        r = rewards.detach().double().flatten()
-        sums = torch.stack([torch.tensor(float(r.numel()), dtype=torch.float64), r.sum().cpu(), r.pow(2).sum().cpu()])
+        d = rewards.detach().double().flatten() - self.reward_mean.double()  # (N,) r − μ
+        sums = torch.stack([torch.tensor(float(d.numel()), dtype=torch.float64, device=d.device), d.sum(),
+                            d.pow(2).sum()])
         if dist.is_available() and dist.is_initialized():  # every rank folds in the same global batch
-            sums = sums.to(self.reward_mean.device)
             dist.all_reduce(sums)
-            sums = sums.cpu()
         n, total, squares = (float(v) for v in sums)
-        mean = total / n
-        batch_mean = torch.tensor(mean, device=self.reward_mean.device)
-        batch_var = torch.tensor(max(squares / n - mean**2, 0.0), device=self.reward_mean.device)
+        delta = total / n  # mean(r) − μ
+        batch_var = max(squares / n - delta**2, 0.0)
         if int(self.reward_updates) == 0:
-            self.reward_mean.copy_(batch_mean)
-            self.reward_var.copy_(batch_var if batch_var > 0 else torch.ones(()))
+            self.reward_mean.add_(delta)
+            self.reward_var.fill_(batch_var if batch_var > 0 else 1.0)
         else:
-            delta = batch_mean - self.reward_mean
             self.reward_mean.add_((1 - momentum) * delta)
             self.reward_var.copy_(momentum * (self.reward_var + (1 - momentum) * delta**2)
                                   + (1 - momentum) * batch_var)
@@ -402,14 +403,15 @@ class LRMFit(PixelRewardObjective):
             if self.config.standardize:  # (z(x) − (r − μ)/σ)², the squared error in units of σ
                 z = lrm.standardized(x.detach(), batch.cond).float()  # (B,)
                 errors.append((z - (r - mean) / std).pow(2))  # (B,)
-                r_hat = mean + std * z.detach()
+                r_hat = lrm.to_reward(z.detach())
             else:
                 r_hat = lrm(x.detach(), batch.cond).float()  # (B,) R^l_φ(x)
                 errors.append((r_hat - r).pow(2))  # (B,)
             metrics[f"mse_{key}"] = float((r_hat.detach() - r).pow(2).mean())  # in the reward's units
             metrics[f"reward_{key}"] = float(r.mean())
             metrics[f"lrm_{key}"] = float(r_hat.detach().mean())
-        metrics["reward_std"] = float(std)
+        if self.config.standardize:
+            metrics["reward_std"] = float(std)
         # Eq. 14's mean over the merged batch X ∪ X' (Alg. 1 l. 16), kept per sample: (B,)
         return self.output({"mse": torch.stack(errors).mean(0)}, metrics)
 
@@ -454,7 +456,7 @@ class LRMFinetune(Objective):
         dtype = torch.promote_types(x_hat.dtype, torch.float32)
         inner = (x_hat.to(dtype) * g.to(dtype)).flatten(1).sum(1)  # (B,) Σ g·x̂
         loss = -r.to(dtype) - inner + inner.detach()  # value −R^l(x̂) (or −z), gradient −g·∂x̂/∂θ
-        reward = lrm.reward_mean + lrm.reward_std * r if self.config.standardized else r
+        reward = lrm.to_reward(r) if self.config.standardized else r
         return self.output({"ft": loss}, {"lrm_reward": float(reward.float().mean())})
 
 
