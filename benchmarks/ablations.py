@@ -1,6 +1,7 @@
 """Ablation tables of the recipes on the embedded default.
 
     python benchmarks/ablations.py --recipe dollar --out runs/ablations/dollar [--steps 600] [--variants vsd,vsd_cd]
+    python benchmarks/ablations.py --recipe dollar --out runs/ablations/dollar --variants vsd,vsd_cd --seeds 0,1,2,3 --jobs 8
     python benchmarks/ablations.py --recipe accvideo --out runs/ablations/accvideo [--synth 512]
 
 Each variant is one ``fewstep distill`` run from the same teacher, seed and budget (for DOLLAR the
@@ -22,7 +23,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 from fewstep.demo import DEMO_SETTINGS
@@ -36,6 +41,7 @@ DOLLAR: dict[str, list[str]] = {
     "vsd_cd": ["ablation=vsd_cd"],
     "vsd_cd_lrm_jpeg": ["ablation=vsd_cd_lrm", "reward=jpeg"],
     "vsd_cd_lrm_jpeg_ft0.1": ["ablation=vsd_cd_lrm", "reward=jpeg", "stages.dollar.objectives.ft.weight=0.1"],
+    "vsd_cd_lrm_jpeg_ft0.25": ["ablation=vsd_cd_lrm", "reward=jpeg", "stages.dollar.objectives.ft.weight=0.25"],
     "vsd_cd_lrm_jpeg_ft0.3": ["ablation=vsd_cd_lrm", "reward=jpeg", "stages.dollar.objectives.ft.weight=0.3"],
     "vsd_cd_lrm_jpeg_ft0.2": ["ablation=vsd_cd_lrm", "reward=jpeg", "stages.dollar.objectives.ft.weight=0.2"],
     "vsd_cd_lrm_jpeg_ft0.2_ema": ["ablation=vsd_cd_lrm", "reward=jpeg", "stages.dollar.objectives.ft.weight=0.2",
@@ -47,8 +53,11 @@ DOLLAR: dict[str, list[str]] = {
     "vsd_cd_lrm_jpeg_ft2_last": ["ablation=vsd_cd_lrm", "reward=jpeg", "stages.dollar.objectives.ft.weight=2",
                                  "stages.dollar.objectives.ft.backprop=last"],
     "vsd_cd_lrm_jpeg_ft1": ["ablation=vsd_cd_lrm", "reward=jpeg", "stages.dollar.objectives.ft.weight=1"],
-    "vsd_seed1": ["ablation=vsd", "train.seed=1"],
-    "vsd_cd_seed1": ["ablation=vsd_cd", "train.seed=1"],
+    # guidance: VSD's real score at CFG 4 (a mode-seeking regime: does CD restore diversity there?);
+    # CD's teacher at CFG 4 with VSD's at 2 (DOLLAR §4.1 guides CD harder: w 7.5 vs 3.5)
+    "vsd_realcfg4": ["ablation=vsd", "stages.dollar.objectives.vsd.real_cfg_scale=4"],
+    "vsd_cd_realcfg4": ["ablation=vsd_cd", "stages.dollar.objectives.vsd.real_cfg_scale=4"],
+    "vsd_cd_cdcfg4": ["ablation=vsd_cd", "stages.dollar.objectives.cd.cfg_scale=4"],
     "vsd_lrm_jpeg": ["ablation=vsd_lrm", "reward=jpeg"],
     "vsd_ddpo_jpeg": ["ablation=vsd_ddpo", "reward=jpeg"],
     "vsd_cd_m1": ["ablation=vsd_cd", "m=1"],
@@ -67,10 +76,46 @@ COLUMNS = ("steps", "nfe", "total", "quality", "semantic", "sharpness", "fvd", "
            "jpeg")
 
 
+def _values(metrics: dict) -> dict:
+    return {**metrics, "sharpness": metrics["dimensions"].get("sharpness")}
+
+
 def row(name: str, metrics: dict, seconds: float | None) -> str:
-    values = {**metrics, "sharpness": metrics["dimensions"].get("sharpness")}
+    values = _values(metrics)
     cells = [f"{values[c]:.4g}" if isinstance(values[c], float) else str(values[c]) for c in COLUMNS]
     return f"| {name} | " + " | ".join(cells) + f" | {'' if seconds is None else f'{seconds / 60:.1f}'} |"
+
+
+def mean_row(name: str, runs: list[dict]) -> str:
+    """``mean ± sample sd`` of each float column over the runs of one variant (one per seed)."""
+    cells = []
+    for column in COLUMNS:
+        values = [_values(m)[column] for m in runs]
+        if not isinstance(values[0], float):
+            cells.append(str(values[0]))
+            continue
+        mean = sum(values) / len(values)
+        sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+        cells.append(f"{mean:.4g} ± {sd:.2g}")
+    return f"| {name}: mean ± sd over {len(runs)} seeds | " + " | ".join(cells) + " | |"
+
+
+def run_name(variant: str, seed: int) -> str:
+    return variant if seed == 0 else f"{variant}_s{seed}"
+
+
+def train_and_eval(recipe: str, overrides: list[str], run_dir: Path, num: int, threads: int | None) -> None:
+    """One variant: ``fewstep distill`` into ``run_dir``, then ``fewstep eval`` into ``run_dir/eval``."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    start = time.monotonic()
+    distill(recipe, None, overrides, run_dir, overwrite=True)
+    seconds = time.monotonic() - start
+    eval_dir = run_dir / "eval"
+    evaluate_to_dir(str(run_dir / "student"), eval_dir, num=num)
+    (eval_dir / "train_seconds.json").write_text(json.dumps({"seconds": seconds}))
 
 
 def main() -> None:
@@ -82,7 +127,10 @@ def main() -> None:
     parser.add_argument("--variants", default=None, help="comma-separated (default: the headline ones)")
     parser.add_argument("--num", type=int, default=4, help="videos per eval prompt")
     parser.add_argument("--synth", type=int, default=512, help="accvideo: trajectories to synthesize")
+    parser.add_argument("--seeds", default="0", help="comma-separated training seeds (train.seed) per variant")
+    parser.add_argument("--jobs", type=int, default=1, help="variants trained at once (separate processes)")
     args = parser.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
 
     variants, default = RECIPES[args.recipe]
     base = [f"model={args.model}", *DEMO_SETTINGS] + ([f"train.steps={args.steps}"] if args.steps else [])
@@ -100,19 +148,35 @@ def main() -> None:
             evaluate_to_dir(args.model, target, steps=steps, num=args.num)
         lines.append(row(label, json.loads(metrics_path.read_text()), None))
         print(lines[-1], flush=True)
-    for name in (args.variants or default).split(","):
-        run_dir, eval_dir = args.out / name, args.out / name / "eval"
-        seconds = None
-        if not (eval_dir / "metrics.json").is_file():
-            start = time.monotonic()
-            distill(args.recipe, None, [*base, *variants[name]], run_dir, overwrite=True)
-            seconds = time.monotonic() - start
-            evaluate_to_dir(str(run_dir / "student"), eval_dir, num=args.num)
-            (eval_dir / "train_seconds.json").write_text(json.dumps({"seconds": seconds}))
-        elif (eval_dir / "train_seconds.json").is_file():
-            seconds = json.loads((eval_dir / "train_seconds.json").read_text())["seconds"]
-        lines.append(row(name, json.loads((eval_dir / "metrics.json").read_text()), seconds))
-        print(lines[-1], flush=True)
+    names = (args.variants or default).split(",")
+    unknown = [n for n in names if n not in variants]
+    if unknown:
+        parser.error(f"unknown variant {unknown[0]!r}; known: {', '.join(variants)}")
+    todo = [(name, seed) for name in names for seed in seeds
+            if not (args.out / run_name(name, seed) / "eval" / "metrics.json").is_file()]
+    jobs = max(1, min(args.jobs, len(todo)))
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+    work = [(args.recipe, [*base, *variants[name], f"train.seed={seed}"], args.out / run_name(name, seed), args.num,
+             threads) for name, seed in todo]
+    if jobs == 1:
+        for item in work:
+            train_and_eval(*item)
+    else:
+        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+            for future in [pool.submit(train_and_eval, *item) for item in work]:
+                future.result()
+    for name in names:
+        runs = []
+        for seed in seeds:
+            eval_dir = args.out / run_name(name, seed) / "eval"
+            seconds_path = eval_dir / "train_seconds.json"
+            seconds = json.loads(seconds_path.read_text())["seconds"] if seconds_path.is_file() else None
+            runs.append(json.loads((eval_dir / "metrics.json").read_text()))
+            lines.append(row(run_name(name, seed), runs[-1], seconds))
+            print(lines[-1], flush=True)
+        if len(runs) > 1:
+            lines.append(mean_row(name, runs))
+            print(lines[-1], flush=True)
     table = "\n".join(lines) + "\n"
     (args.out / "table.md").write_text(table)
     print(table)

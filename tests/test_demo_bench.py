@@ -83,6 +83,11 @@ def test_bench_cli_rejects_a_non_differentiable_reward(teacher_dir, capsys):
     assert rc == 2 and err.count("\n") == 1 and "jpeg" in err
 
 
+def test_bench_cli_rejects_an_unknown_device(teacher_dir, capsys):
+    rc, _, err = cli(capsys, "bench", "--student", teacher_dir, "--teacher", teacher_dir, "--device", "tpu")
+    assert rc == 2 and err.count("\n") == 1 and "--device" in err
+
+
 def test_bench_cli_writes_json(teacher_dir, tmp_path, capsys):
     rc, out, err = cli(capsys, "bench", "--student", teacher_dir, "--teacher", teacher_dir, "--steps", "2",
                        "--teacher-steps", "4", "--num", "1", "--repeats", "1", "--reward", "sharpness",

@@ -164,6 +164,25 @@ def test_consistency_sampler_renoises_with_fresh_noise():
     torch.testing.assert_close(res.x, res.x0_predictions[-1])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("sampler", ["consistency", "ddim"])
+def test_cpu_generator_samples_on_cuda_like_on_cpu(sampler):
+    # the pipelines seed CPU generators; a sampler on CUDA draws its fresh noise from them
+    sched = FlowMatching()
+    times = torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64)
+    x = torch.randn(SHAPE, dtype=torch.float64)
+    results = []
+    for device in ("cpu", "cuda"):
+        den = Denoiser(GaussianPosterior(sched), sched, "x0").to(device)
+        gen = torch.Generator().manual_seed(3)
+        if sampler == "consistency":
+            res = sample_consistency(den, x.to(device), times, _cond(2).to(device), generator=gen)
+        else:
+            res = sample_ddim(den, x.to(device), times, _cond(2).to(device), eta=0.5, generator=gen)
+        results.append(res.x.cpu())
+    torch.testing.assert_close(results[0], results[1])
+
+
 def test_trajectory_and_time_validation():
     sched = FlowMatching()
     den = Denoiser(GaussianPosterior(sched), sched, "x0")

@@ -193,6 +193,7 @@ def bench(
     memory_batch: int = typer.Option(8, help="Batch size of the memory comparison."),
     backprop: str = typer.Option("last", help="Student graph in the whole-step memory comparison: all | last."),
     out: Path = typer.Option(None, help="Also write the results to this JSON file."),
+    device: str = typer.Option("cpu", help="cpu | cuda | auto (cuda when available)."),
 ):
     """Student vs teacher wall clock and NFE; peak memory of an LRM step vs a pixel-reward step."""
     import json
@@ -205,7 +206,13 @@ def bench(
 
     if any(n < 1 for n in steps) or teacher_steps < 1 or num < 1 or repeats < 1 or memory_batch < 1:
         raise UserError("--steps, --teacher-steps, --num, --repeats and --memory-batch must be >= 1")
-    student_pipe, teacher_pipe = VideoPipeline.load(student), VideoPipeline.load(teacher)
+    if device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device must be auto, cpu or cuda; got {device!r}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available")
+    student_pipe, teacher_pipe = VideoPipeline.load(student, device), VideoPipeline.load(teacher, device)
     flush = torch.set_flush_denormal(True)  # as in training: denormal floats slow CPU kernels several-fold
     speed = bench_speed(student_pipe, teacher_pipe, student_steps=tuple(steps), teacher_steps=teacher_steps,
                         num_videos=num, repeats=repeats)
@@ -213,7 +220,7 @@ def bench(
         raise UserError(f"--backprop must be 'all' or 'last', got {backprop!r}")
     memory = bench_reward_memory(student_pipe, reward=reward, batch_size=memory_batch, steps=max(steps),
                                  backprop=backprop)
-    result = {"speed": speed, "memory": memory, "flush_denormal": bool(flush)}
+    result = {"speed": speed, "memory": memory, "flush_denormal": bool(flush), "device": device}
     t = speed["teacher"]
     typer.echo(f"teacher {t['steps']} steps (CFG {t['cfg_scale']}): NFE {t['nfe']}, "
                f"{t['seconds_per_video']['sampling'] * 1e3:.1f} ms/video sampling, "

@@ -119,8 +119,7 @@ def sample_ddim(denoiser, x: Tensor, times, cond, *, eta: float = 0.0, cfg_scale
             # 1. deterministic part: α_s·x̂0 + √(σ_s² − c²)·ε̂
             mean = alpha_s * pred.x0 + (sigma_s**2 - std**2).clamp(min=0).sqrt() * pred.eps
             # 2. fresh noise of scale c
-            z = noises[i] if noises is not None else torch.randn(x.shape, generator=generator,
-                                                                 dtype=x.dtype, device=x.device)
+            z = noises[i] if noises is not None else _fresh_noise(x, generator)
             x = mean + std * z
             if bool((std > 0).all()):
                 result.log_probs.append(gaussian_log_prob(x.detach(), mean, std))
@@ -130,6 +129,16 @@ def sample_ddim(denoiser, x: Tensor, times, cond, *, eta: float = 0.0, cfg_scale
             result.trajectory.append(x)
     result.x, result.nfe = x, denoiser.nfe - nfe0
     return result
+
+
+def _fresh_noise(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """``N(0, I)`` shaped like ``x``, drawn on the generator's device and moved to ``x``'s.
+
+    The pipelines seed CPU generators (the same numbers whichever device samples); a CPU generator
+    cannot draw on CUDA directly.
+    """
+    device = x.device if generator is None else generator.device
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=device).to(x.device)
 
 
 def sample_consistency(denoiser, x: Tensor, times, cond, *, cfg_scale: float | None = None, uncond=None,
@@ -146,7 +155,7 @@ def sample_consistency(denoiser, x: Tensor, times, cond, *, cfg_scale: float | N
     for i in range(len(times) - 1):
         pred = denoiser.predict(x, times[i], cond, cfg_scale=cfg_scale, uncond=uncond)
         alpha_s, sigma_s = _coef(denoiser, times[i + 1], x)
-        z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        z = _fresh_noise(x, generator)
         x = alpha_s * pred.x0 + sigma_s * z
         result.x0_predictions.append(pred.x0)
         if return_trajectory:

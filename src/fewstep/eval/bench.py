@@ -56,12 +56,21 @@ class Timing:
     nfe: int
 
 
+def _clock(device: torch.device) -> float:
+    """``perf_counter`` after the device's queued work has finished (CUDA launches asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def _time_model(pipe, prompts, steps, cfg_scale, noise) -> tuple[float, float, int]:
-    start = time.perf_counter()
+    device = next(pipe.parameters()).device
+    noise = noise.to(device)  # the copy is not timed
+    start = _clock(device)
     result = pipe.sample_latents(prompts, steps=steps, cfg_scale=cfg_scale, noise=noise)
-    sampled = time.perf_counter()
+    sampled = _clock(device)
     pipe.decode(result.x)
-    done = time.perf_counter()
+    done = _clock(device)
     return sampled - start, done - start, result.nfe
 
 
