@@ -83,9 +83,18 @@ def test_bench_cli_rejects_a_non_differentiable_reward(teacher_dir, capsys):
     assert rc == 2 and err.count("\n") == 1 and "jpeg" in err
 
 
-def test_bench_cli_rejects_an_unknown_device(teacher_dir, capsys):
-    rc, _, err = cli(capsys, "bench", "--student", teacher_dir, "--teacher", teacher_dir, "--device", "tpu")
+@pytest.mark.parametrize("command", ["bench", "eval", "generate", "synth"])
+@pytest.mark.parametrize("device", ["tpu", "cuda"])
+def test_device_option_errors_are_one_line(teacher_dir, tmp_path, capsys, command, device):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    args = {"bench": ["--student", teacher_dir, "--teacher", teacher_dir],
+            "eval": ["--model", teacher_dir, "--out", tmp_path / "out"],
+            "generate": ["--model", teacher_dir, "--prompt", "a red circle", "--out", tmp_path / "out"],
+            "synth": ["--teacher", teacher_dir, "--num", "1", "--out", tmp_path / "out"]}[command]
+    rc, _, err = cli(capsys, command, *args, "--device", device)
     assert rc == 2 and err.count("\n") == 1 and "--device" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_bench_cli_writes_json(teacher_dir, tmp_path, capsys):

@@ -121,6 +121,22 @@ def pretrain(
     typer.echo(f"time budget reached; run the same command again to continue from {work}")
 
 
+DEVICE_HELP = "auto (cuda when available) | cpu | cuda."
+
+
+def _device(value: str) -> str:
+    """The ``--device`` option resolved to ``cpu`` or ``cuda`` (a UserError for anything else)."""
+    import torch
+
+    if value not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device must be auto, cpu or cuda; got {value!r}")
+    if value == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if value == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available")
+    return value
+
+
 @app.command()
 def generate(
     model: str = typer.Option(..., help="A shipped model name (toy-teacher) or a model directory."),
@@ -131,13 +147,15 @@ def generate(
     num: int = typer.Option(1, help="Videos per prompt."),
     seed: int = typer.Option(0, help="Seed of the initial noise."),
     scale: int = typer.Option(8, help="Nearest-neighbour upscaling of the mp4s (samples.npz keeps the original)."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
 ):
     """Generate videos: OUT/NNN_<prompt>.mp4 and OUT/samples.npz (frames uint8 [K, T, H, W, 3], prompts)."""
     from .eval.runner import generate_to_dir
 
     if scale < 1:
         raise UserError(f"--scale {scale} is invalid; expected an integer >= 1")
-    target = generate_to_dir(model, prompt, out, steps=steps, cfg_scale=cfg, num=num, seed=seed, scale=scale)
+    target = generate_to_dir(model, prompt, out, steps=steps, cfg_scale=cfg, num=num, seed=seed, scale=scale,
+                             device=_device(device))
     typer.echo(f"wrote {len(prompt) * num} videos to {target}")
 
 
@@ -151,6 +169,7 @@ def eval_(
     seed: int = typer.Option(0, help="Seed of the initial noise."),
     features: str = typer.Option("toy-features", help="Fréchet feature net: shipped name or directory."),
     batch_size: int = typer.Option(32, help="Videos generated per batch."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
 ):
     """Toy VBench on the eval prompts: quality/semantic/total, FVD, Vendi, NFE, seconds per video."""
     import json
@@ -158,7 +177,7 @@ def eval_(
     from .eval.runner import evaluate_to_dir
 
     metrics = evaluate_to_dir(model, out, steps=steps, cfg_scale=cfg, num=num, seed=seed, features=features,
-                              batch_size=batch_size)
+                              batch_size=batch_size, device=_device(device))
     summary = {k: metrics[k] for k in ("total", "quality", "semantic", "fvd", "vendi_pixel", "vendi_feature",
                                        "nfe", "seconds_per_video", "steps")}
     typer.echo(json.dumps(summary))
@@ -193,7 +212,7 @@ def bench(
     memory_batch: int = typer.Option(8, help="Batch size of the memory comparison."),
     backprop: str = typer.Option("last", help="Student graph in the whole-step memory comparison: all | last."),
     out: Path = typer.Option(None, help="Also write the results to this JSON file."),
-    device: str = typer.Option("cpu", help="cpu | cuda | auto (cuda when available)."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
 ):
     """Student vs teacher wall clock and NFE; peak memory of an LRM step vs a pixel-reward step."""
     import json
@@ -206,12 +225,7 @@ def bench(
 
     if any(n < 1 for n in steps) or teacher_steps < 1 or num < 1 or repeats < 1 or memory_batch < 1:
         raise UserError("--steps, --teacher-steps, --num, --repeats and --memory-batch must be >= 1")
-    if device not in ("auto", "cpu", "cuda"):
-        raise UserError(f"--device must be auto, cpu or cuda; got {device!r}")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available")
+    device = _device(device)
     student_pipe, teacher_pipe = VideoPipeline.load(student, device), VideoPipeline.load(teacher, device)
     flush = torch.set_flush_denormal(True)  # as in training: denormal floats slow CPU kernels several-fold
     speed = bench_speed(student_pipe, teacher_pipe, student_steps=tuple(steps), teacher_steps=teacher_steps,
@@ -272,18 +286,13 @@ def synth(
     seed: int = typer.Option(0, help="Seed of the per-sample noise."),
     batch_size: int = typer.Option(16, help="Samples solved together."),
     shard_size: int = typer.Option(256, help="Samples per shard file."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
 ):
     """Store teacher denoising trajectories (AccVideo's SynVid) for `distill --recipe accvideo`."""
-    import torch
-
     from .data.trajectories import synthesize
     from .utils.progress import StageProgress
 
-    if device not in ("auto", "cpu", "cuda"):
-        raise UserError(f"--device must be auto, cpu or cuda; got {device!r}")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = _device(device)
     with StageProgress() as progress:
         store = synthesize(teacher, out, num, prompts=prompts, steps=steps, cfg_scale=cfg, keep=keep, seed=seed,
                            batch_size=batch_size, shard_size=shard_size, device=device, progress=progress)

@@ -189,7 +189,7 @@ def _slug(prompt: str) -> str:
 
 def generate_to_dir(model: str, prompts: list[str], out: str | Path, *, steps: int | None = None,
                     cfg_scale: float | None = None, num: int = 1, seed: int = 0, fps: int = 8,
-                    scale: int = 8, batch_size: int = 32) -> Path:
+                    scale: int = 8, batch_size: int = 32, device: str = "cpu") -> Path:
     """``fewstep generate``: ``num`` videos per prompt → ``out/NNN_<prompt>.mp4`` (×``scale``,
     nearest neighbour) and ``out/samples.npz`` (``frames (K, T, H, W, 3)`` uint8 at the model's
     resolution, ``prompts (K,)``), prompt-major."""
@@ -199,7 +199,7 @@ def generate_to_dir(model: str, prompts: list[str], out: str | Path, *, steps: i
         raise UserError(f"--num {num!r} is invalid; expected an integer >= 1")
     check_steps(steps)
     prompts = check_prompts(prompts)
-    pipe = VideoPipeline.load(model)
+    pipe = VideoPipeline.load(model, device)
     suite = [p for p in prompts for _ in range(num)]
     gen = generate_videos(pipe, suite, steps=steps, cfg_scale=cfg_scale, seed=seed, batch_size=batch_size,
                           warmup=False)
@@ -212,14 +212,14 @@ def generate_to_dir(model: str, prompts: list[str], out: str | Path, *, steps: i
 
 def evaluate_to_dir(model: str, out: str | Path, *, steps: int | None = None, cfg_scale: float | None = None,
                     num: int = 4, seed: int = 0, features: str = "toy-features", batch_size: int = 32,
-                    label: str | None = None) -> dict:
+                    label: str | None = None, device: str = "cpu") -> dict:
     """``fewstep eval``: ``out/metrics.json`` and ``out/report.html`` (+ ``out/gifs/``)."""
     from fewstep.models.pipeline import VideoPipeline
 
     if not isinstance(num, int) or num < 1:
         raise UserError(f"--num {num!r} is invalid; expected an integer >= 1")
     check_steps(steps)
-    pipe = VideoPipeline.load(model)
+    pipe = VideoPipeline.load(model, device)
     feature_net = VideoFeatureNet.load(features)
     metrics, by_prompt = evaluate_with_samples(pipe, steps, cfg_scale, num, seed=seed, feature_net=feature_net,
                                                batch_size=batch_size)
