@@ -42,6 +42,7 @@ DOLLAR: dict[str, list[str]] = {
     "vsd_cd_lrm_jpeg": ["ablation=vsd_cd_lrm", "reward=jpeg"],
     "vsd_cd_lrm_jpeg_ft0.1": ["ablation=vsd_cd_lrm", "reward=jpeg", "stages.dollar.objectives.ft.weight=0.1"],
     "vsd_cd_lrm_jpeg_ft0.25": ["ablation=vsd_cd_lrm", "reward=jpeg", "stages.dollar.objectives.ft.weight=0.25"],
+    "vsd_cd_lrm_jpeg_bcd2": ["ablation=vsd_cd_lrm", "reward=jpeg", "stages.dollar.objectives.cd.weight=2"],
     "vsd_cd_lrm_jpeg_ft0.3": ["ablation=vsd_cd_lrm", "reward=jpeg", "stages.dollar.objectives.ft.weight=0.3"],
     "vsd_cd_lrm_jpeg_ft0.2": ["ablation=vsd_cd_lrm", "reward=jpeg", "stages.dollar.objectives.ft.weight=0.2"],
     "vsd_cd_lrm_jpeg_ft0.2_ema": ["ablation=vsd_cd_lrm", "reward=jpeg", "stages.dollar.objectives.ft.weight=0.2",
@@ -58,6 +59,9 @@ DOLLAR: dict[str, list[str]] = {
     "vsd_realcfg4": ["ablation=vsd", "stages.dollar.objectives.vsd.real_cfg_scale=4"],
     "vsd_cd_realcfg4": ["ablation=vsd_cd", "stages.dollar.objectives.vsd.real_cfg_scale=4"],
     "vsd_cd_cdcfg4": ["ablation=vsd_cd", "stages.dollar.objectives.cd.cfg_scale=4"],
+    "vsd_cd_bcd2": ["ablation=vsd_cd", "stages.dollar.objectives.cd.weight=2"],  # β_CD 2 instead of 0.5
+    "vsd_cd_realcfg4_bcd2": ["ablation=vsd_cd", "stages.dollar.objectives.vsd.real_cfg_scale=4",
+                             "stages.dollar.objectives.cd.weight=2"],
     "vsd_lrm_jpeg": ["ablation=vsd_lrm", "reward=jpeg"],
     "vsd_ddpo_jpeg": ["ablation=vsd_ddpo", "reward=jpeg"],
     "vsd_cd_m1": ["ablation=vsd_cd", "m=1"],
