@@ -69,7 +69,7 @@ from ..data.trajectories import TrajectorySource, TrajectoryStore, read_manifest
 from ..errors import UserError
 from ..objectives.adversarial import TimestepHeads
 from ..objectives.trajectory import KEY_GRIDS, KeyGrid, KeySource, key_grid
-from .base import PipelineRecipe, RecipeConfig, map_stage_objectives, register_recipe
+from .base import DROP_OBJECTIVE, PipelineRecipe, RecipeConfig, map_stage_objectives, register_recipe
 
 #: The objective kinds the switches write into, and the adversarial ones ``adversarial: false`` drops.
 ACCVIDEO_KINDS = ("trajectory_guidance", "queue_gan_generator", "queue_gan_discriminator")
@@ -108,7 +108,7 @@ class AccVideoConfig(RecipeConfig, AccVideoKeys):
         def rewrite(key: str, raw: Any) -> Any:
             kind = raw.get("kind") if isinstance(raw, dict) else None
             if kind in ADVERSARIAL_KINDS and not keys.adversarial:
-                return map_stage_objectives.DROP
+                return DROP_OBJECTIVE
             return _write_switches(raw, keys, key) if kind in ACCVIDEO_KINDS else raw
 
         map_stage_objectives(data, rewrite)

@@ -67,7 +67,8 @@ class RecipeConfig(EngineConfig):
     """Base of every recipe's config: ``train``, ``roles``, ``stages`` plus the recipe's keys."""
 
 
-_DROP = object()
+#: Returned by a :func:`map_stage_objectives` rewrite to remove the objective.
+DROP_OBJECTIVE = object()
 
 
 def map_stage_objectives(data: dict[str, Any], fn) -> None:
@@ -75,7 +76,7 @@ def map_stage_objectives(data: dict[str, Any], fn) -> None:
 
     ``fn(key, raw)`` gets the dotted key (``stages.S.objectives.O``) and the objective as a mapping
     (an :class:`ObjectiveConfig` built in code becomes the mapping of the keys it was given) and
-    returns the new value, or :data:`map_stage_objectives.DROP` to remove the objective. Stages or
+    returns the new value, or :data:`DROP_OBJECTIVE` to remove the objective. Stages or
     objective sections that are not mappings are left for the engine's own validation to report.
     """
     from ..objectives.base import ObjectiveConfig
@@ -88,12 +89,9 @@ def map_stage_objectives(data: dict[str, Any], fn) -> None:
             if isinstance(raw, ObjectiveConfig):  # built in code: keep only the keys it was given
                 raw = {**raw.model_dump(mode="json", exclude_unset=True), "kind": raw.kind}
             value = fn(f"stages.{sname}.objectives.{oname}", raw)
-            if value is not _DROP:
+            if value is not DROP_OBJECTIVE:
                 objectives[oname] = value
         stage["objectives"] = objectives
-
-
-map_stage_objectives.DROP = _DROP
 
 
 class Recipe:

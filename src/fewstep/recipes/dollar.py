@@ -94,7 +94,7 @@ from ..errors import UserError
 from ..objectives.base import ObjectiveConfig, objective_class
 from ..objectives.reward import LatentRewardModelConfig, build_lrm
 from ..objectives.student import step_times
-from .base import PipelineRecipe, RecipeConfig, map_stage_objectives, register_recipe
+from .base import DROP_OBJECTIVE, PipelineRecipe, RecipeConfig, map_stage_objectives, register_recipe
 
 Ablation = Literal["vsd", "vsd_cd", "vsd_lrm", "vsd_cd_lrm", "vsd_ddpo"]
 
@@ -170,7 +170,7 @@ class DollarConfig(RecipeConfig, DollarKeys):
             if not isinstance(obj, ObjectiveConfig):
                 return obj  # not a mapping: the engine's own validation reports it
             if obj.kind in MANAGED_KINDS and obj.kind not in kept:
-                return map_stage_objectives.DROP
+                return DROP_OBJECTIVE
             found.add(obj.kind)
             used_roles.update({obj.role} | obj.reads())
             return obj
