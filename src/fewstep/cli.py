@@ -220,7 +220,7 @@ def bench(
     import torch
 
     from .eval.bench import bench_reward_memory, bench_speed
-    from .eval.report import write_json_atomic
+    from .utils.io import write_json_atomic
     from .models.pipeline import VideoPipeline
 
     if any(n < 1 for n in steps) or teacher_steps < 1 or num < 1 or repeats < 1 or memory_batch < 1:

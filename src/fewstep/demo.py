@@ -13,7 +13,7 @@
         "run": "OUT/run", "config": {the demo's overrides}}
 
 Everything the demo writes is published atomically: the evaluation outputs appear in ``OUT`` only
-once complete (:func:`~fewstep.eval.report.staged_output`); the training run directory is the
+once complete (:class:`~fewstep.utils.io.OutputDir`); the training run directory is the
 engine's, with its own checkpoints.
 """
 
@@ -81,7 +81,8 @@ def run_demo(out: str | Path = "runs/demo", *, model: str = "toy-teacher", overr
              seed: int = 0) -> dict:
     """Distil, evaluate and report (module doc); returns the summary."""
     from .eval.features import VideoFeatureNet, reference_stats
-    from .eval.report import staged_output, write_json_atomic, write_report
+    from .eval.report import write_report
+    from .utils.io import OutputDir, write_json_atomic
     from .eval.runner import evaluate_with_samples
     from .models.pipeline import VideoPipeline
     from .recipes.launch import distill

@@ -11,3 +11,10 @@ class UserError(Exception):
     """An error caused by user input; its message is a single line meant for the user."""
 
     exit_code = 2
+
+
+def warn(message: str) -> None:
+    """A one-line ``warning: …`` on stderr for input that is allowed but unusual."""
+    import sys
+
+    print(f"warning: {message}", file=sys.stderr, flush=True)

@@ -7,87 +7,24 @@
     out_dir/gifs/*.gif       nearest-neighbour upscaled, looping
 
 The HTML is self-contained apart from the GIFs it references by relative path; it needs no
-JavaScript. Files are written to temporary names and renamed, and :func:`staged_output`
-publishes a whole directory of outputs only once it is complete.
+JavaScript. Files are written atomically (utils/io.py); the commands publish a whole directory of
+outputs only once it is complete (:class:`~fewstep.utils.io.OutputDir`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import html
-import json
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image
 
 from fewstep.errors import UserError
+from fewstep.utils.io import write_text_atomic
 
 SUMMARY_KEYS = ("total", "quality", "semantic", "fvd", "vendi_pixel", "vendi_feature", "nfe",
                 "seconds_per_video", "steps", "cfg_scale", "jpeg")
-
-
-# --- atomic writes ----------------------------------------------------------------------------------
-
-
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` to a temporary sibling, fsync, rename over ``path``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_json_atomic(path: str | Path, data) -> Path:
-    """JSON with non-finite floats written as null (strict JSON readers reject NaN)."""
-    return write_text_atomic(path, json.dumps(_finite(data), indent=2) + "\n")
-
-
-def _finite(value):
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
-
-
-@contextlib.contextmanager
-def staged_output(out: str | Path) -> Iterator[Path]:
-    """Yield a temporary directory next to ``out``; on success move its entries into ``out``
-    (created if needed, same-named entries replaced), on failure delete it. A reader never sees
-    a half-written output, and a failed command leaves ``out`` as it was."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        yield stage
-        out.mkdir(exist_ok=True)
-        for entry in sorted(stage.iterdir()):
-            target = out / entry.name
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            os.replace(entry, target)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
 
 
 # --- videos ----------------------------------------------------------------------------------------------

@@ -33,13 +33,15 @@ import numpy as np
 import torch
 
 from fewstep.data.toyworld import EVAL_PROMPTS, parse_prompt, to_unit
-from fewstep.errors import UserError
+from fewstep.errors import UserError, warn
 
 from .analysers import aggregate, score_clips
 from .diversity import vendi_score, video_vendi
 from .features import REFERENCE_CLIPS, VideoFeatureNet, reference_stats
 from .frechet import FrechetStats, frechet_distance
-from .report import staged_output, write_json_atomic, write_mp4, write_report
+from fewstep.utils.io import OutputDir, write_json_atomic
+
+from .report import write_mp4, write_report
 
 VENDI_KEYFRAMES = 4  # K in DOLLAR Eq. 17 (at most the clip length)
 
@@ -59,6 +61,28 @@ class Generated:
 def check_steps(steps) -> None:
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise UserError(f"steps={steps!r} is invalid; expected an integer >= 1")
+
+
+#: Above this many steps a sampler has left what any model here was trained for (1000 timesteps).
+MAX_STEPS = 1000
+
+
+def check_sampling(pipe, steps: int | None, cfg_scale: float | None) -> None:
+    """Refuse sampling settings with no meaning; warn on unusual ones (before any compute)."""
+    if cfg_scale is not None:
+        if not math.isfinite(cfg_scale) or cfg_scale < 0:
+            raise UserError(f"--cfg {cfg_scale}: the guidance scale w in uncond + w·(cond − uncond) must be >= 0 "
+                            f"(1 = no guidance, 0 = unconditional)")
+        if cfg_scale < 1:
+            warn(f"--cfg {cfg_scale} is below 1: guidance pulls samples towards the unconditional model")
+        elif cfg_scale > 20:
+            warn(f"--cfg {cfg_scale} is unusually strong; expect saturated, over-guided samples")
+    if steps is not None and steps > MAX_STEPS:
+        raise UserError(f"--steps {steps}: more than the {MAX_STEPS} timesteps the models are trained on")
+    own = pipe.default_steps()
+    if steps is not None and own <= 8 and steps > 4 * own:
+        warn(f"--steps {steps} on a model distilled for {own} steps: slower by {steps / own:.0f}x and outside "
+             f"what it was trained for")
 
 
 def check_prompts(prompts) -> list[str]:
@@ -189,42 +213,52 @@ def _slug(prompt: str) -> str:
 
 def generate_to_dir(model: str, prompts: list[str], out: str | Path, *, steps: int | None = None,
                     cfg_scale: float | None = None, num: int = 1, seed: int = 0, fps: int = 8,
-                    scale: int = 8, batch_size: int = 32, device: str = "cpu") -> Path:
+                    scale: int = 8, batch_size: int = 32, device: str = "cpu", overwrite: bool = False,
+                    progress=None) -> Path:
     """``fewstep generate``: ``num`` videos per prompt → ``out/NNN_<prompt>.mp4`` (×``scale``,
     nearest neighbour) and ``out/samples.npz`` (``frames (K, T, H, W, 3)`` uint8 at the model's
-    resolution, ``prompts (K,)``), prompt-major."""
+    resolution, ``prompts (K,)``), prompt-major. ``out`` is checked before anything is generated."""
     from fewstep.models.pipeline import VideoPipeline
 
     if not isinstance(num, int) or num < 1:
         raise UserError(f"--num {num!r} is invalid; expected an integer >= 1")
     check_steps(steps)
     prompts = check_prompts(prompts)
-    pipe = VideoPipeline.load(model, device)
     suite = [p for p in prompts for _ in range(num)]
-    gen = generate_videos(pipe, suite, steps=steps, cfg_scale=cfg_scale, seed=seed, batch_size=batch_size,
-                          warmup=False)
-    with staged_output(out) as stage:
-        for i, (video, prompt) in enumerate(zip(gen.frames, suite)):
-            write_mp4(stage / f"{i:03d}_{_slug(prompt)}.mp4", video, fps=fps, scale=scale)
+    names = [f"{i:03d}_{_slug(p)}.mp4" for i, p in enumerate(suite)] + ["samples.npz"]
+    output = OutputDir(out, "generate", overwrite, names)
+    output.check()
+    pipe = VideoPipeline.load(model, device)
+    check_sampling(pipe, steps, cfg_scale)
+    with output as stage:
+        gen = generate_videos(pipe, suite, steps=steps, cfg_scale=cfg_scale, seed=seed, batch_size=batch_size,
+                              warmup=False, progress=progress)
+        for name, video in zip(names, gen.frames):
+            write_mp4(stage / name, video, fps=fps, scale=scale)
         np.savez(stage / "samples.npz", frames=gen.frames, prompts=np.array(suite, dtype=str))
     return Path(out)
 
 
 def evaluate_to_dir(model: str, out: str | Path, *, steps: int | None = None, cfg_scale: float | None = None,
                     num: int = 4, seed: int = 0, features: str = "toy-features", batch_size: int = 32,
-                    label: str | None = None, device: str = "cpu") -> dict:
-    """``fewstep eval``: ``out/metrics.json`` and ``out/report.html`` (+ ``out/gifs/``)."""
+                    label: str | None = None, device: str = "cpu", overwrite: bool = False,
+                    progress=None) -> dict:
+    """``fewstep eval``: ``out/metrics.json`` and ``out/report.html`` (+ ``out/gifs/``); ``out`` is
+    checked before anything is generated."""
     from fewstep.models.pipeline import VideoPipeline
 
     if not isinstance(num, int) or num < 1:
         raise UserError(f"--num {num!r} is invalid; expected an integer >= 1")
     check_steps(steps)
+    output = OutputDir(out, "eval", overwrite, ["metrics.json", "report.html", "gifs"])
+    output.check()
     pipe = VideoPipeline.load(model, device)
+    check_sampling(pipe, steps, cfg_scale)
     feature_net = VideoFeatureNet.load(features)
-    metrics, by_prompt = evaluate_with_samples(pipe, steps, cfg_scale, num, seed=seed, feature_net=feature_net,
-                                               batch_size=batch_size)
-    metrics = {"model": str(model), **metrics}
-    with staged_output(out) as stage:
+    with output as stage:
+        metrics, by_prompt = evaluate_with_samples(pipe, steps, cfg_scale, num, seed=seed, feature_net=feature_net,
+                                                   batch_size=batch_size, progress=progress)
+        metrics = {"model": str(model), **metrics}
         write_json_atomic(stage / "metrics.json", metrics)
         write_report(stage, [(label or Path(str(model)).name, metrics, by_prompt)])
     return metrics

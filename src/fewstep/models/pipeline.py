@@ -97,6 +97,10 @@ class VideoPipeline(nn.Module):
             return torch.tensor(cfg.times, dtype=torch.float64)
         return sampling_grid(self.denoiser.schedule, steps or cfg.steps)
 
+    def default_steps(self) -> int:
+        """The step count this model samples with when none is asked for."""
+        return len(self.sampling_times(None)) - 1
+
     # ---------------------------------------------------------------------------- sampling
     @torch.no_grad()
     def sample_latents(self, prompts: list[str], *, steps: int | None = None, cfg_scale: float | None = None,
