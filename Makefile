@@ -27,7 +27,7 @@ test-all: setup
 
 # the main job on the embedded default: toy teacher -> 4-step DOLLAR student, eval, report
 demo: setup
-	$(VENV)/bin/fewstep demo --out runs/demo
+	$(VENV)/bin/fewstep demo --out runs/demo --overwrite
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

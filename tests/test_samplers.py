@@ -96,7 +96,7 @@ def test_flow_euler_equals_diffusers_scheduler(shift):
     for i, ts in enumerate(ref.timesteps):
         expected = ref.step(outs[i], ts, expected).prev_sample
     sched = FlowMatching(shift=shift)
-    got = sample_euler(Denoiser(Scripted(), sched, "flow"), x, sampling_grid(sched, 8), _cond(2, dtype=torch.float32))
+    got = sample_euler(Denoiser(Scripted(), sched, "flow"), x, sampling_grid(sched, 8, "diffusers"), _cond(2, dtype=torch.float32))
     torch.testing.assert_close(got.x, expected, atol=1e-5, rtol=1e-5)
     assert got.nfe == 8
 

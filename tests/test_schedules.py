@@ -15,14 +15,36 @@ from fewstep.errors import UserError
 
 @pytest.mark.parametrize("shift", [1.0, 3.0, 5.0])
 @pytest.mark.parametrize("steps", [4, 50])
-def test_flow_grid_matches_flow_match_euler_scheduler(shift, steps):
+def test_diffusers_flow_grid_matches_flow_match_euler_scheduler(shift, steps):
     ref = FlowMatchEulerDiscreteScheduler(shift=shift)
     ref.set_timesteps(steps)
     sched = FlowMatching(shift=shift)
-    t = sampling_grid(sched, steps)
+    t = sampling_grid(sched, steps, "diffusers")
     # sigmas (incl. the trailing 0) and the model timesteps the backbone receives
     torch.testing.assert_close(sched.sigma(t).float(), ref.sigmas, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(sched.model_timestep(t[:-1]).float(), ref.timesteps, atol=1e-3, rtol=1e-6)
+
+
+@pytest.mark.parametrize("schedule", [FlowMatching(), FlowMatching(shift=5.0), VPDiscrete(),
+                                      VPDiscrete(zero_terminal_snr=True)], ids=["flow", "flow-shift5", "vp", "vp-zsnr"])
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 5, 8, 50, 1000])
+def test_default_grid_takes_n_useful_steps(schedule, steps):
+    """Every one of the N steps moves σ by a real amount: the default grid is N equal intervals of t
+    from 1 to 0 (diffusers' flow grid instead spends a step on σ ≈ 0.001 → 0)."""
+    t = sampling_grid(schedule, steps)
+    assert len(t) == steps + 1 and float(t[0]) == 1.0 and float(t[-1]) == 0.0
+    torch.testing.assert_close(t, torch.linspace(1, 0, steps + 1, dtype=torch.float64), atol=1e-3, rtol=0)
+    # every step moves the state's coefficients (α up, σ down) by a fair share of the whole way
+    alpha, sigma = schedule.alpha(t), schedule.sigma(t)
+    move = (alpha[1:] - alpha[:-1]) + (sigma[:-1] - sigma[1:])
+    assert float(move.min()) >= 0.05 / steps
+
+
+@pytest.mark.parametrize("steps", [2, 4])
+def test_diffusers_flow_grid_wastes_its_last_step(steps):
+    """Why it is not the default: its last interval is σ ≈ 0.001 → 0."""
+    t = sampling_grid(FlowMatching(), steps, "diffusers")
+    assert float(t[-2]) == pytest.approx(1e-3)
 
 
 def test_flow_shift_formula_and_inverse():

@@ -257,3 +257,37 @@ def test_trajectory_source_refuses_mismatched_or_incomplete_stores(reference_sto
         TrajectorySource(tmp_path / "partial", make_tiny_pipeline())
     with pytest.raises(UserError, match="no manifest.json"):
         TrajectoryStore(tmp_path)
+
+
+def test_failed_synth_leaves_no_store_and_the_corrected_rerun_works(teacher_dir, tmp_path, capsys, monkeypatch):
+    """A bad prompt is found before anything is written; a store with no sample is not a store."""
+    prompts, out = tmp_path / "prompts.txt", tmp_path / "store"
+    prompts.write_text("a red circle moves left\na purple circle moves left\n")
+    rc, _, err = cli(capsys, "synth", "--teacher", teacher_dir, "--num", 2, "--steps", 5, "--prompts", prompts,
+                     "--out", out)
+    assert rc == 2 and "purple" in err and not out.exists()
+    # a run that died before its first shard leaves a manifest without samples ...
+    with monkeypatch.context() as m:
+        m.setattr(traj_module, "sample_euler", lambda *a, **k: (_ for _ in ()).throw(UserError("died")))
+        rc, _, err = cli(capsys, "synth", "--teacher", teacher_dir, "--num", 2, "--steps", 5, "--out", out)
+    assert rc == 2 and (out / "manifest.json").is_file()
+    # ... which does not refuse a rerun with other settings
+    prompts.write_text("a red circle moves left\na blue circle moves left\n")
+    rc, stdout, err = cli(capsys, "synth", "--teacher", teacher_dir, "--num", 2, "--steps", 5, "--prompts", prompts,
+                          "--out", out)
+    assert rc == 0 and "2 trajectories" in stdout, err
+
+
+def test_synth_overwrite_replaces_only_the_store(reference_store, teacher_dir, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "store"
+    shutil.copytree(reference_store, out)
+    (out / "README.txt").write_text("mine")
+    rc, _, err = cli(capsys, "synth", "--teacher", teacher_dir, "--num", 3, "--steps", 5, "--out", out)
+    assert rc == 2 and "made with num=10" in err
+    rc, stdout, err = cli(capsys, "synth", "--teacher", teacher_dir, "--num", 3, "--steps", 5, "--out", out,
+                          "--overwrite")
+    assert rc == 0 and "3 trajectories (1 shards" in stdout, err
+    assert (out / "README.txt").read_text() == "mine"
+    assert sorted(p.name for p in out.glob("shard_*")) == ["shard_00000.safetensors"]

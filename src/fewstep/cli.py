@@ -1,8 +1,9 @@
 """The ``fewstep`` command line (typer).
 
 Every command runs inside :func:`main`, the one place that turns a
-:class:`~fewstep.errors.UserError` into a single ``error: …`` line on stderr and exit code 2
-(no traceback). Commands validate their input at the boundary and raise ``UserError``.
+:class:`~fewstep.errors.UserError` into a single ``error: …`` line on stderr and its exit code
+(2; 130/143 for a training run stopped by SIGINT/SIGTERM after its checkpoint), and an
+``OSError`` of the environment (disk full, permission denied) into one line and exit code 2. Commands validate their input at the boundary and raise ``UserError``.
 """
 
 from __future__ import annotations
@@ -77,7 +78,9 @@ def timesteps(
 def pretrain(
     stage: str = typer.Option("all", help="rewards | codec | latents | teacher | export | all (in that order)."),
     work: Path = typer.Option(Path("runs/pretrain"), help="Work directory for checkpoints and caches."),
-    out: Path = typer.Option(None, help="Where to export the teacher (default: the package's shipped toy-teacher)."),
+    out: Path = typer.Option(None, help="Where to export the teacher (default: WORK/toy-teacher)."),
+    into_package: bool = typer.Option(False, "--into-package", help="Write the teacher and reward models into the "
+                                      "installed package's assets, replacing the shipped ones (for maintainers)."),
     config: Path = typer.Option(None, help="YAML file overriding pretraining defaults."),
     set_: list[str] = typer.Option([], "--set", help="Dotted override, e.g. teacher.steps=2000 (repeatable)."),
     max_minutes: float = typer.Option(1e9, help="Stop (after a checkpoint) once this many minutes have passed."),
@@ -86,17 +89,23 @@ def pretrain(
     import torch
 
     from .config import load_config
-    from .models.pipeline import SHIPPED
-    from .models.pipeline import ASSETS
+    from .models.pipeline import ASSETS, SHIPPED
     from .pretrain import PretrainConfig, build_latents, export_teacher, train_codec, train_rewards, train_teacher
+    from .utils.io import check_writable, write_text_atomic
     from .utils.progress import StageProgress
 
     stages = ["rewards", "codec", "latents", "teacher", "export"]
     if stage != "all" and stage not in stages:
         raise UserError(f"--stage must be one of all, {', '.join(stages)}; got {stage!r}")
+    if into_package and out is not None:
+        raise UserError("give --out or --into-package, not both")
     cfg = load_config(PretrainConfig, config, set_)
+    assets = ASSETS if into_package else work
+    out = SHIPPED["toy-teacher"] if into_package else (out or work / "toy-teacher")
+    check_writable(work, "--work")
+    check_writable(out.parent, "--out")
     work.mkdir(parents=True, exist_ok=True)
-    (work / "config.yaml").write_text(dump_config(cfg))
+    write_text_atomic(work / "config.yaml", dump_config(cfg))
     budget = max_minutes * 60
     start = time.monotonic()
     # adaLN-Zero and zero-initialised residual convs fill Adam's moments with denormal floats,
@@ -106,7 +115,8 @@ def pretrain(
         for name in stages if stage == "all" else [stage]:
             left = budget - (time.monotonic() - start)
             if name == "rewards" and (stage == "rewards" or not (ASSETS / "toy-features" / "config.json").is_file()):
-                train_rewards(cfg, ASSETS, progress)
+                train_rewards(cfg, assets, progress)
+                typer.echo(f"toy-clip and toy-features written to {assets}")
             if name == "codec" and not train_codec(cfg, work, left, progress):
                 break
             if name == "latents":
@@ -114,7 +124,7 @@ def pretrain(
             if name == "teacher" and not train_teacher(cfg, work, left, progress):
                 break
             if name == "export":
-                target = export_teacher(cfg, work, out or SHIPPED["toy-teacher"])
+                target = export_teacher(cfg, work, out)
                 typer.echo(f"teacher written to {target}")
         else:
             return
@@ -148,14 +158,20 @@ def generate(
     seed: int = typer.Option(0, help="Seed of the initial noise."),
     scale: int = typer.Option(8, help="Nearest-neighbour upscaling of the mp4s (samples.npz keeps the original)."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty --out (replacing what fewstep "
+                                   "wrote there; other files are kept)."),
 ):
     """Generate videos: OUT/NNN_<prompt>.mp4 and OUT/samples.npz (frames uint8 [K, T, H, W, 3], prompts)."""
     from .eval.runner import generate_to_dir
+    from .utils.progress import StageProgress
 
     if scale < 1:
         raise UserError(f"--scale {scale} is invalid; expected an integer >= 1")
-    target = generate_to_dir(model, prompt, out, steps=steps, cfg_scale=cfg, num=num, seed=seed, scale=scale,
-                             device=_device(device))
+    device = _device(device)
+    with StageProgress(every_seconds=5.0) as progress:
+        target = generate_to_dir(model, prompt, out, steps=steps, cfg_scale=cfg, num=num, seed=seed, scale=scale,
+                                 device=device, overwrite=overwrite,
+                                 progress=lambda done, total: progress("generate", done, total, {}))
     typer.echo(f"wrote {len(prompt) * num} videos to {target}")
 
 
@@ -170,16 +186,22 @@ def eval_(
     features: str = typer.Option("toy-features", help="Fréchet feature net: shipped name or directory."),
     batch_size: int = typer.Option(32, help="Videos generated per batch."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty --out (replacing what fewstep "
+                                   "wrote there; other files are kept)."),
 ):
     """Toy VBench on the eval prompts: quality/semantic/total, FVD, Vendi, NFE, seconds per video."""
     import json
 
     from .eval.runner import evaluate_to_dir
+    from .utils.progress import StageProgress
 
-    metrics = evaluate_to_dir(model, out, steps=steps, cfg_scale=cfg, num=num, seed=seed, features=features,
-                              batch_size=batch_size, device=_device(device))
+    device = _device(device)
+    with StageProgress(every_seconds=5.0) as progress:
+        metrics = evaluate_to_dir(model, out, steps=steps, cfg_scale=cfg, num=num, seed=seed, features=features,
+                                  batch_size=batch_size, device=device, overwrite=overwrite,
+                                  progress=lambda done, total: progress("eval", done, total, {}))
     summary = {k: metrics[k] for k in ("total", "quality", "semantic", "fvd", "vendi_pixel", "vendi_feature",
-                                       "nfe", "seconds_per_video", "steps")}
+                                       "nfe", "seconds_per_video", "steps", "grid")}
     typer.echo(json.dumps(summary))
     typer.echo(f"wrote {out}/metrics.json and {out}/report.html")
 
@@ -190,11 +212,13 @@ def demo(
     model: str = typer.Option("toy-teacher", help="Teacher to distil: a shipped name or a model directory."),
     set_: list[str] = typer.Option([], "--set", help="Override a dollar-recipe key, e.g. train.steps=300."),
     num: int = typer.Option(4, help="Videos per eval prompt."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty --out (replacing what fewstep "
+                                   "wrote there; other files are kept)."),
 ):
     """The main job on the embedded default: distil a 4-step DOLLAR student, evaluate, report."""
     from .demo import run_demo, summary_table
 
-    summary = run_demo(out, model=model, overrides=list(set_), num=num)
+    summary = run_demo(out, model=model, overrides=list(set_), num=num, overwrite=overwrite)
     typer.echo(summary_table(summary))
     typer.echo(f"demo took {summary['seconds']['total'] / 60:.1f} min; wrote {out}/report.html and "
                f"{out}/summary.json")
@@ -221,17 +245,23 @@ def bench(
 
     from .eval.bench import bench_reward_memory, bench_speed
     from .utils.io import write_json_atomic
-    from .models.pipeline import VideoPipeline
+    from .models.pipeline import VideoPipeline, resolve_model
+    from .utils.io import check_writable
 
     if any(n < 1 for n in steps) or teacher_steps < 1 or num < 1 or repeats < 1 or memory_batch < 1:
         raise UserError("--steps, --teacher-steps, --num, --repeats and --memory-batch must be >= 1")
+    if backprop not in ("all", "last"):
+        raise UserError(f"--backprop must be 'all' or 'last', got {backprop!r}")
+    if resolve_model(student).resolve() == resolve_model(teacher).resolve():
+        raise UserError(f"--student {student} and --teacher {teacher} are the same model; give the distilled "
+                        f"student (e.g. RUN/student)")
+    if out is not None:
+        check_writable(out.parent, "--out")
     device = _device(device)
     student_pipe, teacher_pipe = VideoPipeline.load(student, device), VideoPipeline.load(teacher, device)
     flush = torch.set_flush_denormal(True)  # as in training: denormal floats slow CPU kernels several-fold
     speed = bench_speed(student_pipe, teacher_pipe, student_steps=tuple(steps), teacher_steps=teacher_steps,
                         num_videos=num, repeats=repeats)
-    if backprop not in ("all", "last"):
-        raise UserError(f"--backprop must be 'all' or 'last', got {backprop!r}")
     memory = bench_reward_memory(student_pipe, reward=reward, batch_size=memory_batch, steps=max(steps),
                                  backprop=backprop)
     result = {"speed": speed, "memory": memory, "flush_denormal": bool(flush), "device": device}
@@ -287,6 +317,7 @@ def synth(
     batch_size: int = typer.Option(16, help="Samples solved together."),
     shard_size: int = typer.Option(256, help="Samples per shard file."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the store in --out instead of resuming it."),
 ):
     """Store teacher denoising trajectories (AccVideo's SynVid) for `distill --recipe accvideo`."""
     from .data.trajectories import synthesize
@@ -295,7 +326,8 @@ def synth(
     device = _device(device)
     with StageProgress() as progress:
         store = synthesize(teacher, out, num, prompts=prompts, steps=steps, cfg_scale=cfg, keep=keep, seed=seed,
-                           batch_size=batch_size, shard_size=shard_size, device=device, progress=progress)
+                           batch_size=batch_size, shard_size=shard_size, device=device, progress=progress,
+                           overwrite=overwrite)
     typer.echo(f"{len(store)} trajectories ({len(store.manifest.shards)} shards, times "
                f"{', '.join(f'{t:.4g}' for t in store.settings.times[:6])}{', …' if keep == 'all' else ''}) in {out}")
 
@@ -306,6 +338,13 @@ def main(argv: list[str] | None = None) -> int:
         app(args=argv, standalone_mode=True)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:  # outside training (which checkpoints and raises a UserError of its own)
+        print("error: interrupted; nothing was published", file=sys.stderr)
+        return 130
+    except OSError as err:  # the environment refused: disk full, permission denied, read-only filesystem
+        where = f": {err.filename}" if err.filename else ""
+        print(f"error: {err.strerror or type(err).__name__}{where}", file=sys.stderr)
         return UserError.exit_code
     except SystemExit as exc:  # typer/click exit codes (0, or 2 for usage errors)
         return exc.code if isinstance(exc.code, int) else 0

@@ -78,8 +78,9 @@ def loss_curves(metrics_jsonl: Path, png: Path) -> Path:
 
 def run_demo(out: str | Path = "runs/demo", *, model: str = "toy-teacher", overrides: list[str] = (),
              teacher_steps: int = 50, student_steps: tuple[int, ...] = (4, 2, 1), num: int = 4,
-             seed: int = 0) -> dict:
-    """Distil, evaluate and report (module doc); returns the summary."""
+             seed: int = 0, overwrite: bool = False) -> dict:
+    """Distil, evaluate and report (module doc); returns the summary. A non-empty ``out`` needs
+    ``overwrite`` (``make demo`` passes it); files fewstep did not write there are kept."""
     from .eval.features import VideoFeatureNet, reference_stats
     from .eval.report import write_report
     from .utils.io import OutputDir, write_json_atomic
@@ -89,8 +90,8 @@ def run_demo(out: str | Path = "runs/demo", *, model: str = "toy-teacher", overr
     from .utils.progress import StageProgress
 
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a directory")
+    output = OutputDir(out, "demo", overwrite, ["report.html", "losses.png", "summary.json", "gifs"])
+    output.check()
     settings = [f"model={model}", *DEMO_SETTINGS, *overrides]
     start = time.monotonic()
     seconds: dict[str, float] = {}
@@ -131,7 +132,7 @@ def run_demo(out: str | Path = "runs/demo", *, model: str = "toy-teacher", overr
         "run": str(run_dir),
         "config": settings,
     }
-    with staged_output(out) as stage:
+    with output as stage:
         loss_curves(run_dir / "metrics.jsonl", stage / "losses.png")
         ratio = summary["students"][str(few)]["total"] / max(summary["teacher"]["total"], 1e-12)
         headline = (f"<p>{few}-step student total / {teacher_steps}-step teacher total = {ratio:.3f}; "
@@ -148,10 +149,10 @@ def summary_table(summary: dict) -> str:
     """The demo's headline numbers as aligned text lines (printed at the end of ``fewstep demo``)."""
     rows = [("teacher", summary["teacher"]), ("teacher (few-step)", summary["teacher_few_step"]),
             *((f"student {n}-step", m) for n, m in summary["students"].items())]
-    keys = ("steps", "nfe", "total", "quality", "semantic", "fvd", "vendi_pixel", "seconds_per_video")
+    keys = ("steps", "grid", "nfe", "total", "quality", "semantic", "fvd", "vendi_pixel", "seconds_per_video")
     lines = [f"{'model':<20}" + "".join(f"{k:>18}" for k in keys)]
     for name, m in rows:
-        cells = "".join(f"{m[k]:>18.4g}" if isinstance(m[k], float) else f"{m[k]!s:>18}" for k in keys)
+        cells = "".join(f"{m.get(k):>18.4g}" if isinstance(m.get(k), float) else f"{m.get(k, '–')!s:>18}" for k in keys)
         lines.append(f"{name:<20}{cells}")
     lines.append(f"sharpness: teacher-{summary['teacher']['steps']} "
                  f"{summary['teacher']['dimensions'].get('sharpness', np.nan):.3f}, "

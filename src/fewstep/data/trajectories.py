@@ -72,7 +72,7 @@ from ..config import StrictModel
 from ..diffusion.samplers import sample_euler
 from ..diffusion.schedules import TIME_GRIDS
 from ..errors import UserError
-from ..utils.io import sha256_file
+from ..utils.io import check_writable, sha256_file
 from .toyworld import ToyWorld
 
 Keep = Literal["keys", "all"]
@@ -339,7 +339,10 @@ class PromptSource:
         path = Path(spec)
         if not path.is_file():
             raise UserError(f"--prompts {spec}: no such file (give 'toy' or a text file with one prompt per line)")
-        text = path.read_text()
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise UserError(f"--prompts {spec} is not UTF-8 text (byte {err.start})") from None
         self.lines = [(n + 1, line.strip()) for n, line in enumerate(text.splitlines()) if line.strip()]
         if not self.lines:
             raise UserError(f"--prompts {spec}: the file holds no prompt (one prompt per line)")
@@ -349,6 +352,11 @@ class PromptSource:
         if self.spec == "toy":
             return self.world.prompt_and_seed(index)[0]
         return self.lines[index % len(self.lines)][1]
+
+    def check(self, pipeline, num: int) -> None:
+        """Every prompt the first ``num`` samples use parses (before anything is written)."""
+        if self.spec != "toy":
+            self.encode(pipeline, range(min(num, len(self.lines))))
 
     def encode(self, pipeline, indices: Sequence[int]):
         """``(prompts, Conditioning)`` of ``indices`` through ``pipeline``'s text encoder."""
@@ -373,8 +381,13 @@ def _check_same(found: StoreSettings, wanted: StoreSettings, out: Path) -> None:
 def synthesize(teacher: str | Path, out: str | Path, num: int, *, prompts: str = "toy", steps: int = 50,
                cfg_scale: float | None = None, keep: Keep = "keys", seed: int = 0, batch_size: int = 16,
                shard_size: int = 256, device: str | torch.device = "cpu",
-               progress: Callable[[str, int, int, dict], None] | None = None) -> TrajectoryStore:
+               progress: Callable[[str, int, int, dict], None] | None = None,
+               overwrite: bool = False) -> TrajectoryStore:
     """Synthesize (or continue, or verify) the store at ``out``; see the module doc.
+
+    Everything is checked before the first write: ``out`` is writable, every prompt of the run
+    parses. A store with no sample written yet is not kept as a store (a corrected rerun starts
+    afresh); ``overwrite`` replaces a store (only its manifest and shards; other files are kept).
 
     ``teacher``: a shipped model name or a model directory (:meth:`VideoPipeline.load`);
     ``cfg_scale``: CFG w in ``uncond + w·(cond − uncond)``, default the teacher's own (1 or None: no CFG);
@@ -389,9 +402,11 @@ def synthesize(teacher: str | Path, out: str | Path, num: int, *, prompts: str =
     if keep not in ("keys", "all"):
         raise UserError(f"--keep must be 'keys' or 'all', got {keep!r}")
     out = Path(out)
+    check_writable(out)
     grid = solver_grid(steps)  # (steps + 1,) decreasing, contains KEY_TIMES
     source = PromptSource(prompts)
     pipe = VideoPipeline.load(teacher, device)
+    source.check(pipe, num)
     cfg_scale = pipe.config.sampling.cfg_scale if cfg_scale is None else cfg_scale
     guided = cfg_scale not in (None, 1.0)
     keep_index = list(range(len(grid))) if keep == "all" else key_indices(grid)
@@ -405,10 +420,14 @@ def synthesize(teacher: str | Path, out: str | Path, num: int, *, prompts: str =
         latent_shape=latent_shape, text_shape=text_shape)
 
     # 1. open or create the store; drop leftovers of an interrupted write
+    replaced = (out / MANIFEST).is_file() and (overwrite or not read_manifest(out).shards)
+    if replaced:
+        for f in [out / MANIFEST, *out.glob("shard_*.safetensors"), *out.glob(".*.tmp")]:
+            f.unlink()  # only the store's own files
     if (out / MANIFEST).is_file():
         store = TrajectoryStore.resume(out)
         _check_same(store.settings, settings, out)
-    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
+    elif not replaced and out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} exists and is not a trajectory store (no {MANIFEST}); choose an empty or new "
                         f"directory")
     else:

@@ -239,28 +239,37 @@ def named_grid(name: str, schedule: Schedule) -> Tensor:
     raise UserError(f"unknown timestep grid {name!r}; known grids: {known}")
 
 
-def sampling_grid(schedule: Schedule, num_steps: int, t_min: float | None = None) -> Tensor:
+#: How an N-step sampler spreads its steps when the model has no explicit times of its own.
+GRID_SPACINGS = ("uniform", "diffusers")
+
+
+def sampling_grid(schedule: Schedule, num_steps: int, spacing: str = "uniform") -> Tensor:
     """The ``num_steps + 1`` times an N-step sampler visits, from ``t = 1`` down to ``t = 0``.
 
-    Flow matching reproduces ``FlowMatchEulerDiscreteScheduler.set_timesteps``: ``num_steps``
-    sigmas linearly spaced from 1 to the shifted σ of t = 1/1000 (the scheduler's
-    ``sigma_min``), shifted once more (diffusers applies the shift to that already-shifted
-    endpoint), then 0. VP uses DDIM's "trailing" spacing ``k = 999, 999 − 1000/N, …`` then
-    ``t = 0``. Pass ``t_min`` to end the linear spacing elsewhere.
+    * ``"uniform"`` (the default): N equal intervals of t, ``t_i = 1 − i/N``, so every step
+      covers 1/N of the time axis (of σ before the flow-matching shift) and all N steps do
+      work. For VP this is DDIM's "trailing" spacing ``k = 999, 999 − 1000/N, …`` then ``t = 0``.
+    * ``"diffusers"``: reproduces the diffusers scheduler's own grid (for comparisons with
+      diffusers only). Flow matching follows ``FlowMatchEulerDiscreteScheduler.set_timesteps``:
+      N sigmas linearly spaced from 1 to the shifted σ of ``t = 1/1000`` (``sigma_min``),
+      shifted once more, then 0. That grid wastes a step at small N: its last interval runs
+      from σ ≈ 0.001 to 0, so a 2-step sample visits [1, 0.001, 0] and is a 1-step result.
+      VP: DDIM's trailing spacing, identical to ``"uniform"``.
     """
     if num_steps < 1:
         raise UserError(f"steps must be >= 1, got {num_steps}")
-    if isinstance(schedule, FlowMatching):
-        if t_min is None:
-            t_min = float(schedule.shifted(torch.tensor(1.0 / NUM_TRAIN_TIMESTEPS, dtype=torch.float64)))
-        # our unshifted t is the scheduler's pre-shift sigma; sigma(t) = shifted(t) is its sigma
-        t = torch.linspace(1.0, t_min, num_steps, dtype=torch.float64)
-    elif isinstance(schedule, VPDiscrete):
+    if spacing not in GRID_SPACINGS:
+        raise UserError(f"grid spacing must be one of {', '.join(GRID_SPACINGS)}; got {spacing!r}")
+    if isinstance(schedule, VPDiscrete):
         n = schedule.num_train_timesteps
         k = torch.round(torch.arange(n, 0, -n / num_steps, dtype=torch.float64)) - 1
         t = schedule.t_from_index(k[:num_steps])
-    else:  # pragma: no cover - future schedules
-        t = torch.linspace(1.0, t_min or 1.0 / num_steps, num_steps, dtype=torch.float64)
+    elif isinstance(schedule, FlowMatching) and spacing == "diffusers":
+        t_min = float(schedule.shifted(torch.tensor(1.0 / NUM_TRAIN_TIMESTEPS, dtype=torch.float64)))
+        # our unshifted t is the scheduler's pre-shift sigma; sigma(t) = shifted(t) is its sigma
+        t = torch.linspace(1.0, t_min, num_steps, dtype=torch.float64)
+    else:
+        t = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)[:-1]
     return torch.cat([t, torch.zeros(1, dtype=torch.float64)])
 
 

@@ -31,7 +31,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
+from ..utils.io import make_temp_dir
 from ..utils.io import sha256_file as _sha256
 
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
@@ -105,7 +105,7 @@ def write_checkpoint(run_dir: Path, step: int, data: CheckpointData, keep: int) 
     root = checkpoints_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
+    tmp = make_temp_dir(root, f".tmp-{final.name}-")
     crash = os.environ.get(CRASH_ENV) == str(step)
     try:
         files: list[Path] = []

@@ -32,6 +32,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
+from ..errors import UserError
+
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
@@ -88,6 +90,8 @@ def init_distributed(device: str = "auto", mode: str = "ddp") -> DistEnv:
     """Join the torchrun process group if there is one; pick the device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("config key 'train.device': cuda, but no CUDA device is available (use auto or cpu)")
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:

@@ -5,9 +5,14 @@
   On resume, records after the checkpoint's step are dropped so the file reads as one run.
 * ``RUN/tb/`` — the same scalars and sample frame strips (TensorBoard ``purge_step`` discards
   events after a resume point).
-* progress — a rich progress bar (step, losses, ETA) on a terminal; plain lines otherwise.
-  Messages (``HEALTH: …``, skipped steps) get their own line; while a health issue is active
-  the progress line ends in ``| HEALTH: <kinds>``.
+* progress — on a terminal, a rich bar moved after every step: ``step k/N ETA h:mm:ss (rate)``,
+  the bar, the latest losses; otherwise a plain line per logged step,
+  ``ETA h:mm:ss (rate) | step k/N [stage] loss/… ``, plus one after the first step when that is
+  not a logged one. The ETA comes from the time per step so far, from the first step on. Both
+  stay within the terminal width (``shutil.get_terminal_size``; 80 columns when stdout is not
+  a terminal): the losses are cut, never the position or the ETA. Messages (``HEALTH: …``,
+  skipped steps) get their own line; while a health issue is active the progress line ends in
+  ``| HEALTH: <kinds>`` (kept when the losses are cut).
 
 Other ranks get a :class:`NullLogger`, so the trainer never asks which rank it is on to log.
 """
@@ -17,10 +22,11 @@ from __future__ import annotations
 import json
 import math
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
+
+from ..utils.progress import Eta, RichLines, fit_line
 
 
 def _fmt(value: float) -> str:
@@ -52,38 +58,47 @@ class RunLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=start_step + 1)
-        self.t0 = time.perf_counter()
-        self.bar = None
+        self.eta = Eta(start_step)  # restarted by start_clock() when the first step begins
+        self._timed = False  # a plain line with an ETA has been printed
+        self.lines: RichLines | None = None
         if sys.stdout.isatty():
-            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(),
-                                TextColumn("{task.fields[info]}"), TimeRemainingColumn())
-            self.task = self.bar.add_task("train", total=total_steps, completed=start_step, info="")
-            self.bar.start()
+            self.lines = RichLines()
+            self.task = self.lines.add(total_steps, start_step, self._head(start_step))
+            self.lines.start()
 
     # -- progress -----------------------------------------------------------------------------
-    def _eta(self, step: int) -> str:
-        done = step - self.start_step
-        if done <= 0:
-            return "?"
-        rate = done / (time.perf_counter() - self.t0)
-        secs = int((self.total - step) / rate)
-        return f"{rate:.2f} it/s, ETA {secs // 3600}:{secs // 60 % 60:02d}:{secs % 60:02d}"
+    def start_clock(self, step: int) -> None:
+        """Time the ETA from now, at ``step`` steps done (call it right before the first step)."""
+        self.eta.restart(step)
+
+    def _head(self, step: int) -> str:
+        return f"step {step}/{self.total} {self.eta.text(step, self.total)}"
+
+    def tick(self, step: int) -> None:
+        """After every step: move the bar and its ETA; without a terminal, print the first ETA at
+        once (``ETA … | step k/N``) if the first step was not a logged one."""
+        if self.lines is not None:
+            self.lines.update(self.task, step, self._head(step))
+        elif not self._timed and step > self.eta.done0:
+            self._timed = True
+            print(fit_line(f"{self.eta.text(step, self.total)} | step {step}/{self.total}"), flush=True)
 
     def progress(self, step: int, record: dict) -> None:
+        """The progress line of a logged step: position and ETA first, then the losses (cut to the
+        terminal width), then ``| HEALTH: <kinds>`` while a health issue is active."""
         losses = " ".join(f"{k}={_fmt(v)}" for k, v in record.items()
                           if k.startswith("loss/") and k.count("/") == 1)
-        if record.get("health"):
-            losses += f" | HEALTH: {record['health']}"
-        if self.bar is not None:
-            self.bar.update(self.task, completed=step, info=losses)
+        health = f" | HEALTH: {record['health']}" if record.get("health") else ""
+        if self.lines is not None:
+            self.lines.update(self.task, step, self._head(step), losses, health)
         else:
-            print(f"step {step}/{self.total} [{record.get('stage', '')}] {losses} | {self._eta(step)}", flush=True)
+            self._timed = self._timed or step > self.eta.done0
+            head = f"{self.eta.text(step, self.total)} | step {step}/{self.total} [{record.get('stage', '')}]"
+            print(fit_line(head, losses, health), flush=True)
 
     def message(self, text: str) -> None:
-        if self.bar is not None:
-            self.bar.console.print(text)
+        if self.lines is not None:
+            self.lines.console.print(text, markup=False, highlight=False, soft_wrap=True)
         else:
             print(text, flush=True)
 
@@ -105,8 +120,8 @@ class RunLogger:
         self.tb.add_images(tag, strips, step, dataformats="NHWC")
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
+        if self.lines is not None:
+            self.lines.stop()
         self.metrics.close()
         if self.tb is not None:
             self.tb.close()
@@ -115,6 +130,8 @@ class RunLogger:
 class NullLogger:
     """What ranks other than 0 log with: nothing."""
 
+    def start_clock(self, step): pass
+    def tick(self, step): pass
     def progress(self, step, record): pass
     def message(self, text): pass
     def log(self, step, record): pass

@@ -37,6 +37,7 @@ from fewstep.errors import UserError
 from fewstep.rewards.base import load_asset, resolve_asset, save_asset
 from fewstep.rewards.toy_clip import resample
 from fewstep.rewards.training_data import ATTRIBUTES, LabelledClips, Progress, fit
+from fewstep.utils.io import apply_umask
 
 from .frechet import FrechetStats
 
@@ -261,6 +262,7 @@ def _save_cache(stats: FrechetStats, path: Path) -> None:
     os.close(fd)
     try:
         stats.save(tmp)
+        apply_umask(tmp)
         os.replace(tmp, path)
     except OSError:
         Path(tmp).unlink(missing_ok=True)

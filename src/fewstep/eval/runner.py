@@ -12,6 +12,8 @@
     nfe              network evaluations per video (a CFG step counts 2)
     seconds_per_video  wall clock of sampling + decoding / number of videos (after a warm-up)
     steps, cfg_scale, num_videos, num_per_prompt, seed
+    grid, times      which time grid the sampler used ("model": the model's own, else the spacing
+                     of diffusion/schedules.sampling_grid) and the times it visited
     jpeg             mean JPEG compressibility reward (−kB per frame, the clip as one frame grid, rewards/jpeg.py)
 
 Every video's initial noise is drawn from one generator seeded with ``seed`` in suite order, so
@@ -56,6 +58,8 @@ class Generated:
     seconds: float  # wall clock of sampling + decoding, all videos
     steps: int  # sampler steps (intervals of the time grid)
     cfg_scale: float | None  # the effective CFG scale (None = no CFG)
+    grid: str = "uniform"  # which time grid: "model" (the model's own times), "uniform" or "diffusers"
+    times: tuple[float, ...] = ()  # the times visited, 1 … 0
 
 
 def check_steps(steps) -> None:
@@ -124,8 +128,10 @@ def generate_videos(pipe, prompts: list[str], *, steps: int | None = None, cfg_s
         if progress is not None:
             progress(min(lo + batch_size, n), n)
     effective_cfg = pipe.config.sampling.cfg_scale if cfg_scale is None else cfg_scale
-    return Generated(np.concatenate(chunks), prompts, nfe, seconds, len(pipe.sampling_times(steps)) - 1,
-                     None if effective_cfg in (None, 1.0) else float(effective_cfg))
+    times = pipe.sampling_times(steps)
+    return Generated(np.concatenate(chunks), prompts, nfe, seconds, len(times) - 1,
+                     None if effective_cfg in (None, 1.0) else float(effective_cfg), pipe.grid_name(steps),
+                     tuple(round(float(t), 4) for t in times))
 
 
 def evaluate_with_samples(
@@ -181,7 +187,7 @@ def evaluate_with_samples(
         "total": groups["total"], "quality": groups["quality"], "semantic": groups["semantic"],
         "dimensions": dimensions, "fvd": float(fvd), "vendi_pixel": float(vendi_pixel),
         "vendi_feature": float(vendi_feature), "nfe": gen.nfe, "seconds_per_video": gen.seconds / N,
-        "steps": gen.steps, "cfg_scale": gen.cfg_scale, "num_videos": N, "num_per_prompt": num_per_prompt,
+        "steps": gen.steps, "grid": gen.grid, "times": list(gen.times), "cfg_scale": gen.cfg_scale, "num_videos": N, "num_per_prompt": num_per_prompt,
         "seed": seed, "jpeg": float(jpeg.mean()),
     }
     return metrics, by_prompt

@@ -30,7 +30,7 @@ from ..config import FlowMatchingConfig, ScheduleConfig, StrictModel, parse_conf
 from ..diffusion.samplers import SAMPLERS, SampleResult
 from ..diffusion.schedules import sampling_grid
 from ..errors import UserError
-from ..utils.io import atomic_directory, load_weights
+from ..utils.io import atomic_directory, load_weights, read_json
 from .backbones import Conditioning
 from .codec import ToyCodec, ToyCodecConfig, video_to_frames
 from .denoiser import Denoiser
@@ -52,6 +52,8 @@ class SamplingConfig(StrictModel):
     times: list[float] | None = Field(
         None, description="explicit decreasing times ending at 0 (students); overrides steps")
     cfg_scale: float | None = Field(None, description="CFG scale w in uncond + w·(cond − uncond); None = no CFG")
+    spacing: Literal["uniform", "diffusers"] = Field(
+        "uniform", description="grid of an N-step sample without explicit times (diffusion/schedules.sampling_grid)")
 
 
 class ToyPipelineConfig(StrictModel):
@@ -91,11 +93,17 @@ class VideoPipeline(nn.Module):
 
     def sampling_times(self, steps: int | None = None) -> Tensor:
         """Times the sampler visits: the model's explicit ``sampling.times`` (a student's own grid)
-        when ``steps`` is None or equals that grid's step count, else an evenly spaced grid."""
+        when ``steps`` is None or equals that grid's step count, else ``sampling_grid`` with the
+        model's spacing (:meth:`grid_name` says which)."""
         cfg = self.config.sampling
         if cfg.times is not None and steps in (None, len(cfg.times) - 1):
             return torch.tensor(cfg.times, dtype=torch.float64)
-        return sampling_grid(self.denoiser.schedule, steps or cfg.steps)
+        return sampling_grid(self.denoiser.schedule, steps or cfg.steps, cfg.spacing)
+
+    def grid_name(self, steps: int | None = None) -> str:
+        """Which grid :meth:`sampling_times` uses: ``"model"`` (its own times) or the spacing."""
+        cfg = self.config.sampling
+        return "model" if cfg.times is not None and steps in (None, len(cfg.times) - 1) else cfg.spacing
 
     def default_steps(self) -> int:
         """The step count this model samples with when none is asked for."""
@@ -153,7 +161,10 @@ class VideoPipeline(nn.Module):
     def load(cls, name_or_dir: str | Path, device: str | torch.device = "cpu") -> "VideoPipeline":
         """Load a shipped model by name or a saved model directory."""
         directory = resolve_model(name_or_dir)
-        config = parse_config(ToyPipelineConfig, json.loads((directory / "model.json").read_text()))
+        meta = read_json(directory / "model.json", f"model {directory / 'model.json'}")
+        if not isinstance(meta, dict):
+            raise UserError(f"model {directory / 'model.json'} must hold a JSON object, got {type(meta).__name__}")
+        config = parse_config(ToyPipelineConfig, meta)
         pipe = cls(config)
         for name, module in (("backbone", pipe.denoiser.backbone.module), ("codec", pipe.codec),
                              ("text_encoder", pipe.text_encoder)):

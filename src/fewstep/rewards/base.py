@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from fewstep.config import parse_config
 from fewstep.errors import UserError
 from fewstep.models.pipeline import ASSETS
-from fewstep.utils.io import atomic_directory, load_weights
+from fewstep.utils.io import atomic_directory, load_weights, read_json
 
 C = TypeVar("C", bound=BaseModel)
 
@@ -100,10 +100,7 @@ def save_asset(directory: str | Path, config: BaseModel, module: nn.Module,
 def load_asset(directory: Path, config_cls: type[C], build, what: str,
                device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Read a directory written by :func:`save_asset`: ``(build(config).eval() on device, metrics)``."""
-    try:
-        meta = json.loads((directory / CONFIG_FILE).read_text())
-    except json.JSONDecodeError:
-        raise UserError(f"{what} {directory}: {CONFIG_FILE} is not valid JSON") from None
+    meta = read_json(directory / CONFIG_FILE, f"{what} {directory / CONFIG_FILE}")
     if not isinstance(meta, dict) or "config" not in meta:
         raise UserError(f"{what} {directory}: {CONFIG_FILE} lacks a 'config' mapping")
     module = build(parse_config(config_cls, meta["config"]))

@@ -254,10 +254,8 @@ class OutputDir:
         ours = set((read_owner(out) or {}).get("files", []))
         for name in self.names:
             target = out / name
-            theirs = [name] if target.is_file() and name not in ours else [
-                f"{name}/{f}" for f in _relative_files(target) if f"{name}/{f}" not in ours] if target.is_dir() else []
-            if theirs:
-                raise UserError(f"{what} {out}: {theirs[0]} was not written by fewstep and would be replaced; "
+            if (target.is_file() or target.is_symlink()) and name not in ours:
+                raise UserError(f"{what} {out}: {name} was not written by fewstep and would be replaced; "
                                 f"move it or choose another {what}")
 
     def __enter__(self) -> Path:

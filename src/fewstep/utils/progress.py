@@ -1,46 +1,198 @@
-"""Progress display for long jobs: a rich progress bar on a TTY, plain lines otherwise."""
+"""Progress display for long jobs: a rich progress bar on a TTY, plain lines otherwise.
+
+Both forms put what a user looks for first — where the job is (``step/total``) and when it will
+be done (``ETA h:mm:ss``, estimated from the time per step so far, shown from the first
+completed step on) — and keep the line within the terminal width
+(``shutil.get_terminal_size().columns``, 80 when stdout is not a terminal): the metrics after
+them are cut (``…``), never the position or the ETA. The helpers here are shared with the
+training loop's progress line (:mod:`fewstep.engine.logging`).
+"""
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
+
+#: Columns of the rich bar when the terminal leaves room for it (the metrics get the rest).
+BAR_WIDTH = 20
+#: A bar narrower than this is left out (a narrow terminal keeps the text instead).
+MIN_BAR_WIDTH = 6
+
+
+def terminal_width() -> int:
+    return max(shutil.get_terminal_size().columns, 20)
+
+
+def format_duration(seconds: float) -> str:
+    """``h:mm:ss`` (hours unbounded)."""
+    secs = max(int(round(seconds)), 0)
+    return f"{secs // 3600}:{secs // 60 % 60:02d}:{secs % 60:02d}"
+
+
+def format_rate(seconds_per_step: float) -> str:
+    """``2.31 it/s`` for fast steps, ``4.20 s/it`` for slow ones."""
+    if seconds_per_step <= 0:
+        return "- it/s"
+    if seconds_per_step < 1:
+        return f"{1 / seconds_per_step:.2f} it/s"
+    return f"{seconds_per_step:.2f} s/it"
+
+
+class Eta:
+    """Time left from the time per step so far, measured from the moment it is created
+    (or :meth:`restart`\\ ed) at ``done0`` completed steps."""
+
+    def __init__(self, done0: int = 0):
+        self.restart(done0)
+
+    def restart(self, done0: int = 0) -> None:
+        self.t0, self.done0 = time.perf_counter(), done0
+
+    def seconds_per_step(self, done: int) -> float | None:
+        n = done - self.done0
+        return (time.perf_counter() - self.t0) / n if n > 0 else None
+
+    def text(self, done: int, total: int, rate: bool = True) -> str:
+        """``ETA 0:01:23 (2.31 it/s)`` once a step has completed since the start, ``ETA ?`` before."""
+        per = self.seconds_per_step(done)
+        if per is None:
+            return "ETA ?"
+        eta = f"ETA {format_duration(per * max(total - done, 0))}"
+        return f"{eta} ({format_rate(per)})" if rate else eta
+
+
+def cut(text: str, room: int) -> str:
+    """``text`` shortened to at most ``room`` characters, ending in ``…`` (at a space if one is near)."""
+    if len(text) <= room:
+        return text
+    if room <= 1:
+        return "…"[:max(room, 0)]
+    head = text[:room - 1]
+    space = head.rfind(" ")
+    if space >= room // 2:  # drop the cut-off word when that keeps most of the text
+        head = head[:space + 1]
+    return head + "…"
+
+
+def fit_line(head: str, body: str = "", tail: str = "", width: int | None = None, sep: str = " ") -> str:
+    """``head + sep + body + tail`` within ``width`` columns, cutting ``body`` first, then ``tail``,
+    and ``head`` only when it alone is too long."""
+    width = terminal_width() if width is None else width
+    if len(head) >= width:
+        return cut(head, width)
+    if not body and not tail:
+        return head
+    room = width - len(head) - len(sep)
+    if len(body) + len(tail) > room:
+        if len(tail) > room - 2:  # keep at least "x…" of the body when there is one
+            return head + sep + cut(body + tail, room)
+        body = cut(body, room - len(tail))
+    return head + sep + body + tail
+
+
+class RichLines:
+    """A rich ``Progress`` whose rows — ``head``, a bar, ``info + tail`` — never wrap: on every
+    update the bar width and each row's info are fitted to the console width (the info is cut,
+    never the head; the bar is left out on a narrow terminal)."""
+
+    def __init__(self):
+        from rich.progress import BarColumn, Progress, TextColumn
+        from rich.table import Column
+        from rich.text import Text
+
+        class _Bar(BarColumn):
+            def render(self, task):
+                return Text("") if not self.bar_width else super().render(task)
+
+        self._barcol = _Bar(bar_width=BAR_WIDTH)
+        self.progress = Progress(TextColumn("{task.fields[head]}", markup=False,
+                                            table_column=Column(no_wrap=True, overflow="crop")),
+                                 self._barcol,
+                                 TextColumn("{task.fields[info]}", markup=False,
+                                            table_column=Column(no_wrap=True, overflow="ellipsis")))
+        self._rows: dict[int, tuple[str, str, str]] = {}  # task id → (head, info, tail) as given
+
+    @property
+    def console(self):
+        return self.progress.console
+
+    def start(self) -> None:
+        self.progress.start()
+
+    def stop(self) -> None:
+        self.progress.stop()
+
+    def add(self, total: int, completed: int = 0, head: str = "", info: str = "", tail: str = "") -> int:
+        task = self.progress.add_task("", total=total, completed=completed, head=head, info=info + tail)
+        self._rows[task] = (head, info, tail)
+        self._layout()
+        return task
+
+    def update(self, task: int, completed: int, head: str, info: str | None = None, tail: str | None = None,
+               total: int | None = None) -> None:
+        old = self._rows[task]
+        self._rows[task] = (head, old[1] if info is None else info, old[2] if tail is None else tail)
+        self.progress.update(task, completed=completed, **({"total": total} if total is not None else {}))
+        self._layout()
+
+    def _layout(self) -> None:
+        width = self.console.width
+        head_width = max(len(h) for h, _, _ in self._rows.values())
+        room = width - head_width - 2  # rich puts one space between columns
+        has_info = any(i or t for _, i, t in self._rows.values())
+        bar = min(BAR_WIDTH, room - 12 if has_info else room)  # leave the info ≥ 12 columns
+        bar = bar if bar >= MIN_BAR_WIDTH else 0
+        self._barcol.bar_width = bar
+        for task, (head, info, tail) in self._rows.items():
+            self.progress.update(task, head=head, info=fit_line("", info, tail, room - bar, sep=""))
 
 
 class StageProgress:
     """``progress(stage, step, total, metrics)`` callback with one bar (or line stream) per stage.
 
-    On a terminal it shows a rich bar with step/total, ETA and the latest metrics; when stdout
-    is not a TTY (CI, logs) it prints a plain line at most every ``every_seconds``.
+    On a terminal it shows a rich row per stage — ``stage step/total ETA …``, a bar, the latest
+    metrics — within the terminal width; when stdout is not a TTY (CI, logs) it prints a plain
+    line ``[stage] step/total ETA … metrics``, cut to the terminal width, at most every
+    ``every_seconds`` (and after a stage's first timed step, so the ETA shows at once, and at
+    its end). A stage's clock starts at its first report.
     """
 
     def __init__(self, every_seconds: float = 10.0):
         self.tty = sys.stdout.isatty()
         self.every = every_seconds
-        self._bar = None
+        self._lines: RichLines | None = None
         self._tasks: dict[str, int] = {}
+        self._etas: dict[str, Eta] = {}
+        self._timed: set[str] = set()  # stages whose plain line has shown an ETA
         self._last = 0.0
 
     def __enter__(self):
         if self.tty:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
-            self._bar.__enter__()
+            self._lines = RichLines()
+            self._lines.start()
         return self
 
     def __exit__(self, *exc):
-        if self._bar is not None:
-            self._bar.__exit__(*exc)
+        if self._lines is not None:
+            self._lines.stop()
 
     def __call__(self, stage: str, step: int, total: int, metrics: dict) -> None:
-        info = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
-        if self._bar is not None:
+        info = " ".join(f"{k}={v:.4g}" if isinstance(v, (int, float)) else f"{k}={v}" for k, v in metrics.items())
+        if stage not in self._etas:
+            self._etas[stage] = Eta(step)
+        eta = self._etas[stage]
+        if self._lines is not None:
+            head = f"{stage} {step}/{total} {eta.text(step, total, rate=False)}"
             if stage not in self._tasks:
-                self._tasks[stage] = self._bar.add_task(stage, total=total, info="")
-            self._bar.update(self._tasks[stage], completed=step, info=info)
+                self._tasks[stage] = self._lines.add(total, step, head, info)
+            else:
+                self._lines.update(self._tasks[stage], step, head, info, total=total)
             return
         now = time.monotonic()
-        if now - self._last >= self.every or step == total:
+        first_eta = step > eta.done0 and stage not in self._timed
+        if now - self._last >= self.every or step == total or first_eta:
             self._last = now
-            print(f"[{stage}] {step}/{total} {info}", flush=True)
+            if step > eta.done0:
+                self._timed.add(stage)
+            print(fit_line(f"[{stage}] {step}/{total} {eta.text(step, total)}", info), flush=True)
