@@ -39,35 +39,116 @@ DEMO_SETTINGS: list[str] = [
 #: Loss series drawn in the report: ``loss/<role>/<objective>/<term>`` of ``RUN/metrics.jsonl``.
 LOSS_PREFIX = "loss/"
 
+#: Readable names of the objectives of the shipped recipes (recipes/*.yaml and recipes/dollar.py),
+#: by objective name (the key under a stage's ``objectives:``) and by objective ``kind``.
+OBJECTIVE_LABELS: dict[str, str] = {
+    "vsd": "VSD / DMD (generator)", "dmd": "VSD / DMD (generator)",
+    "cd": "consistency distillation",
+    "fake": "fake-score denoising", "fake_score": "fake-score denoising",
+    "lrm": "latent reward model fit", "lrm_fit": "latent reward model fit",
+    "ft": "latent reward fine-tuning", "lrm_finetune": "latent reward fine-tuning",
+    "ddpo": "DDPO (reward RL)",
+    "traj": "trajectory guidance", "guidance": "trajectory guidance", "trajectory_guidance": "trajectory guidance",
+    "adv_g": "adversarial (generator)", "queue_gan_generator": "adversarial (generator)",
+    "adv_d": "adversarial (discriminator)", "queue_gan_discriminator": "adversarial (discriminator)",
+    "flow": "flow matching", "flow_matching": "flow matching",
+}
+#: Term names that say nothing beyond the objective (the label then shows the objective only).
+GENERIC_TERMS = frozenset({"mse", "loss", "total", "adv", "ft", "l2", "huber"})
+#: Readable role names (panel titles); others show with "_" as spaces.
+ROLE_LABELS: dict[str, str] = {"fake_score": "fake score", "lrm": "latent reward model"}
+
+
+def loss_label(key: str) -> str:
+    """A readable name for a logged loss term ``<objective>/<term>`` (or a full
+    ``loss/<role>/<objective>/<term>`` key): the objective's :data:`OBJECTIVE_LABELS` name (an
+    unknown ``adv…`` one reads "adversarial …"), followed by `` · <term>`` unless the term repeats
+    the objective or is generic (:data:`GENERIC_TERMS`); otherwise the key with "/" as " · "."""
+    parts = key.split("/")
+    if key.startswith(LOSS_PREFIX) and len(parts) == 4:
+        parts = parts[2:]
+    objective, terms = parts[0], parts[1:]
+    if terms and (terms[-1] == objective or terms[-1] in GENERIC_TERMS):
+        terms = terms[:-1]
+    name = OBJECTIVE_LABELS.get(objective)
+    if name is None and objective.startswith("adv") and objective != "adv":
+        name = "adversarial " + objective[3:].strip("_-").replace("_", " ")
+    return " · ".join([name or objective, *terms])
+
+
+def role_label(role: str) -> str:
+    """A readable role name for a loss panel's title: ``fake_score`` → "fake score"."""
+    return ROLE_LABELS.get(role, role.replace("_", " "))
+
+
+def ema(values: list[float], beta: float) -> list[float]:
+    """Bias-corrected exponential moving average (TensorBoard-style smoothing) of ``values``."""
+    out, acc = [], 0.0
+    for i, v in enumerate(values, 1):
+        acc = beta * acc + (1.0 - beta) * v
+        out.append(acc / (1.0 - beta ** i) if beta > 0 else v)
+    return out
+
 
 def loss_curves(metrics_jsonl: Path, png: Path) -> Path:
-    """One panel per role with its objectives' loss terms against the step (matplotlib, Agg)."""
+    """One panel per role with its objectives' loss terms against the step (matplotlib, Agg):
+    each term as an EMA-smoothed line (span ≈ an eighth of its points) over its raw values (faint),
+    named by :func:`loss_label`; with two or more terms also the role's weighted total (dashed);
+    a log y axis where a panel's positive values span more than ~1.3 decades."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogFormatter
 
+    class PlainLog(LogFormatter):  # matplotlib picks which ticks to label; they read 0.2, not 2×10⁻¹
+        def _num_to_string(self, x, vmin, vmax):
+            return f"{x:.2g}"
     series: dict[str, dict[str, tuple[list[int], list[float]]]] = {}
+    totals: dict[str, tuple[list[int], list[float]]] = {}
     for line in metrics_jsonl.read_text().splitlines():
+        if not line.strip():
+            continue
         row = json.loads(line)
         for key, value in row.items():
             parts = key.split("/")
-            if not key.startswith(LOSS_PREFIX) or len(parts) != 4 or not isinstance(value, (int, float)):
+            if not key.startswith(LOSS_PREFIX) or not isinstance(value, (int, float)) or isinstance(value, bool):
                 continue
-            steps, values = series.setdefault(parts[1], {}).setdefault("/".join(parts[2:]), ([], []))
+            if len(parts) == 2:
+                steps, values = totals.setdefault(parts[1], ([], []))
+            elif len(parts) == 4:
+                steps, values = series.setdefault(parts[1], {}).setdefault("/".join(parts[2:]), ([], []))
+            else:
+                continue
             steps.append(row["step"])
             values.append(value)
     if not series:
         raise UserError(f"{metrics_jsonl} has no loss entries to plot")
-    fig, axes = plt.subplots(1, len(series), figsize=(4.5 * len(series), 3.2), squeeze=False)
-    for ax, (role, terms) in zip(axes[0], sorted(series.items())):
-        for name, (steps, values) in sorted(terms.items()):
-            ax.plot(steps, values, label=name, linewidth=1.2)
-        ax.set_title(role)
+    order = ["student", *sorted(r for r in series if r != "student")] if "student" in series else sorted(series)
+    fig, axes = plt.subplots(1, len(order), figsize=(4.6 * len(order), 3.4), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, role in zip(axes[0], order):
+        terms = series[role]
+        lines = [(loss_label(name), terms[name], colours[i % len(colours)], "-")
+                 for i, name in enumerate(sorted(terms))]
+        if len(terms) > 1 and role in totals:
+            lines.append(("total (weighted)", totals[role], "0.25", "--"))
+        for label, (steps, values), colour, style in lines:
+            beta = 1.0 - 2.0 / (max(1.0, len(values) / 8) + 1.0)
+            ax.plot(steps, values, color=colour, alpha=0.22, linewidth=0.8)
+            ax.plot(steps, ema(values, beta), color=colour, linestyle=style, linewidth=1.8, label=label)
+        ax.set_title(role_label(role), fontsize=11)
         ax.set_xlabel("step")
-        ax.set_yscale("log" if all(v > 0 for _, vs in terms.values() for v in vs) else "linear")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
+        ax.set_ylabel("loss")
+        every = [v for _, (_, vs), _, _ in lines for v in vs]
+        ax.set_yscale("log" if min(every) > 0 and max(every) > 20 * min(every) else "linear")  # log: > 1 decade
+        if ax.get_yscale() == "log":
+            ax.yaxis.set_major_formatter(PlainLog(labelOnlyBase=False))
+            ax.yaxis.set_minor_formatter(PlainLog(labelOnlyBase=False))
+            ax.tick_params(axis="y", which="minor", labelsize=8)
+        ax.legend(fontsize=8, framealpha=0.85)
+        ax.grid(alpha=0.3, which="both")
+    fig.suptitle("training losses (EMA-smoothed; faint: raw values)", fontsize=10, color="0.3")
     fig.tight_layout()
     tmp = png.with_name(f".{png.name}.tmp.png")
     fig.savefig(tmp, dpi=100)

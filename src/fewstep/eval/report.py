@@ -114,8 +114,8 @@ def write_mp4(path: str | Path, video: np.ndarray, fps: int = 8, scale: int = 8)
 DIMENSION_GROUPS = (("semantic", SEMANTIC_DIMS), ("quality", QUALITY_DIMS))
 
 CSS = """
-body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif; margin: 16px 20px;
-       color: #1d2330; max-width: 1360px; }
+body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif; margin: 14px 12px;
+       color: #1d2330; }
 h1 { font-size: 22px; margin: 0 0 12px; }
 h2 { font-size: 18px; margin: 26px 0 8px; border-bottom: 1px solid #d8dce3; padding-bottom: 3px; }
 p.note { font-size: 12.5px; color: #4a5263; max-width: 1100px; line-height: 1.45; margin: 6px 0 0; }
@@ -141,9 +141,9 @@ td.model { background: #f7f8fa; }
 section.prompt { margin: 0 0 14px; }
 section.prompt h3 { font-size: 14.5px; margin: 10px 0 5px; font-weight: 600; }
 section.prompt h3 .num { color: #6b7385; font-weight: 400; margin-right: 6px; }
-.models { display: flex; flex-wrap: wrap; gap: 10px; }
-figure { margin: 0; padding: 4px 5px 5px; border: 1px solid #d8dce3; border-radius: 4px; background: #f7f8fa; }
-figcaption { font-size: 12.5px; font-weight: 600; margin: 0 0 4px; white-space: nowrap; overflow: hidden;
+.models { display: flex; flex-wrap: wrap; gap: 6px; }
+figure { margin: 0; padding: 3px; border: 1px solid #d8dce3; border-radius: 4px; background: #f7f8fa; }
+figcaption { font-size: 12.5px; font-weight: 600; margin: 0 1px 3px; white-space: nowrap; overflow: hidden;
              text-overflow: ellipsis; }
 .gifs { display: grid; gap: 2px; }
 .gifs img { image-rendering: pixelated; display: block; }
