@@ -77,18 +77,24 @@ def test_latent_reward_step_needs_less_memory_than_the_pixel_reward_step():
     assert not any(p.requires_grad for p in student.denoiser.parameters())  # left as found
 
 
-def test_bench_cli_rejects_a_non_differentiable_reward(teacher_dir, capsys):
-    rc, _, err = cli(capsys, "bench", "--student", teacher_dir, "--teacher", teacher_dir, "--steps", "1",
+@pytest.fixture(scope="module")
+def student_dir(tmp_path_factory):
+    """Another tiny model standing in for a distilled student (bench refuses the teacher itself)."""
+    return make_tiny_pipeline(seed=1).save(tmp_path_factory.mktemp("bench") / "student")
+
+
+def test_bench_cli_rejects_a_non_differentiable_reward(teacher_dir, student_dir, capsys):
+    rc, _, err = cli(capsys, "bench", "--student", student_dir, "--teacher", teacher_dir, "--steps", "1",
                      "--teacher-steps", "2", "--num", "1", "--repeats", "1", "--reward", "jpeg")
     assert rc == 2 and err.count("\n") == 1 and "jpeg" in err
 
 
 @pytest.mark.parametrize("command", ["bench", "eval", "generate", "synth"])
 @pytest.mark.parametrize("device", ["tpu", "cuda"])
-def test_device_option_errors_are_one_line(teacher_dir, tmp_path, capsys, command, device):
+def test_device_option_errors_are_one_line(teacher_dir, student_dir, tmp_path, capsys, command, device):
     if device == "cuda" and torch.cuda.is_available():
         pytest.skip("CUDA is available here")
-    args = {"bench": ["--student", teacher_dir, "--teacher", teacher_dir],
+    args = {"bench": ["--student", student_dir, "--teacher", teacher_dir],
             "eval": ["--model", teacher_dir, "--out", tmp_path / "out"],
             "generate": ["--model", teacher_dir, "--prompt", "a red circle", "--out", tmp_path / "out"],
             "synth": ["--teacher", teacher_dir, "--num", "1", "--out", tmp_path / "out"]}[command]
@@ -97,8 +103,8 @@ def test_device_option_errors_are_one_line(teacher_dir, tmp_path, capsys, comman
     assert not (tmp_path / "out").exists()
 
 
-def test_bench_cli_writes_json(teacher_dir, tmp_path, capsys):
-    rc, out, err = cli(capsys, "bench", "--student", teacher_dir, "--teacher", teacher_dir, "--steps", "2",
+def test_bench_cli_writes_json(teacher_dir, student_dir, tmp_path, capsys):
+    rc, out, err = cli(capsys, "bench", "--student", student_dir, "--teacher", teacher_dir, "--steps", "2",
                        "--teacher-steps", "4", "--num", "1", "--repeats", "1", "--reward", "sharpness",
                        "--memory-batch", "1", "--out", tmp_path / "bench.json")
     assert rc == 0, err

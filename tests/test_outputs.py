@@ -237,3 +237,13 @@ def test_eval_records_the_grid(student_dir, tmp_path):
     assert main(["eval", "--model", str(student_dir), "--num", "1", "--steps", "4", "--out", str(out2)]) == 0
     metrics = json.loads((out2 / "metrics.json").read_text())
     assert metrics["grid"] == "uniform" and metrics["times"] == [1.0, 0.75, 0.5, 0.25, 0.0]
+
+
+def test_eval_warns_on_an_untrained_student(model_dir, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(model_dir, run / "student")
+    (run / "run.json").write_text(json.dumps({"recipe": "dollar", "student": {"step": 0, "of": 400}}))
+    assert generate(run / "student", tmp_path / "out") == 0
+    assert "holds step 0 of 400 (untrained" in capsys.readouterr().err

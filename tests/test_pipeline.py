@@ -31,7 +31,8 @@ def test_explicit_student_times_and_consistency_sampler():
     assert res.times.tolist() == [1.0, 0.75, 0.5, 0.25, 0.0]
     # asking for the student's own step count keeps its grid; another count gets an even grid
     assert pipe.sampling_times(4).tolist() == [1.0, 0.75, 0.5, 0.25, 0.0]
-    assert pipe.sampling_times(2).tolist() == [1.0, 0.001, 0.0]  # the scheduler-style 2-step grid
+    assert pipe.sampling_times(2).tolist() == [1.0, 0.5, 0.0]  # two useful steps, not diffusers' [1, 0.001, 0]
+    assert pipe.grid_name(4) == "model" and pipe.grid_name(2) == "uniform"
 
 
 def test_save_load_round_trip(tiny_pipeline, tmp_path):

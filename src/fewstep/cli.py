@@ -44,6 +44,8 @@ def timesteps(
     schedule: str = typer.Option("flow", help="Noise schedule: 'flow' (flow matching) or 'vp' (DDPM)."),
     steps: int = typer.Option(None, help="Sampler steps (the grid an N-step Euler/DDIM sampler visits)."),
     grid: str = typer.Option(None, help="A named grid instead of --steps (e.g. dollar4, ddim50, accvideo_keys)."),
+    spacing: str = typer.Option("uniform", help="With --steps: uniform (N equal intervals of t) or diffusers "
+                                                "(the diffusers scheduler's own grid)."),
     shift: float = typer.Option(1.0, help="Flow-matching shift s."),
     betas: str = typer.Option("scaled_linear", help="VP betas: linear or scaled_linear."),
     zero_terminal_snr: bool = typer.Option(False, help="VP: rescale betas to zero terminal SNR."),
@@ -63,8 +65,8 @@ def timesteps(
         raise UserError(f"--schedule must be 'flow' or 'vp', got {schedule!r}")
     if (steps is None) == (grid is None):
         raise UserError("give exactly one of --steps N or --grid NAME")
-    t = named_grid(grid, sched) if grid else sampling_grid(sched, steps)
-    table = Table(title=f"{schedule} schedule: {grid or f'{steps}-step sampling grid'}")
+    t = named_grid(grid, sched) if grid else sampling_grid(sched, steps, spacing)
+    table = Table(title=f"{schedule} schedule: {grid or f'{steps}-step {spacing} sampling grid'}")
     for col in ("i", "t", "alpha", "sigma", "model timestep"):
         table.add_column(col, justify="right")
     for i, ti in enumerate(t.tolist()):
@@ -147,6 +149,16 @@ def _device(value: str) -> str:
     return value
 
 
+def _warn_if_untrained(model: str) -> None:
+    """A training run's ``RUN/student`` says which step it holds (run.json); warn on an untrained one."""
+    from .engine.rundir import describe_student, student_record
+    from .errors import warn
+
+    record = student_record(model)
+    if record is not None and (record["step"] == 0 or record["step"] < (record.get("of") or 0)):
+        warn(f"{model} holds {describe_student(record)}")
+
+
 @app.command()
 def generate(
     model: str = typer.Option(..., help="A shipped model name (toy-teacher) or a model directory."),
@@ -168,6 +180,7 @@ def generate(
     if scale < 1:
         raise UserError(f"--scale {scale} is invalid; expected an integer >= 1")
     device = _device(device)
+    _warn_if_untrained(model)
     with StageProgress(every_seconds=5.0) as progress:
         target = generate_to_dir(model, prompt, out, steps=steps, cfg_scale=cfg, num=num, seed=seed, scale=scale,
                                  device=device, overwrite=overwrite,
@@ -196,6 +209,7 @@ def eval_(
     from .utils.progress import StageProgress
 
     device = _device(device)
+    _warn_if_untrained(model)
     with StageProgress(every_seconds=5.0) as progress:
         metrics = evaluate_to_dir(model, out, steps=steps, cfg_scale=cfg, num=num, seed=seed, features=features,
                                   batch_size=batch_size, device=device, overwrite=overwrite,

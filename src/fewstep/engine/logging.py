@@ -5,14 +5,14 @@
   On resume, records after the checkpoint's step are dropped so the file reads as one run.
 * ``RUN/tb/`` — the same scalars and sample frame strips (TensorBoard ``purge_step`` discards
   events after a resume point).
-* progress — on a terminal, a rich bar moved after every step: ``step k/N ETA h:mm:ss (rate)``,
-  the bar, the latest losses; otherwise a plain line per logged step,
-  ``ETA h:mm:ss (rate) | step k/N [stage] loss/… ``, plus one after the first step when that is
-  not a logged one. The ETA comes from the time per step so far, from the first step on. Both
-  stay within the terminal width (``shutil.get_terminal_size``; 80 columns when stdout is not
-  a terminal): the losses are cut, never the position or the ETA. Messages (``HEALTH: …``,
-  skipped steps) get their own line; while a health issue is active the progress line ends in
-  ``| HEALTH: <kinds>`` (kept when the losses are cut).
+* progress — on a terminal, a rich bar moved after every step: ``step k/N ETA h:mm:ss``, the
+  bar, the latest losses; otherwise a plain line per logged step, ``ETA h:mm:ss | step k/N
+  [stage] loss/…``, plus one after the first step when that is not a logged one
+  (``ETA h:mm:ss (rate) | step 1/N``). The ETA comes from the time per step so far, from the
+  first step on. Both stay within the terminal width (``shutil.get_terminal_size``; 80 columns
+  when stdout is not a terminal): the losses are cut, never the position or the ETA. Messages
+  (``HEALTH: …``, skipped steps) get their own line; while a health issue is active the
+  progress line ends in ``| HEALTH: <kinds>`` (kept when the losses are cut).
 
 Other ranks get a :class:`NullLogger`, so the trainer never asks which rank it is on to log.
 """
@@ -81,7 +81,7 @@ class RunLogger:
             self.lines.update(self.task, step, self._head(step))
         elif not self._timed and step > self.eta.done0:
             self._timed = True
-            print(fit_line(f"{self.eta.text(step, self.total)} | step {step}/{self.total}"), flush=True)
+            print(fit_line(f"{self.eta.text(step, self.total, rate=True)} | step {step}/{self.total}"), flush=True)
 
     def progress(self, step: int, record: dict) -> None:
         """The progress line of a logged step: position and ETA first, then the losses (cut to the

@@ -3,13 +3,20 @@
 ::
 
     RUN/
-      run.json          {"recipe": "finetune", "fewstep": "0.1.0"} — marks the directory as a run
+      run.json          {"recipe": "finetune", "fewstep": "0.1.0", "student": {"step": 500, "of": 2000}}
+                        — marks the directory as a run; "student" says which engine step RUN/student
+                        holds (of train.steps), updated after every export (see :func:`record_student`)
       config.yaml       the resolved config (what --dry-run prints)
       metrics.jsonl     per-step scalars            tb/      TensorBoard events
       evals/            step_XXXXXX.json reports    checkpoints/step_XXXXXX/ (see checkpoint.py)
       student/          always a loadable model: ``VideoPipeline.load(RUN/student)``
 
 Every check here runs before anything is written, so a refused command changes nothing.
+
+``RUN/student`` is exported at step 0 (so it is loadable from the start) and with every
+checkpoint; a model directory carries no training state of its own, so ``run.json`` is where a
+reader learns whether a student is trained: :func:`student_step` / :func:`student_record` read
+it for a model directory, :func:`describe_student` words it ("step 0 of 400 (untrained …)").
 """
 
 from __future__ import annotations
@@ -44,7 +51,8 @@ def check_resume(run_dir: Path, recipe: str | None) -> tuple[str, Path]:
                         f"as recipe {recipe!r}")
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
-        raise UserError(f"--resume {run_dir}: the run has no complete checkpoint to resume from")
+        raise UserError(f"--resume {run_dir}: the run has no complete checkpoint to resume from (it ended before "
+                        f"its first checkpoint was written); start it again with --out {run_dir} --overwrite")
     return run["recipe"], ckpt
 
 
@@ -72,8 +80,61 @@ def init_run_dir(out: Path, recipe: str, config_yaml: str, *, overwrite: bool, r
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     remove_partial(out)
-    _write_atomic(out / "run.json", json.dumps({"recipe": recipe, "fewstep": __version__}) + "\n")
+    run = {"recipe": recipe, "fewstep": __version__}
+    if resuming_here and (old := read_run(out)) is not None and "student" in old:
+        run["student"] = old["student"]  # RUN/student is still the one exported before
+    _write_atomic(out / "run.json", json.dumps(run) + "\n")
     _write_atomic(out / "config.yaml", config_yaml)
+
+
+def update_run(run_dir: Path, **fields) -> dict:
+    """Set top-level ``fields`` of ``run_dir/run.json``, atomically (rank 0 only); returns the run."""
+    run_dir = Path(run_dir)
+    run = read_run(run_dir)
+    if run is None:
+        raise UserError(f"{run_dir} is not a fewstep run directory (no run.json)")
+    run.update(fields)
+    _write_atomic(run_dir / "run.json", json.dumps(run) + "\n")
+    return run
+
+
+def record_student(run_dir: Path, step: int, of: int) -> None:
+    """Record in run.json that ``RUN/student`` now holds the weights of engine step ``step`` of ``of``."""
+    update_run(run_dir, student={"step": int(step), "of": int(of)})
+
+
+def student_record(model_dir: Path | str) -> dict | None:
+    """``{"step": N, "of": total}`` for a run's ``RUN/student`` directory (from ``RUN/run.json``);
+    None for any other model directory (a shipped name, a copy elsewhere, an older run)."""
+    model_dir = Path(model_dir)
+    if model_dir.name != "student":
+        return None
+    try:
+        run = read_run(model_dir.parent)
+    except (UserError, OSError):  # an unreadable run.json says nothing about the model
+        return None
+    record = run.get("student") if isinstance(run, dict) else None
+    if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+        return None
+    return record
+
+
+def student_step(model_dir: Path | str) -> int | None:
+    """The engine step whose weights ``model_dir`` (a ``RUN/student``) holds, or None if unknown."""
+    record = student_record(model_dir)
+    return None if record is None else record["step"]
+
+
+def describe_student(record: dict) -> str:
+    """``step 0 of 400 (untrained: the initial weights)``, ``step 120 of 400 (partly trained)``,
+    ``step 400 of 400 (fully trained)`` for a :func:`student_record`."""
+    step, of = record["step"], record.get("of")
+    text = f"step {step}" + (f" of {of}" if isinstance(of, int) else "")
+    if step == 0:
+        return f"{text} (untrained: the initial weights)"
+    if isinstance(of, int) and step < of:
+        return f"{text} (partly trained)"
+    return f"{text} (fully trained)" if isinstance(of, int) else text
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -20,12 +20,35 @@ The recipe is reached only through the :class:`Plan` protocol below, so the engi
 recipe. Stopping conditions (``train.max_bad_steps`` non-finite steps in a row, a health
 issue under ``train.stop_on_collapse``) save a checkpoint, then raise :class:`TrainingStopped`,
 a one-line :class:`~fewstep.errors.UserError`.
+
+**Signals.** While :meth:`Trainer.run` runs (in the main thread), SIGINT (Ctrl-C) and SIGTERM
+(what a cluster scheduler sends before preemption; torchrun forwards it to every worker) only
+set a flag. Before each step the processes agree (an all-reduce) whether any of them got one;
+if so the run stops there — the step in progress when the signal came is finished — writes a
+checkpoint, prints where it is, what ``RUN/student`` holds and the ``--resume`` command, and
+raises :class:`TrainingInterrupted` (exit code 130 for SIGINT, 143 for SIGTERM: 128 + signal
+number). Further signals are ignored until the checkpoint is written (writing is atomic
+anyway); the previous handlers are restored when :meth:`~Trainer.run` returns. A signal during
+the last step changes nothing: the run ends as usual.
+
+``RUN/run.json`` records which step ``RUN/student`` holds (``"student": {"step": N, "of":
+train.steps}``, :func:`~fewstep.engine.rundir.record_student`), and the end of a run (or its
+interruption) prints the student's path, that step and the commands to evaluate it.
+
+Test hook (only for the signal tests): ``FEWSTEP_TEST_SIGNAL=<step>:<SIGNAL>[:<rank>]`` (e.g.
+``3:SIGTERM``) makes the process (only rank ``<rank>`` if given) send itself ``SIGNAL`` just
+before engine step ``<step>`` (1-based) runs, so the run must finish that step and stop with
+``<step>`` steps done — like a Ctrl-C or a scheduler's SIGTERM arriving mid-step.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import random
+import shlex
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +69,11 @@ from .evaluation import Evaluator
 from .health import HealthIssue, HealthMonitor
 from .logging import NullLogger, RunLogger
 from .roles import Role, Roles, build_roles
-from .rundir import init_run_dir
+from .rundir import describe_student, init_run_dir, record_student, student_record
+
+SIGNAL_ENV = "FEWSTEP_TEST_SIGNAL"
+#: the signals that stop a run after its current step, with a checkpoint
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class Plan(Protocol):
@@ -64,6 +91,73 @@ class Plan(Protocol):
 
 class TrainingStopped(UserError):
     """The run stopped itself (non-finite losses, a health check); its last state is checkpointed."""
+
+
+class TrainingInterrupted(UserError):
+    """SIGINT (Ctrl-C) or SIGTERM stopped the run after the step it was in; that step is
+    checkpointed and the message names the ``--resume`` command. ``exit_code`` is 128 + the
+    signal number: 130 for SIGINT, 143 for SIGTERM."""
+
+    exit_code = 128 + signal.SIGINT
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.signum = int(signum)
+        self.exit_code = 128 + int(signum)
+
+
+class StopSignals:
+    """Turns SIGINT/SIGTERM into a flag (:attr:`received`) for the training loop to read.
+
+    :meth:`install` does nothing outside the main thread (Python delivers signals there only)
+    and leaves a signal that is ignored (``SIG_IGN``) ignored; :meth:`restore` puts the previous
+    handlers back. The handler only sets the flag (the first signal's number) and writes one
+    notice on stderr (``os.write``: safe inside a signal handler); later signals change nothing.
+    """
+
+    def __init__(self, announce: bool = True):
+        self.received: int | None = None
+        self.announce = announce
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in STOP_SIGNALS:
+            previous = signal.getsignal(sig)
+            if previous is signal.SIG_IGN:  # ignored on purpose (e.g. a background job's SIGINT)
+                continue
+            self._previous[sig] = previous
+            signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.received is None:
+            self.received = signum
+            text = (f"\n{name} received: finishing the current step, then saving a checkpoint "
+                    f"(further signals are ignored until it is written)\n")
+        else:
+            text = f"\n{name} received: already stopping; the checkpoint is being written\n"
+        if self.announce:
+            try:
+                os.write(2, text.encode())
+            except OSError:
+                pass
+
+
+def _test_signal_hook(step: int, rank: int) -> None:
+    """``FEWSTEP_TEST_SIGNAL=<step>:<SIGNAL>[:<rank>]``: send ourselves SIGNAL before ``step`` runs."""
+    spec = os.environ.get(SIGNAL_ENV)
+    if not spec:
+        return
+    parts = spec.split(":")
+    if int(parts[0]) == step and (len(parts) < 3 or int(parts[2]) == rank):
+        os.kill(os.getpid(), getattr(signal, parts[1]))
 
 
 @dataclass
@@ -126,6 +220,7 @@ class Trainer:
                             f"{env.world_size} processes × train.grad_accum={cfg.train.grad_accum}")
         self._reported: set[tuple[str, str]] = set()  # health issues already printed
         self._health: dict[str, list[HealthIssue]] = {}  # current issues: "losses", "samples"
+        self._student_step: int | None = None  # step RUN/student holds, once this process exported it (rank 0)
 
     # ---------------------------------------------------------------------------------- one step
     def update_role(self, role: Role, objectives: list[Objective], batch, ctx: StepContext) -> RoleUpdate:
@@ -215,9 +310,20 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------- the loop
     def run(self, resume_from: Path | None, config_yaml: str, *, overwrite: bool, resuming_here: bool) -> TrainState:
+        signals = StopSignals(announce=self.env.is_main)
+        signals.install()
+        try:
+            return self._run(signals, resume_from, config_yaml, overwrite=overwrite, resuming_here=resuming_here)
+        finally:
+            signals.restore()
+
+    def _run(self, signals: StopSignals, resume_from: Path | None, config_yaml: str, *, overwrite: bool,
+             resuming_here: bool) -> TrainState:
         train, env = self.cfg.train, self.env
         if resume_from is not None:
             self.restore(ckpt.read_checkpoint(resume_from))
+            if not resuming_here:
+                self.state.saved_step = -1  # this run directory has no checkpoint of that step yet
         else:
             self.plan.start_stage(0, self.roles)
         st = self.state
@@ -226,13 +332,22 @@ class Trainer:
             init_run_dir(self.run_dir, self.plan.name, config_yaml, overwrite=overwrite, resuming_here=resuming_here)
             self.logger = RunLogger(self.run_dir, train.steps, st.step, tensorboard=train.tensorboard)
         env.barrier()
-        if resume_from is None:
+        if resume_from is None or not self.student_is_current():
             self.export_student()  # RUN/student is loadable from the start
         evaluator = Evaluator(train, self.monitor, self.plan.reference_videos, self.run_dir) \
             if train.eval_every and "student" in self.roles else None
         totals: dict[str, list[float]] = {}
         try:
+            if st.step < train.steps:
+                every = (f"a checkpoint (and RUN/student) every {train.checkpoint_every} steps and at the end"
+                         if train.checkpoint_every else "a checkpoint (and RUN/student) at the end")
+                self.logger.message(f"training {self.plan.name} in {self.run_dir}: steps {st.step + 1}-{train.steps}, "
+                                    f"{every}; Ctrl-C stops after the current step with a checkpoint")
+            self.logger.start_clock(st.step)
             while st.step < train.steps:
+                if (signum := self.agreed_signal(signals)) is not None:
+                    self.interrupt(signum)
+                _test_signal_hook(st.step + 1, env.rank)
                 index = self.stage_index(st.step)
                 if index != st.stage:
                     st.stage = index
@@ -246,6 +361,7 @@ class Trainer:
                 if st.step % train.log_every == 0 or st.step == train.steps or stopping:
                     self.log(totals)
                     totals = {}
+                self.logger.tick(st.step)
                 if stopping:
                     self.stop(f"training stopped at step {st.step}: {st.bad_streak} steps in a row had non-finite "
                               f"losses or gradients (train.max_bad_steps={train.max_bad_steps}); lower the learning "
@@ -256,9 +372,63 @@ class Trainer:
                     self.save()
             if st.saved_step != st.step:
                 self.save()
+            self.announce_end()
         finally:
             self.logger.close()
         return st
+
+    # ---------------------------------------------------------------------------------- stopping on a signal
+    def agreed_signal(self, signals: StopSignals) -> int | None:
+        """The signal every process stops for (SIGTERM if any process got one, else SIGINT if any
+        did), or None: collective under torchrun, so that all ranks stop at the same step."""
+        got = signals.received
+        if not self.env.distributed:
+            return got
+        flags = torch.tensor([float(got == signal.SIGINT), float(got == signal.SIGTERM)], device=self.env.device)
+        sigint, sigterm = self.env.all_reduce_mean(flags).tolist()
+        return signal.SIGTERM if sigterm > 0 else signal.SIGINT if sigint > 0 else None
+
+    def resume_command(self) -> str:
+        """The command that continues this run (under torchrun: with as many processes per node)."""
+        run = shlex.quote(str(self.run_dir))
+        if not self.env.distributed:
+            return f"fewstep distill --resume {run}"
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", self.env.world_size))
+        if local == self.env.world_size:
+            return f"torchrun --nproc_per_node={local} -m fewstep.cli distill --resume {run}"
+        return f"torchrun <the same launch options> -m fewstep.cli distill --resume {run}"
+
+    def interrupt(self, signum: int) -> None:
+        """Checkpoint the current step, say where everything is, raise :class:`TrainingInterrupted`."""
+        st, name = self.state, signal.Signals(signum).name
+        self.logger.message(f"{name}: stopping after step {st.step} of {self.cfg.train.steps}; saving a checkpoint")
+        if st.saved_step != st.step:
+            self.save()
+        self.announce_end(interrupted=True)
+        where = ckpt.checkpoints_dir(self.run_dir) / f"step_{st.step:06d}"
+        raise TrainingInterrupted(f"training interrupted by {name} after step {st.step} of {self.cfg.train.steps}; "
+                                  f"checkpoint saved in {where}; continue with: {self.resume_command()}", signum)
+
+    def announce_end(self, interrupted: bool = False) -> None:
+        """Print (rank 0) the last checkpoint, what ``RUN/student`` holds, how to evaluate it and,
+        after an interruption, how to continue."""
+        st, steps, run = self.state, self.cfg.train.steps, self.run_dir
+        where = ckpt.checkpoints_dir(run) / f"step_{st.step:06d}"
+        lines = [f"{'interrupted' if interrupted else 'done'}: step {st.step} of {steps}; checkpoint {where}"]
+        if self._student_step is not None:
+            from ..data.toyworld import EVAL_PROMPTS
+
+            student = run / "student"
+            q = shlex.quote
+            lines += [f"student: {student} holds {describe_student({'step': self._student_step, 'of': steps})}",
+                      f"  evaluate it: fewstep eval --model {q(str(student))} --out "
+                      f"{q(str(run / f'eval_step{self._student_step}'))}",
+                      f"  sample it:   fewstep generate --model {q(str(student))} --prompt {q(EVAL_PROMPTS[0])} "
+                      f"--out {q(str(run / f'samples_step{self._student_step}'))}"]
+        if interrupted:
+            lines.append(f"continue training with: {self.resume_command()}")
+        for line in lines:
+            self.logger.message(line)
 
     def log(self, totals: dict[str, list[float]]) -> None:
         st = self.state
@@ -346,7 +516,22 @@ class Trainer:
         if self.env.is_main and (pipe := self.plan.student_pipeline()) is not None:
             pipe.denoiser.load_state_dict(weights)
             pipe.save(self.run_dir / "student")
+            # after the model is in place: run.json never claims a step the directory lacks
+            record_student(self.run_dir, self.state.step, self.cfg.train.steps)
+            self._student_step = self.state.step
         self.env.barrier()
+
+    def student_is_current(self) -> bool:
+        """Whether ``RUN/student`` already holds the weights of the current step (rank 0 decides,
+        every rank learns: the export it saves is collective)."""
+        current = False
+        if self.env.is_main and "student" in self.roles:
+            record = student_record(self.run_dir / "student")
+            current = (record is not None and record["step"] == self.state.step
+                       and (self.run_dir / "student" / "model.json").is_file())
+            if current:
+                self._student_step = self.state.step
+        return bool(self.env.broadcast_object(current))
 
     def restore(self, data: ckpt.CheckpointData) -> None:
         """Load a checkpoint into the freshly built roles (every rank reads the files)."""

@@ -118,6 +118,8 @@ def generate_videos(pipe, prompts: list[str], *, steps: int | None = None, cfg_s
     if warmup:
         pipe.generate(prompts[:1], steps=1, cfg_scale=cfg_scale, seed=seed, noise=noise[:1])
     chunks, seconds, nfe = [], 0.0, 0
+    if progress is not None:
+        progress(0, n)  # starts the clock of the ETA
     for lo in range(0, n, batch_size):
         start = time.perf_counter()
         frames, result = pipe.generate(prompts[lo: lo + batch_size], steps=steps, cfg_scale=cfg_scale,

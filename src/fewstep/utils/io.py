@@ -237,10 +237,12 @@ class OutputDir:
         self.out, self.command, self.overwrite, self.what = Path(out), command, overwrite, what
         self.names = list(names)
         self.stage: Path | None = None
-        self._created: list[Path] = []
+        self._checked = False
 
     def check(self) -> None:
-        """The checks of entry (also usable on their own, before loading models)."""
+        """The checks of entry; call it early (before loading models) and entry will not repeat it,
+        so a command may write a sub-directory of its own into ``out`` in between (the demo's run)."""
+        self._checked = True
         out, what = self.out, self.what
         check_writable(out, what)
         entries = user_entries(out)
@@ -259,7 +261,8 @@ class OutputDir:
                                 f"move it or choose another {what}")
 
     def __enter__(self) -> Path:
-        self.check()
+        if not self._checked:
+            self.check()
         base = self.out if self.out.is_dir() else nearest_existing(self.out)
         self.stage = make_temp_dir(base, _STAGE_PREFIX)
         return self.stage

@@ -18,6 +18,8 @@ import time
 BAR_WIDTH = 20
 #: A bar narrower than this is left out (a narrow terminal keeps the text instead).
 MIN_BAR_WIDTH = 6
+#: The bar shrinks (and then goes) before the metrics get fewer columns than this.
+MIN_INFO_WIDTH = 30
 
 
 def terminal_width() -> int:
@@ -43,18 +45,20 @@ class Eta:
     """Time left from the time per step so far, measured from the moment it is created
     (or :meth:`restart`\\ ed) at ``done0`` completed steps."""
 
-    def __init__(self, done0: int = 0):
-        self.restart(done0)
+    def __init__(self, done0: int = 0, t0: float | None = None):
+        self.restart(done0, t0)
 
-    def restart(self, done0: int = 0) -> None:
-        self.t0, self.done0 = time.perf_counter(), done0
+    def restart(self, done0: int = 0, t0: float | None = None) -> None:
+        """Measure from ``t0`` (a ``time.perf_counter()`` value; default: now) at ``done0`` steps."""
+        self.t0, self.done0 = time.perf_counter() if t0 is None else t0, done0
 
     def seconds_per_step(self, done: int) -> float | None:
         n = done - self.done0
         return (time.perf_counter() - self.t0) / n if n > 0 else None
 
-    def text(self, done: int, total: int, rate: bool = True) -> str:
-        """``ETA 0:01:23 (2.31 it/s)`` once a step has completed since the start, ``ETA ?`` before."""
+    def text(self, done: int, total: int, rate: bool = False) -> str:
+        """``ETA 0:01:23`` (with ``rate``: ``ETA 0:01:23 (2.31 it/s)``) once a step has completed
+        since the start, ``ETA ?`` before."""
         per = self.seconds_per_step(done)
         if per is None:
             return "ETA ?"
@@ -76,8 +80,9 @@ def cut(text: str, room: int) -> str:
 
 
 def fit_line(head: str, body: str = "", tail: str = "", width: int | None = None, sep: str = " ") -> str:
-    """``head + sep + body + tail`` within ``width`` columns, cutting ``body`` first, then ``tail``,
-    and ``head`` only when it alone is too long."""
+    """``head + sep + body + tail`` within ``width`` columns: ``body`` is cut first (``…``), then
+    left out for ``tail`` (without its leading `` | ``), and ``head`` is cut only when it alone is
+    too long."""
     width = terminal_width() if width is None else width
     if len(head) >= width:
         return cut(head, width)
@@ -85,8 +90,8 @@ def fit_line(head: str, body: str = "", tail: str = "", width: int | None = None
         return head
     room = width - len(head) - len(sep)
     if len(body) + len(tail) > room:
-        if len(tail) > room - 2:  # keep at least "x…" of the body when there is one
-            return head + sep + cut(body + tail, room)
+        if tail and len(tail) > room - 2:  # no room for the body: the tail alone (e.g. a health warning)
+            return head + sep + cut(tail.lstrip(" |"), room)
         body = cut(body, room - len(tail))
     return head + sep + body + tail
 
@@ -96,7 +101,7 @@ class RichLines:
     update the bar width and each row's info are fitted to the console width (the info is cut,
     never the head; the bar is left out on a narrow terminal)."""
 
-    def __init__(self):
+    def __init__(self, console=None):
         from rich.progress import BarColumn, Progress, TextColumn
         from rich.table import Column
         from rich.text import Text
@@ -110,7 +115,8 @@ class RichLines:
                                             table_column=Column(no_wrap=True, overflow="crop")),
                                  self._barcol,
                                  TextColumn("{task.fields[info]}", markup=False,
-                                            table_column=Column(no_wrap=True, overflow="ellipsis")))
+                                            table_column=Column(no_wrap=True, overflow="ellipsis")),
+                                 console=console)
         self._rows: dict[int, tuple[str, str, str]] = {}  # task id → (head, info, tail) as given
 
     @property
@@ -141,7 +147,7 @@ class RichLines:
         head_width = max(len(h) for h, _, _ in self._rows.values())
         room = width - head_width - 2  # rich puts one space between columns
         has_info = any(i or t for _, i, t in self._rows.values())
-        bar = min(BAR_WIDTH, room - 12 if has_info else room)  # leave the info ≥ 12 columns
+        bar = min(BAR_WIDTH, room - MIN_INFO_WIDTH if has_info else room)  # the info comes before the bar
         bar = bar if bar >= MIN_BAR_WIDTH else 0
         self._barcol.bar_width = bar
         for task, (head, info, tail) in self._rows.items():
@@ -154,8 +160,12 @@ class StageProgress:
     On a terminal it shows a rich row per stage — ``stage step/total ETA …``, a bar, the latest
     metrics — within the terminal width; when stdout is not a TTY (CI, logs) it prints a plain
     line ``[stage] step/total ETA … metrics``, cut to the terminal width, at most every
-    ``every_seconds`` (and after a stage's first timed step, so the ETA shows at once, and at
-    its end). A stage's clock starts at its first report.
+    ``every_seconds`` — and at a stage's first report, at the first one with an ETA and at its
+    end.
+
+    A stage is timed from its first report (a stage may start midway, e.g. a resumed one, so
+    what came before is not assumed to have been timed): report ``step`` 0 (or the step it
+    resumes at) before the first batch, and the ETA shows from the first batch on.
     """
 
     def __init__(self, every_seconds: float = 10.0):
@@ -164,6 +174,7 @@ class StageProgress:
         self._lines: RichLines | None = None
         self._tasks: dict[str, int] = {}
         self._etas: dict[str, Eta] = {}
+        self._started: set[str] = set()  # stages with a plain line printed
         self._timed: set[str] = set()  # stages whose plain line has shown an ETA
         self._last = 0.0
 
@@ -177,22 +188,31 @@ class StageProgress:
         if self._lines is not None:
             self._lines.stop()
 
-    def __call__(self, stage: str, step: int, total: int, metrics: dict) -> None:
-        info = " ".join(f"{k}={v:.4g}" if isinstance(v, (int, float)) else f"{k}={v}" for k, v in metrics.items())
+    def _eta(self, stage: str, step: int) -> Eta:
         if stage not in self._etas:
             self._etas[stage] = Eta(step)
-        eta = self._etas[stage]
+        return self._etas[stage]
+
+    def __call__(self, stage: str, step: int, total: int, metrics: dict) -> None:
+        info = " ".join(f"{k}={v:.4g}" if isinstance(v, (int, float)) else f"{k}={v}" for k, v in metrics.items())
+        eta = self._eta(stage, step)
+        text = eta.text(step, total)
         if self._lines is not None:
-            head = f"{stage} {step}/{total} {eta.text(step, total, rate=False)}"
+            head = f"{stage} {step}/{total} {text}"
             if stage not in self._tasks:
                 self._tasks[stage] = self._lines.add(total, step, head, info)
             else:
                 self._lines.update(self._tasks[stage], step, head, info, total=total)
             return
         now = time.monotonic()
-        first_eta = step > eta.done0 and stage not in self._timed
-        if now - self._last >= self.every or step == total or first_eta:
+        timed = text != "ETA ?"
+        if step == 0 and total > 0:  # the clock starts; nothing to say yet
+            self._started.add(stage)
+            return
+        if (now - self._last >= self.every or step == total or stage not in self._started
+                or (timed and stage not in self._timed)):
+            self._started.add(stage)
             self._last = now
-            if step > eta.done0:
+            if timed:
                 self._timed.add(stage)
-            print(fit_line(f"[{stage}] {step}/{total} {eta.text(step, total)}", info), flush=True)
+            print(fit_line(f"[{stage}] {step}/{total} {text}", info), flush=True)
