@@ -17,7 +17,7 @@ from fewstep.engine.distributed import DistEnv, full_optimizer_state
 from fewstep.engine.trainer import Trainer
 from fewstep.objectives.base import Objective, ObjectiveConfig, register_objective
 from fewstep.recipes.finetune import Finetune
-from test_engine_support import TINY, cli, losses, sets, teacher_dir, tensors, trainer_state  # noqa: F401
+from helpers import TINY, cli, losses, sets, tensors, trainer_state
 
 
 class NaNLossConfig(ObjectiveConfig):

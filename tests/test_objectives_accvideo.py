@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from conftest import make_tiny_pipeline
 from fewstep.diffusion.samplers import euler_step, sample_euler
 from fewstep.diffusion.schedules import FlowMatching
 from fewstep.errors import UserError
@@ -21,7 +20,7 @@ from fewstep.objectives.adversarial import (FeatureConfig, LatentQueues, QueueGA
                                             teacher_features)
 from fewstep.objectives.base import Batch
 from fewstep.objectives.trajectory import KEY_GRIDS, TrajectoryGuidance, key_grid, select_times
-from test_objectives_dmd import F64, FakeRole, const_cond, make_ctx, model_time
+from helpers import F64, FakeRole, const_cond, make_ctx, make_tiny_pipeline, model_time
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -137,7 +136,7 @@ def test_block_features_are_the_toy_dits_hidden_states():
 
 
 def test_features_of_a_diffusers_backbone():
-    from test_denoiser_contract import make_wan
+    from helpers import make_wan
 
     wan = make_wan().eval()
     x = torch.randn(2, 4, 2, 4, 4, generator=torch.Generator().manual_seed(0))

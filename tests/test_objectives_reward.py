@@ -18,8 +18,7 @@ from fewstep.objectives.reward import (DDPO, ImageLRM, LatentRewardModelConfig, 
                                        normalize_advantages)
 from fewstep.objectives.student import step_times, student_sample
 from fewstep.rewards.base import Reward
-from test_engine_support import teacher_dir  # noqa: F401  (fixture)
-from test_objectives_dmd import F64, FakeRole, GaussianX0, engine_config, make_batch, make_ctx, tiny_setup
+from helpers import F64, FakeRole, GaussianX0, engine_config, make_batch, make_ctx, tiny_setup
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
