@@ -170,14 +170,11 @@ class LRMFit(PixelRewardObjective):
         """X': the generator's x̂0 at ``x_t = α·x0 + σ·ε`` (DOLLAR Eq. 8), detached. (B, C, T, H, W)."""
         generator = roles[self.config.generator].module
         x0 = batch.latents
-        cfg = self.config.cfg_scale
-        guided = cfg is not None and cfg != 1.0
         with torch.no_grad():
             t = ctx.times(self.distribution, "lrm/t").to(x0.dtype)  # (B,)
             eps = ctx.randn(tuple(x0.shape[1:]), "lrm/eps", dtype=x0.dtype)
             x_t = generator.schedule.add_noise(x0, eps, t)
-            pred = generator.predict(x_t, t, batch.cond, cfg_scale=cfg if guided else None,
-                                     uncond=batch.uncond if guided else None)
+            pred = generator.predict(x_t, t, batch.cond, cfg_scale=self.config.cfg_scale, uncond=batch.uncond)
             return pred.x0
 
     def __call__(self, batch: Batch, roles: Roles, ctx: StepContext) -> ObjectiveOutput:
