@@ -1,36 +1,15 @@
-"""Shared fixtures: tiny random models built in the test (nothing is downloaded or shipped)."""
+"""Shared fixtures: tiny random models built in the test (nothing is downloaded or shipped).
+
+Shared helper functions and classes are in ``helpers.py``.
+"""
+
+from pathlib import Path
 
 import pytest
 import torch
 
-from fewstep.data.toyworld import VOCAB
-from fewstep.models.codec import ToyCodecConfig
-from fewstep.models.pipeline import SamplingConfig, ToyPipelineConfig, VideoPipeline
-from fewstep.models.text_encoder import ToyTextEncoderConfig
-from fewstep.models.toy_dit import ToyDiTConfig
-
-
-def tiny_pipeline_config(**sampling) -> ToyPipelineConfig:
-    """A toy text-to-video model small enough for CPU unit tests (8 frames × 16², latents 4×4×4)."""
-    return ToyPipelineConfig(
-        backbone=ToyDiTConfig(hidden_dim=32, depth=2, num_heads=2, text_dim=16, timestep_freq_dim=32,
-                              latent_frames=4, latent_height=4, latent_width=4),
-        codec=ToyCodecConfig(base_channels=16, num_groups=4),
-        text_encoder=ToyTextEncoderConfig(vocab=VOCAB, dim=16, depth=1, heads=2),
-        sampling=SamplingConfig(**sampling),
-        frames=8, size=16,
-    )
-
-
-def make_tiny_pipeline(seed: int = 0, **sampling) -> VideoPipeline:
-    torch.manual_seed(seed)
-    pipe = VideoPipeline(tiny_pipeline_config(**sampling))
-    # move off adaLN-Zero's exact-zero output so predictions depend on inputs
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in pipe.denoiser.parameters():
-            p.add_(0.02 * torch.randn(p.shape, generator=g))
-    return pipe.eval()
+from fewstep.models.pipeline import VideoPipeline
+from helpers import RUN, make_tiny_pipeline, sets
 
 
 @pytest.fixture
@@ -45,3 +24,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory) -> Path:
+    """A tiny random model saved as a model directory (the toy teacher's weights are never used)."""
+    path = tmp_path_factory.mktemp("engine") / "teacher"
+    make_tiny_pipeline().save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference_run(teacher_dir, tmp_path_factory):
+    """The uninterrupted run of :data:`helpers.RUN` (checkpoints at 3 and 6) that resumed runs must equal."""
+    run = tmp_path_factory.mktemp("resume") / "reference"
+    from fewstep.cli import main
+
+    assert main(["distill", "--recipe", "finetune", "--out", str(run),
+                 *sets(teacher_dir, *RUN, "train.checkpoint_every=3")]) == 0
+    return run

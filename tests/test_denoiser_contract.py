@@ -7,42 +7,21 @@ diffusers HunyuanVideo (flow matching, embedded guidance). All built from tiny r
 
 import pytest
 import torch
-from diffusers import CogVideoXTransformer3DModel, HunyuanVideoTransformer3DModel, WanTransformer3DModel
+from diffusers import CogVideoXTransformer3DModel, HunyuanVideoTransformer3DModel
 
 from fewstep.diffusion.schedules import FlowMatching, VPDiscrete
 from fewstep.errors import UserError
-from fewstep.models.backbones import (
-    CogVideoXBackbone, Conditioning, HunyuanVideoBackbone, WanBackbone, load_diffusers_backbone,
-)
+from fewstep.models.backbones import CogVideoXBackbone, Conditioning, HunyuanVideoBackbone, load_diffusers_backbone
 from fewstep.models.denoiser import Denoiser
 from fewstep.models.toy_dit import ToyDiT, ToyDiTConfig
-
-TEXT_DIM = 16
-
-
-def _perturb(module, scale=0.02, seed=0):
-    """Random weights everywhere (zero-initialised output layers would make tests trivial)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return module
+from helpers import TEXT_DIM, make_wan, perturb
 
 
 def make_toy():
     torch.manual_seed(0)
     cfg = ToyDiTConfig(in_channels=4, hidden_dim=32, depth=2, num_heads=2, text_dim=TEXT_DIM,
                        latent_frames=2, latent_height=4, latent_width=4, timestep_freq_dim=32)
-    return Denoiser(_perturb(ToyDiT(cfg)), FlowMatching(shift=1.0), "flow")
-
-
-def make_wan():
-    torch.manual_seed(0)
-    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
-                                  in_channels=4, out_channels=4, text_dim=TEXT_DIM, freq_dim=32, ffn_dim=32,
-                                  num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-                                  rope_max_seq_len=32)
-    return Denoiser(WanBackbone(_perturb(model)), FlowMatching(shift=3.0), "flow")
+    return Denoiser(perturb(ToyDiT(cfg)), FlowMatching(shift=1.0), "flow")
 
 
 def make_cogvideox(rotary=False):
@@ -52,7 +31,7 @@ def make_cogvideox(rotary=False):
                                         sample_width=4, sample_height=4, sample_frames=5, patch_size=2,
                                         temporal_compression_ratio=4, max_text_seq_length=6,
                                         use_rotary_positional_embeddings=rotary)
-    return Denoiser(CogVideoXBackbone(_perturb(model)), VPDiscrete(zero_terminal_snr=True), "v")
+    return Denoiser(CogVideoXBackbone(perturb(model)), VPDiscrete(zero_terminal_snr=True), "v")
 
 
 def make_hunyuan():
@@ -61,7 +40,7 @@ def make_hunyuan():
                                            num_layers=1, num_single_layers=1, num_refiner_layers=1, patch_size=2,
                                            patch_size_t=1, guidance_embeds=True, text_embed_dim=TEXT_DIM,
                                            pooled_projection_dim=8, rope_axes_dim=(2, 2, 4))
-    return Denoiser(HunyuanVideoBackbone(_perturb(model)), FlowMatching(shift=7.0), "flow")
+    return Denoiser(HunyuanVideoBackbone(perturb(model)), FlowMatching(shift=7.0), "flow")
 
 
 FACTORIES = {"toy": make_toy, "wan": make_wan, "cogvideox": make_cogvideox,
@@ -105,19 +84,25 @@ def test_conditioning_and_time_change_the_output(denoiser):
     assert (base - denoiser(x, t.flip(0), cond)).abs().max() > 1e-4
 
 
-def test_cfg_scale_one_is_conditional_and_counts_two(denoiser):
+def test_cfg_only_when_a_scale_is_set_and_differs_from_one(denoiser):
+    """``Denoiser.predict`` alone decides: w = None or 1 is the conditional prediction (one NFE)."""
     x, t, cond, uncond = _inputs()
     denoiser.reset_nfe()
     plain = denoiser.predict(x, t, cond)
-    guided = denoiser.predict(x, t, cond, cfg_scale=1.0, uncond=uncond)
-    assert denoiser.reset_nfe() == 3
-    torch.testing.assert_close(guided.x0, plain.x0, atol=1e-5, rtol=1e-4)
-    # CFG with w equals the manual combination of two separate predictions
+    for w in (None, 1.0):
+        same = denoiser.predict(x, t, cond, cfg_scale=w, uncond=uncond)
+        assert torch.equal(same.x0, plain.x0)
+    assert denoiser.reset_nfe() == 3  # unguided calls count one each
+    # CFG with w equals the manual combination of two separate predictions, and counts two
     w = 3.5
     u = denoiser.predict(x, t, uncond)
     manual = u.to(denoiser.prediction_type) + w * (plain.to(denoiser.prediction_type) - u.to(denoiser.prediction_type))
+    denoiser.reset_nfe()
     got = denoiser.predict(x, t, cond, cfg_scale=w, uncond=uncond).to(denoiser.prediction_type)
+    assert denoiser.reset_nfe() == 2
     torch.testing.assert_close(got, manual, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="needs the unconditional condition"):
+        denoiser.predict(x, t, cond, cfg_scale=w)
 
 
 def test_batch_independence(denoiser):

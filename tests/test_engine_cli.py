@@ -10,7 +10,7 @@ import yaml
 
 from fewstep.engine.checkpoint import read_checkpoint
 from fewstep.models.pipeline import VideoPipeline
-from test_engine_support import cli, losses, sets, teacher_dir, tensors  # noqa: F401  (fixture)
+from helpers import cli, losses, sets, tensors
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
+from helpers import cli_subprocess, losses, sets, tensors
 
-from test_engine_support import cli_subprocess, losses, sets, teacher_dir, tensors  # noqa: F401  (fixture)
 
 RUN = ["train.steps=3", "train.batch_size=4", "train.checkpoint_every=2", "train.eval_every=3",
        "roles.student.optim.eps=1e-4"]

@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_pipeline_config
 from fewstep.engine.health import (HealthConfig, HealthMonitor, diversity, loss_exploding, loss_oscillating,
                                    spatial_variation, temporal_change)
 from fewstep.models.pipeline import VideoPipeline
-from test_engine_support import cli, sets
+from helpers import cli, sets, tiny_pipeline_config
 
 RNG = np.random.default_rng(0)
 

@@ -5,38 +5,8 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
-
 from fewstep.engine.checkpoint import CRASH_ENV, list_checkpoints, read_checkpoint
-from test_engine_support import cli, cli_subprocess, losses, sets, teacher_dir, tensors, trainer_state  # noqa: F401
-
-STEPS = 6
-#: two roles with different cadence, EMA, warm-up, caption dropout: everything resume must restore
-RUN = ["train.steps=6", "roles.fake_score.optim.lr=1e-3", "roles.fake_score.every=2",
-       "stages.finetune.objectives.critic.kind=flow_matching", "stages.finetune.objectives.critic.role=fake_score",
-       "roles.student.optim.warmup_steps=4"]
-
-
-@pytest.fixture(scope="module")
-def reference_run(teacher_dir, tmp_path_factory):
-    """The uninterrupted run (checkpoints at 3 and 6)."""
-    run = tmp_path_factory.mktemp("resume") / "reference"
-    from fewstep.cli import main
-
-    assert main(["distill", "--recipe", "finetune", "--out", str(run),
-                 *sets(teacher_dir, *RUN, "train.checkpoint_every=3")]) == 0
-    return run
-
-
-def assert_same_end(run, reference):
-    for stem in ("roles/student", "ema/student", "optim/student", "roles/fake_score", "optim/fake_score"):
-        got, want = tensors(run, STEPS, stem), tensors(reference, STEPS, stem)
-        assert got.keys() == want.keys(), stem
-        for k in want:
-            assert torch.equal(got[k], want[k]), f"{stem}:{k}"
-    assert trainer_state(run, STEPS)["roles"] == trainer_state(reference, STEPS)["roles"]
-    assert losses(run) == losses(reference)  # every logged loss, grad norm and LR, bit for bit
+from helpers import RUN, STEPS, assert_same_end, cli, cli_subprocess, losses, sets, trainer_state
 
 
 def test_stop_and_resume_is_exact(reference_run, teacher_dir, tmp_path, capsys):

@@ -18,8 +18,7 @@ import pytest
 from fewstep.engine.checkpoint import list_checkpoints, read_checkpoint
 from fewstep.engine.rundir import describe_student, student_record, student_step
 from fewstep.engine.trainer import SIGNAL_ENV, Trainer, TrainingInterrupted
-from test_engine_resume import RUN, STEPS, assert_same_end, reference_run  # noqa: F401  (fixture)
-from test_engine_support import cli, cli_subprocess, losses, sets, teacher_dir, trainer_state  # noqa: F401
+from helpers import RUN, STEPS, assert_same_end, cli, cli_subprocess, losses, sets, trainer_state
 
 
 def student_of(run) -> dict | None:

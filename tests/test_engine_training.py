@@ -17,7 +17,7 @@ from fewstep.engine.distributed import DistEnv, full_optimizer_state
 from fewstep.engine.trainer import Trainer
 from fewstep.objectives.base import Objective, ObjectiveConfig, register_objective
 from fewstep.recipes.finetune import Finetune
-from test_engine_support import TINY, cli, losses, sets, teacher_dir, tensors, trainer_state  # noqa: F401
+from helpers import TINY, cli, losses, sets, tensors, trainer_state
 
 
 class NaNLossConfig(ObjectiveConfig):
@@ -122,15 +122,67 @@ def test_non_finite_steps_are_skipped_then_stop(teacher_dir, tmp_path, capsys):
                        teacher["final_layer.linear.bias"])
 
 
+class AutocastProbeConfig(ObjectiveConfig):
+    kind: Literal["test_autocast_probe"] = "test_autocast_probe"
+
+
+@register_objective
+class AutocastProbe(Objective):
+    """Records the autocast state the engine runs objectives under, and the dtype of the role's output."""
+
+    kind = "test_autocast_probe"
+    Config = AutocastProbeConfig
+    seen: list[dict] = []
+
+    def __call__(self, batch, roles, ctx):
+        device = batch.latents.device.type
+        out = roles[self.role].module(batch.latents, torch.full((len(batch),), 0.5), batch.cond)  # (B, C, T, H, W)
+        self.seen.append({"autocast": torch.is_autocast_enabled(device), "dtype": torch.get_autocast_dtype(device),
+                          "output": out.dtype})
+        return self.output({"probe": out.float().pow(2).flatten(1).mean(1)})
+
+
+def block_calls(trainer) -> list[int]:
+    """Run one step of ``trainer``; how often each transformer block of the student ran forward."""
+    blocks = trainer.roles["student"].module.backbone.module.blocks
+    calls = [0] * len(blocks)
+
+    def count(i):
+        def hook(module, args):  # a pre-hook: recomputation may stop before the block's end
+            calls[i] += 1
+        return hook
+
+    handles = [block.register_forward_pre_hook(count(i)) for i, block in enumerate(blocks)]
+    try:
+        record = trainer.train_step()
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert np.isfinite(record["loss/student"]) and record["lr/student"] > 0
+    return calls
+
+
 def test_bf16_and_gradient_checkpointing(teacher_dir, tmp_path):
-    cfg = Finetune.load_config(None, [f"model={teacher_dir}", *TINY, "train.bf16=true",
+    probe = ["stages.finetune.objectives.probe.kind=test_autocast_probe"]
+    cfg = Finetune.load_config(None, [f"model={teacher_dir}", *TINY, *probe, "train.bf16=true",
                                       "train.gradient_checkpointing=true"])
     trainer = Trainer(Finetune(cfg), tmp_path / "run", DistEnv())
     assert trainer.roles["student"].module.backbone.module.gradient_checkpointing
-    for _ in range(2):
-        record = trainer.train_step()
-        assert np.isfinite(record["loss/student"]) and record["lr/student"] > 0
+    AutocastProbe.seen.clear()
+    checkpointed = block_calls(trainer)
+    # the objectives ran under bf16 autocast, and the student's matmuls with it
+    assert AutocastProbe.seen and all(s == {"autocast": True, "dtype": torch.bfloat16, "output": torch.bfloat16}
+                                      for s in AutocastProbe.seen)
+    block_calls(trainer)
     assert trainer.roles["student"].updates == 2
+
+    # checkpointing recomputes every block in the backward pass: twice the forward calls of a plain run
+    cfg = Finetune.load_config(None, [f"model={teacher_dir}", *TINY, *probe, "train.bf16=false"])
+    plain_trainer = Trainer(Finetune(cfg), tmp_path / "plain", DistEnv())
+    AutocastProbe.seen.clear()
+    plain = block_calls(plain_trainer)
+    assert all(n > 0 for n in plain) and checkpointed == [2 * n for n in plain]
+    assert AutocastProbe.seen[0] == {"autocast": False, "dtype": torch.bfloat16, "output": torch.float32}
     assert not (tmp_path / "run").exists()  # building and stepping write nothing
 
 

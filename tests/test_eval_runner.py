@@ -7,7 +7,6 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_pipeline
 
 from fewstep.cli import main
 from fewstep.data.toyworld import EVAL_PROMPTS
@@ -15,6 +14,7 @@ from fewstep.errors import UserError
 from fewstep.eval.features import FeatureNetConfig, VideoFeatureNet, reference_stats
 from fewstep.eval.report import write_report
 from fewstep.eval.runner import evaluate, evaluate_with_samples, generate_videos
+from helpers import make_tiny_pipeline
 
 KEYS = {"total", "quality", "semantic", "dimensions", "fvd", "vendi_pixel", "vendi_feature", "nfe",
         "seconds_per_video", "steps"}

@@ -1,5 +1,6 @@
 """AccVideo's objectives: trajectory guidance (Eq. 6), the teacher-feature discriminator with
-timestep-aware heads and its GAN losses (Eq. 7–8), and the per-timestep latent queues (Alg. 1)."""
+timestep-aware heads (Eq. 7–8), and the per-timestep latent queues (Alg. 1). The GAN losses are
+tested in test_objectives_gan.py, the feature extraction in test_backbone_features.py."""
 
 from __future__ import annotations
 
@@ -7,21 +8,18 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from conftest import make_tiny_pipeline
 from fewstep.diffusion.samplers import euler_step, sample_euler
 from fewstep.diffusion.schedules import FlowMatching
 from fewstep.errors import UserError
 from fewstep.models.backbones import Backbone
 from fewstep.models.denoiser import Denoiser
 from fewstep.objectives.adversarial import (FeatureConfig, LatentQueues, QueueGANDiscriminator, QueueGANGenerator,
-                                            TimestepHeads, block_features, discriminator_loss, generator_loss,
-                                            teacher_features)
+                                            TimestepHeads, teacher_features)
 from fewstep.objectives.base import Batch
 from fewstep.objectives.trajectory import KEY_GRIDS, TrajectoryGuidance, key_grid, select_times
-from test_objectives_dmd import F64, FakeRole, const_cond, make_ctx, model_time
+from helpers import F64, FakeRole, const_cond, make_ctx, make_tiny_pipeline, make_wan, model_time
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -115,30 +113,23 @@ def test_uniform_grid_selects_the_nearest_stored_times():
 
 
 # ------------------------------------------------------------------------------------ features
-def test_block_features_are_the_toy_dits_hidden_states():
+def test_teacher_features_lie_on_the_token_grid():
     pipe = make_tiny_pipeline()
     teacher = pipe.denoiser
     x = torch.randn(pipe.latent_shape(3), generator=torch.Generator().manual_seed(0))
     t = torch.tensor([0.0, 0.5, 1.0])
     cond = pipe.encode_prompts(["a red circle moves left"] * 3)
-    hooked = block_features(teacher, x, t, cond, [-1, 0])
     dit = teacher.backbone.module
     _, direct = dit(x, teacher.schedule.model_timestep(t), cond.context, context_mask=cond.mask,
                     return_features=[-1, 0])
-    for a, b in zip(hooked, direct):
-        torch.testing.assert_close(a, b)
-    # on the token grid; the clean sample (t = 0) takes the block at 2/3 depth (depth 2 → block 0)
+    # the clean sample (t = 0) takes the block at 2/3 depth (depth 2 → block 0), the others the last
     feats = teacher_features(teacher, x, t, cond, FeatureConfig())
     assert feats.shape == (3, 32, 4, 2, 2)  # (B, D, T', H', W') for 4×4×4 latents, patch (1, 2, 2)
     torch.testing.assert_close(feats[0].flatten(1).T, direct[1][0])
     torch.testing.assert_close(feats[1:].flatten(2).transpose(1, 2), direct[0][1:])
-    with pytest.raises(UserError, match="out of range for a backbone of depth 2"):
-        block_features(teacher, x, t, cond, [2])
 
 
-def test_features_of_a_diffusers_backbone():
-    from test_denoiser_contract import make_wan
-
+def test_teacher_features_of_a_diffusers_backbone():
     wan = make_wan().eval()
     x = torch.randn(2, 4, 2, 4, 4, generator=torch.Generator().manual_seed(0))
     cond = const_cond(2, 0.5, torch.float32)
@@ -149,7 +140,7 @@ def test_features_of_a_diffusers_backbone():
     assert x.grad is not None and float(x.grad.abs().sum()) > 0
 
 
-# ------------------------------------------------------------------------------------ heads and losses
+# ------------------------------------------------------------------------------------ heads
 def test_each_timestep_picks_its_own_head():
     torch.manual_seed(0)
     heads = TimestepHeads(channels=8, timesteps=5, width=8)
@@ -158,7 +149,7 @@ def test_each_timestep_picks_its_own_head():
     logits = heads(feats, k)
     for b in range(5):  # by hand: head k[b] on every frame, averaged
         frames = feats[b].permute(1, 0, 2, 3)  # (T, D, H, W)
-        torch.testing.assert_close(logits[b], heads.heads[int(k[b])](frames).mean())
+        torch.testing.assert_close(logits[b], heads.heads[int(k[b])].frames(frames).mean())
     logits.sum().backward()
     used = [i for i, h in enumerate(heads.heads) if h[0].weight.grad is not None]
     assert used == [0, 1, 2, 4]  # head 3 saw no sample: no gradient, no update (Alg. 1 l. 22)
@@ -171,19 +162,6 @@ def test_each_timestep_picks_its_own_head():
     torch.testing.assert_close(single(same, torch.arange(5)), single(same, torch.zeros(5, dtype=torch.long)))
     with pytest.raises(ValueError, match="out of range"):
         heads(feats, torch.tensor([0, 1, 2, 3, 5]))
-
-
-def test_gan_losses_are_eq_7_and_the_hinge():
-    d_real, d_fake = torch.tensor([2.0, -1.0, 0.3]), torch.tensor([-0.5, 1.5, 0.0])
-    D_real, D_fake = torch.sigmoid(d_real), torch.sigmoid(d_fake)
-    # Eq. 7: D maximises log D(real) + log(1 − D(fake))
-    torch.testing.assert_close(discriminator_loss("non_saturating", d_real, d_fake),
-                               -(D_real.log() + (1 - D_fake).log()))
-    torch.testing.assert_close(discriminator_loss("minimax", d_real, d_fake), -(D_real.log() + (1 - D_fake).log()))
-    torch.testing.assert_close(generator_loss("minimax", d_fake), (1 - D_fake).log())  # Eq. 7 literally
-    torch.testing.assert_close(generator_loss("non_saturating", d_fake), -D_fake.log())
-    torch.testing.assert_close(discriminator_loss("hinge", d_real, d_fake), F.relu(1 - d_real) + F.relu(1 + d_fake))
-    torch.testing.assert_close(generator_loss("hinge", d_fake), -d_fake)
 
 
 # ------------------------------------------------------------------------------------ queues

@@ -12,8 +12,7 @@ from fewstep.diffusion.schedules import FlowMatching, VPDiscrete
 from fewstep.models.backbones import Backbone
 from fewstep.models.denoiser import Denoiser
 from fewstep.objectives.consistency import ConsistencyDistillation
-from test_objectives_dmd import (F64, FakeRole, GaussianX0, const_cond, engine_config, make_batch, make_ctx,
-                                 model_time, tiny_setup)
+from helpers import F64, FakeRole, GaussianX0, const_cond, engine_config, make_batch, make_ctx, model_time, tiny_setup
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

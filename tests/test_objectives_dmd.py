@@ -1,67 +1,32 @@
 """VSD / DMD (DOLLAR Eq. 10–13, DMD2) and the fake-score loss on student samples.
 
 Gaussian toys with analytic scores: real data N(μ_r, I), fake N(μ_f, I); the "denoisers" predict
-the exact posterior mean E[x0 | x_t]. Also the shared helpers of the objective tests.
+the exact posterior mean E[x0 | x_t] (:class:`helpers.GaussianX0`).
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from conftest import make_tiny_pipeline
-from test_engine_support import teacher_dir  # noqa: F401  (fixture)
 from fewstep.diffusion.schedules import FlowMatching, Uniform, VPDiscrete
-from fewstep.engine.config import EngineConfig
 from fewstep.errors import UserError
-from fewstep.models.backbones import Backbone, Conditioning
+from fewstep.models.backbones import Backbone
 from fewstep.models.denoiser import Denoiser
-from fewstep.objectives.base import Batch, StepContext
 from fewstep.objectives.distribution_matching import VSD, FakeScoreLoss, dmd_gradient, stop_gradient_mse
 from fewstep.objectives.student import generate, generator_noise, step_times, student_sample
+from helpers import F64, FakeRole, GaussianX0, const_cond, engine_config, make_batch, make_ctx, tiny_setup
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-F64 = torch.float64
-
 
 # ---------------------------------------------------------------------------------------------
-# Helpers shared with test_objectives_cd.py and test_objectives_reward.py
+# Gaussian toys
 # ---------------------------------------------------------------------------------------------
-
-def model_time(schedule, timestep):
-    """Continuous t from the backbone's model timestep (inverse of Schedule.model_timestep)."""
-    if isinstance(schedule, VPDiscrete):
-        return (timestep + 1) / 1000
-    return schedule.unshift(timestep / 1000)
-
-
-class GaussianX0(Backbone):
-    """Exact E[x0 | x_t] (an ``x0`` prediction) for data x0 ~ N(m + c, s²·I) elementwise.
-
-    ``m`` is a tensor broadcastable to (C, T, H, W) or a callable returning one; ``c`` is the
-    caption's first token value, so that conditioning and CFG have an analytic effect.
-    """
-
-    def __init__(self, schedule, m, s=1.0):
-        super().__init__()
-        self.schedule, self.s, self._m = schedule, s, m
-
-    def mean(self):
-        return self._m() if callable(self._m) else self._m
-
-    def forward(self, x, timestep, cond):
-        t = model_time(self.schedule, timestep).to(x.dtype)
-        a = self.schedule.alpha(t).reshape(-1, 1, 1, 1, 1)
-        sig = self.schedule.sigma(t).reshape(-1, 1, 1, 1, 1)
-        m = self.mean() + cond.context[:, 0, 0].reshape(-1, 1, 1, 1, 1).to(x.dtype)
-        return m + a * self.s**2 / (a**2 * self.s**2 + sig**2) * (x - a * m)
-
 
 class Shift(Backbone):
     """x0 prediction ``x_t + b`` (a learnable shift): at t ≈ 1 the one-step student G(ε) = ε + b."""
@@ -72,53 +37,6 @@ class Shift(Backbone):
 
     def forward(self, x, timestep, cond):
         return x + self.b
-
-
-@dataclass
-class FakeRole:
-    """What objectives see of a role (engine.roles.Role)."""
-
-    name: str
-    module: nn.Module
-    ema: nn.Module | None = None
-    trainable: bool = True
-
-    @property
-    def ema_module(self):
-        return self.ema if self.ema is not None else self.module
-
-
-def make_ctx(batch_size, role="student", step=0, seed=0):
-    return StepContext(step=step, stage=0, stage_step=step, role=role, seed=seed, device=torch.device("cpu"),
-                       sample_ids=torch.arange(batch_size), generator=torch.Generator().manual_seed(0))
-
-
-def const_cond(batch_size, value=0.0, dtype=F64):
-    return Conditioning(torch.full((batch_size, 1, 1), value, dtype=dtype))
-
-
-def make_batch(latents, cond_value=0.0, prompts=None):
-    b = latents.shape[0]
-    return Batch(latents=latents, cond=const_cond(b, cond_value, latents.dtype),
-                 uncond=const_cond(b, 0.0, latents.dtype), prompts=prompts or ["a red circle"] * b,
-                 sample_ids=torch.arange(b))
-
-
-def tiny_setup(batch_size=2, seed=0):
-    """Tiny toy-DiT pipeline, a batch of random latents with real captions."""
-    pipe = make_tiny_pipeline(seed)
-    prompts = ["a red circle moves left", "a blue square moves up", "a red circle moves left",
-               "a green triangle moves right"][:batch_size]
-    latents = torch.randn(pipe.latent_shape(batch_size), generator=torch.Generator().manual_seed(seed))
-    batch = Batch(latents=latents, cond=pipe.encode_prompts(prompts), uncond=pipe.null_condition(batch_size),
-                  prompts=prompts, sample_ids=torch.arange(batch_size))
-    return pipe, batch
-
-
-def engine_config(roles, objectives):
-    """An EngineConfig with ``roles`` (name → trainable) and one stage listing ``objectives``."""
-    specs = {name: ({"optim": {"lr": 1e-4}} if trainable else {}) for name, trainable in roles.items()}
-    return EngineConfig.model_validate({"roles": specs, "stages": {"main": {"objectives": objectives}}})
 
 
 SHAPE = (2, 1, 2, 2)  # (C, T, H, W) of the Gaussian toys

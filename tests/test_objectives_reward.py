@@ -14,12 +14,12 @@ from torch import nn
 from fewstep.diffusion.schedules import VPDiscrete
 from fewstep.errors import UserError
 from fewstep.models.denoiser import Denoiser
-from fewstep.objectives.reward import (DDPO, ImageLRM, LatentRewardModelConfig, LRMFinetune, LRMFit, build_lrm,
-                                       normalize_advantages)
+from fewstep.objectives.ddpo import DDPO, normalize_advantages
+from fewstep.objectives.reward import LRMFinetune, LRMFit
 from fewstep.objectives.student import step_times, student_sample
 from fewstep.rewards.base import Reward
-from test_engine_support import teacher_dir  # noqa: F401  (fixture)
-from test_objectives_dmd import F64, FakeRole, GaussianX0, engine_config, make_batch, make_ctx, tiny_setup
+from fewstep.rewards.latent import ImageLRM, LatentRewardModelConfig, build_lrm
+from helpers import F64, FakeRole, GaussianX0, engine_config, make_batch, make_ctx, tiny_setup
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

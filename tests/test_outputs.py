@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_pipeline
 
 from fewstep.cli import main
 from fewstep.errors import UserError
 from fewstep.utils.io import OWNER_FILE, OutputDir, read_json
+from helpers import make_tiny_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPT = "a red circle moves left"

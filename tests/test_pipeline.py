@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_tiny_pipeline
 from fewstep.errors import UserError
 from fewstep.models.pipeline import VideoPipeline, resolve_model
+from helpers import make_tiny_pipeline
 
 
 def test_generate_shapes_nfe_and_determinism(tiny_pipeline):

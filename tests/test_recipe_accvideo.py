@@ -11,7 +11,6 @@ import pytest
 import torch
 import yaml
 
-from conftest import make_tiny_pipeline
 from fewstep.data.trajectories import synthesize
 from fewstep.engine.data import ToyWorldSource
 from fewstep.engine.distributed import DistEnv
@@ -19,7 +18,7 @@ from fewstep.engine.trainer import Trainer
 from fewstep.models.pipeline import VideoPipeline
 from fewstep.objectives.trajectory import KEY_GRIDS
 from fewstep.recipes.accvideo import AccVideo
-from test_engine_support import cli, losses, teacher_dir, tensors  # noqa: F401  (fixture)
+from helpers import cli, losses, make_tiny_pipeline, tensors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

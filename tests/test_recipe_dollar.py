@@ -15,7 +15,7 @@ from fewstep.engine.trainer import Trainer
 from fewstep.models.pipeline import VideoPipeline
 from fewstep.objectives.student import step_times
 from fewstep.recipes.dollar import Dollar
-from test_engine_support import cli, losses, teacher_dir, tensors  # noqa: F401  (fixture)
+from helpers import cli, losses, tensors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,14 +11,13 @@ import torch
 from safetensors.torch import load_file
 
 import fewstep.data.trajectories as traj_module
-from conftest import make_tiny_pipeline
 from fewstep.data.toyworld import ToyWorld
 from fewstep.data.trajectories import (KEY_TIMES, TrajectorySource, TrajectoryStore, key_indices, sample_noise,
                                        solver_grid, synthesize)
 from fewstep.diffusion.samplers import sample_euler
 from fewstep.errors import UserError
 from fewstep.models.pipeline import VideoPipeline
-from test_engine_support import cli, teacher_dir  # noqa: F401  (fixture)
+from helpers import cli, make_tiny_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -4,7 +4,7 @@
 process group (gloo on CPU, NCCL on GPU). A single process needs no process group at all.
 
 **What gets wrapped.** Objectives call a role's module through methods (``Denoiser.predict``,
-its CFG path, ``Backbone.features``), not only through ``forward``, so a wrapper *around* the
+its CFG path, block-feature hooks), not only through ``forward``, so a wrapper *around* the
 role module would be bypassed. Instead the engine wraps its *compute root* in place: the first
 module below the role's module that has more than one child or parameters of its own — for
 ``Denoiser → ModuleBackbone → ToyDiT`` that is the ToyDiT, which every path calls. Wrapping is

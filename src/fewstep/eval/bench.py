@@ -145,7 +145,7 @@ def peak_memory(fn, device: torch.device) -> int:
 def bench_reward_memory(student, *, lrm=None, reward: str = "toy-clip", batch_size: int = 8, steps: int = 4,
                         backprop: str = "last", seed: int = 0) -> dict:
     """Peak memory of one LRM fine-tune step vs one pixel-reward step through the decoder (module doc)."""
-    from ..objectives.reward import LatentRewardModelConfig, build_lrm
+    from ..rewards.latent import LatentRewardModelConfig, build_lrm
     from ..objectives.student import generate
     from ..rewards import build_reward
 

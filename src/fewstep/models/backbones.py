@@ -11,7 +11,8 @@ Contract every adapter implements::
 Adapters only move axes and rename arguments; the meaning of the output (eps / v / flow / …)
 is declared once, in :class:`fewstep.models.denoiser.Denoiser`. Adapters: (a) plain modules
 (the toy DiT), (b) Wan, (c) CogVideoX, (d) HunyuanVideo. Real weights load from a local
-directory only (:func:`load_diffusers_backbone`); nothing is ever fetched from a hub.
+directory only (:func:`load_diffusers_backbone`); nothing is ever fetched from a hub. Hidden block
+features of any adapter come from :func:`fewstep.models.features.extract_features` (hooks).
 """
 
 from __future__ import annotations
@@ -87,10 +88,6 @@ class Backbone(nn.Module):
     def forward(self, x: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:  # pragma: no cover
         raise NotImplementedError
 
-    def features(self, x: Tensor, timestep: Tensor, cond: Conditioning, blocks: list[int]) -> list[Tensor]:
-        """Hidden states ``(B, N, D)`` after the given transformer blocks (for discriminators)."""
-        raise NotImplementedError(f"{type(self).__name__} does not expose block features")
-
 
 class ModuleBackbone(Backbone):
     """(a) A plain module called as ``module(x, timestep, context[, context_mask=mask])``.
@@ -103,19 +100,11 @@ class ModuleBackbone(Backbone):
         self.module = module
         params = inspect.signature(module.forward).parameters
         self._takes_mask = "context_mask" in params
-        self._takes_features = "return_features" in params
 
     def forward(self, x, timestep, cond):
         if self._takes_mask and cond.mask is not None:
             return self.module(x, timestep, cond.context, context_mask=cond.mask)
         return self.module(x, timestep, cond.context)
-
-    def features(self, x, timestep, cond, blocks):
-        if not self._takes_features:
-            return super().features(x, timestep, cond, blocks)
-        kwargs = {"context_mask": cond.mask} if self._takes_mask and cond.mask is not None else {}
-        _, feats = self.module(x, timestep, cond.context, return_features=list(blocks), **kwargs)
-        return feats
 
 
 class WanBackbone(Backbone):

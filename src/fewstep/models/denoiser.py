@@ -7,7 +7,10 @@ timestep; the declared ``prediction_type`` turns the raw output into a
 :class:`~fewstep.diffusion.parameterization.Prediction`.
 
 CFG is DESIGN §2's single formula ``uncond + w·(cond − uncond)``; the conditional and
-unconditional passes run as one batch and count as two function evaluations (NFE).
+unconditional passes run as one batch and count as two function evaluations (NFE). Whether a call
+is guided is decided here and nowhere else (DESIGN §1): only when a scale is set and differs from
+1 (:func:`cfg_active`; ``w = 1`` *is* the conditional prediction). Callers — samplers, objectives,
+pipelines — pass the scale and the unconditional condition they have without deciding.
 
 Forward-mode derivatives (SwiftVideo's continuous-time consistency needs dF/dt along the
 PF-ODE) come from :meth:`Denoiser.jvp`: ``torch.func.jvp`` under the math SDPA backend
@@ -27,6 +30,11 @@ from ..diffusion.schedules import Schedule, expand_like
 from .backbones import Backbone, Conditioning, ModuleBackbone
 
 JVPMethod = Literal["autograd", "finite_difference"]
+
+
+def cfg_active(cfg_scale: float | None) -> bool:
+    """Whether CFG scale ``w`` guides: set and not 1 (``w = 1`` is the conditional prediction)."""
+    return cfg_scale is not None and cfg_scale != 1.0
 
 
 class Denoiser(nn.Module):
@@ -65,15 +73,18 @@ class Denoiser(nn.Module):
 
     def predict(self, x_t: Tensor, t: Tensor | float, cond: Conditioning,
                 cfg_scale: float | None = None, uncond: Conditioning | None = None) -> Prediction:
-        """Prediction at ``(x_t, t)``; with ``cfg_scale`` and ``uncond``, the CFG-guided one.
+        """Prediction at ``(x_t, t)``; CFG-guided by ``uncond`` when :func:`cfg_active` (``cfg_scale``).
 
-        x_t: (B, C, T, H, W); t: scalar or (B,); cond/uncond: batch B each.
+        x_t: (B, C, T, H, W); t: scalar or (B,); cond/uncond: batch B each. An unguided call counts
+        one NFE and ignores ``uncond``; a guided one counts two and needs ``uncond``.
         """
         t = self._times(t, x_t)
         alpha, sigma = expand_like(self.schedule.alpha(t), x_t), expand_like(self.schedule.sigma(t), x_t)
-        if cfg_scale is None or uncond is None:
+        if not cfg_active(cfg_scale):
             out = self(x_t, t, cond)
             return Prediction.from_output(self.prediction_type, out, x_t, alpha, sigma)
+        if uncond is None:
+            raise ValueError(f"CFG scale {cfg_scale} needs the unconditional condition (uncond)")
         # one batched pass over [cond; uncond]: (2B, C, T, H, W)
         both = Conditioning.cat([cond, uncond])
         out = self.backbone(torch.cat([x_t, x_t]), self.schedule.model_timestep(torch.cat([t, t])), both)

@@ -1,19 +1,16 @@
 """Adversarial training on frozen-teacher features (AccVideo, papers/002, §4.3, Eq. 7–8, Alg. 1).
 
-Reusable pieces, then AccVideo's two objectives:
+Pieces, then the two objectives:
 
-* :func:`block_features` / :func:`teacher_features` — the frozen feature extractor: a denoiser is
-  run as usual and the hidden tokens after a chosen transformer block are caught by a forward
-  hook. Any backbone exposing its blocks as a ``ModuleList`` named ``blocks`` (the toy DiT, Wan)
-  or ``transformer_blocks`` (CogVideoX, HunyuanVideo's double-stream blocks) works; the tokens
-  ``(B, N, D)`` are laid out on the ``(T', H', W')`` token grid the backbone's ``patch_size``
-  implies. AccVideo Fig. 6: the last block for ``t'_k > 0`` ("the 60th layer") and an earlier one
-  at ``t'_0 = 0`` ("the 40th", i.e. 2/3 of the depth — our default ``clean_block``).
+* :func:`teacher_features` — the frozen feature extractor: hidden tokens of a denoiser's
+  transformer block (:func:`fewstep.models.features.extract_features`) laid out on the token grid
+  ``(B, D, T', H', W')``. AccVideo Fig. 6: the last block for ``t'_k > 0`` ("the 60th layer") and an
+  earlier one at ``t'_0 = 0`` ("the 40th", i.e. 2/3 of the depth — our default ``clean_block``).
 * :class:`TimestepHeads` — the discriminator role: m timestep-aware projection heads
-  ``H_0 … H_{m−1}``, each a small 2D CNN over every frame of the feature grid, averaged to one
-  logit per sample (Eq. 8: ``D(l, t'_k) = H_k(v_θ(l, t'_k))``). ``single_head`` shares one head
-  across timesteps (the §5.2 ablation).
-* :func:`discriminator_loss` / :func:`generator_loss` — Eq. 7 and the hinge form (RGTD Eq. 11–12).
+  ``H_0 … H_{m−1}``, each a :class:`~fewstep.objectives.gan.FrameHead` (a small 2D CNN over every
+  frame of the feature grid, averaged to one logit per sample) (Eq. 8: ``D(l, t'_k) =
+  H_k(v_θ(l, t'_k))``). ``single_head`` shares one head across timesteps (the §5.2 ablation).
+* the GAN losses of Eq. 7 and the hinge form (RGTD Eq. 11–12) from :mod:`fewstep.objectives.gan`.
 * :class:`LatentQueues` — ``Q_0 … Q_m``, FIFO queues of student latents at each key time with
   their captions (Alg. 1 l. 3, 11–17), saved with checkpoints.
 
@@ -54,85 +51,26 @@ training each rank keeps its own queues; a checkpoint stores rank 0's.
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from pydantic import Field
 from torch import Tensor, nn
 
 from ..config import StrictModel
 from ..diffusion.samplers import euler_step, sample_euler
-from ..errors import UserError
 from ..models.backbones import Conditioning
+from ..models.features import depth, extract_features, token_grid
 from .base import Batch, Objective, ObjectiveConfig, ObjectiveOutput, RoleName, Roles, StepContext, register_objective
+from .gan import FrameHead, GANLoss, discriminator_loss, generator_loss
 from .trajectory import KEY_GRIDS, KeyGrid, KeySource, key_grid, key_latents, stored_times
-
-GANLoss = Literal["non_saturating", "minimax", "hinge"]
-BLOCK_LISTS = ("blocks", "transformer_blocks")
 
 
 # ---------------------------------------------------------------------------------------------
 # The frozen feature extractor
 # ---------------------------------------------------------------------------------------------
-
-def find_blocks(module: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
-    """``(owner, blocks)``: the first ``ModuleList`` named in :data:`BLOCK_LISTS` below ``module``."""
-    for owner in module.modules():
-        for name in BLOCK_LISTS:
-            blocks = getattr(owner, name, None)
-            if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
-                return owner, blocks
-    raise UserError(f"{type(module).__name__} exposes no transformer blocks (a ModuleList named "
-                    f"{' or '.join(BLOCK_LISTS)}) to take discriminator features from")
-
-
-def token_grid(owner: nn.Module, latent_shape: Sequence[int], tokens: int) -> tuple[int, int, int]:
-    """``(T', H', W')`` of the backbone's tokens for latents ``(B, C, T, H, W)``, from its ``patch_size``."""
-    config = getattr(owner, "config", None)
-    patch = getattr(config, "patch_size", None)
-    if isinstance(patch, int):  # diffusers CogVideoX / HunyuanVideo: spatial size + patch_size_t
-        patch = (getattr(config, "patch_size_t", None) or 1, patch, patch)
-    grid = tuple(n // p for n, p in zip(latent_shape[2:], patch)) if patch is not None else ()
-    if len(grid) != 3 or math.prod(grid) != tokens:
-        raise UserError(f"{type(owner).__name__}: cannot lay {tokens} block tokens on a grid for latents "
-                        f"{tuple(latent_shape)} (patch_size {patch})")
-    return grid  # type: ignore[return-value]
-
-
-def block_features(denoiser, x_t: Tensor, t: Tensor, cond: Conditioning, blocks: Sequence[int]) -> list[Tensor]:
-    """Hidden tokens ``(B, N, D)`` after each of ``blocks`` (negative indices allowed), one forward pass.
-
-    The whole network runs (stopping it early would skip the hooks distributed wrappers rely on);
-    its output is discarded. Gradients flow to ``x_t`` when the caller's mode allows.
-    """
-    return _hooked(denoiser, find_blocks(denoiser)[1], x_t, t, cond, blocks)
-
-
-def _hooked(denoiser, modules: nn.ModuleList, x_t: Tensor, t: Tensor, cond: Conditioning,
-            blocks: Sequence[int]) -> list[Tensor]:
-    depth = len(modules)
-    if any(not -depth <= b < depth for b in blocks):
-        raise UserError(f"feature blocks {list(blocks)} out of range for a backbone of depth {depth}")
-    ids = [b % depth for b in blocks]
-    caught: dict[int, Tensor] = {}
-
-    def catch(i):
-        def hook(module, args, output):
-            caught[i] = output[0] if isinstance(output, tuple) else output  # diffusers blocks return tuples
-        return hook
-
-    handles = [modules[i].register_forward_hook(catch(i)) for i in set(ids)]
-    try:
-        denoiser(x_t, t, cond)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return [caught[i] for i in ids]
-
 
 class FeatureConfig(StrictModel):
     """Where discriminator features come from (AccVideo Eq. 8, Fig. 6)."""
@@ -145,11 +83,10 @@ class FeatureConfig(StrictModel):
 
 def teacher_features(denoiser, x_t: Tensor, t: Tensor, cond: Conditioning, config: FeatureConfig) -> Tensor:
     """Features ``(B, D, T', H', W')`` of ``x_t`` at times ``t`` (B,): ``block`` where t > 0, ``clean_block`` at 0."""
-    owner, modules = find_blocks(denoiser)
-    clean = config.clean_block if config.clean_block is not None else max(0, round(2 * len(modules) / 3) - 1)
-    noisy, clean_feats = _hooked(denoiser, modules, x_t, t, cond, [config.block, clean])  # (B, N, D) each
+    clean = config.clean_block if config.clean_block is not None else max(0, round(2 * depth(denoiser) / 3) - 1)
+    noisy, clean_feats = extract_features(denoiser, x_t, t, cond, [config.block, clean])  # (B, N, D) each
     tokens = torch.where((t == 0).reshape(-1, 1, 1), clean_feats, noisy)
-    gt, gh, gw = token_grid(owner, x_t.shape, tokens.shape[1])
+    gt, gh, gw = token_grid(denoiser, x_t.shape, tokens.shape[1])
     return rearrange(tokens, "b (t h w) d -> b d t h w", t=gt, h=gh, w=gw)
 
 
@@ -158,19 +95,16 @@ def teacher_features(denoiser, x_t: Tensor, t: Tensor, cond: Conditioning, confi
 # ---------------------------------------------------------------------------------------------
 
 class TimestepHeads(nn.Module):
-    """AccVideo Eq. 8's projection heads: ``logit = H_k(features)`` with one 2D CNN per key timestep.
+    """AccVideo Eq. 8's projection heads: ``logit = H_k(features)`` with one :class:`FrameHead` per key timestep.
 
     ``forward(features (B, D, T', H', W'), k (B,) int64) -> (B,)``: sample b uses head ``k[b]``
-    (head 0 for every sample when ``single_head``). Each head: conv3×3 → GroupNorm → SiLU → conv1×1
-    to one logit per position of every frame, averaged over frames and positions.
+    (head 0 for every sample when ``single_head``).
     """
 
     def __init__(self, channels: int, timesteps: int, width: int = 64, single_head: bool = False):
         super().__init__()
         self.timesteps, self.single_head = timesteps, single_head
-        self.heads = nn.ModuleList([nn.Sequential(
-            nn.Conv2d(channels, width, 3, padding=1), nn.GroupNorm(math.gcd(32, width), width), nn.SiLU(),
-            nn.Conv2d(width, 1, 1)) for _ in range(1 if single_head else timesteps)])
+        self.heads = nn.ModuleList([FrameHead(channels, width) for _ in range(1 if single_head else timesteps)])
 
     def head_index(self, k: Tensor) -> Tensor:
         """Which head each sample's timestep index uses."""
@@ -179,35 +113,12 @@ class TimestepHeads(nn.Module):
         return torch.zeros_like(k) if self.single_head else k
 
     def forward(self, features: Tensor, k: Tensor) -> Tensor:
-        frames = rearrange(features, "b d t h w -> b t d h w")
         head = self.head_index(k)
         logits = features.new_zeros(features.shape[0])
         for i in head.unique().tolist():
             rows = head == i
-            x = rearrange(frames[rows], "b t d h w -> (b t) d h w")  # every frame through the 2D head
-            out = rearrange(self.heads[i](x), "(b t) 1 h w -> b (t h w)", b=int(rows.sum()))
-            logits = logits.index_put((rows,), out.mean(dim=1))
+            logits = logits.index_put((rows,), self.heads[i](features[rows]))
         return logits  # (B,)
-
-
-# ---------------------------------------------------------------------------------------------
-# Losses (per sample)
-# ---------------------------------------------------------------------------------------------
-
-def discriminator_loss(kind: GANLoss, d_real: Tensor, d_fake: Tensor) -> Tensor:
-    """The discriminator's loss from logits ``(B,)`` (module doc): Eq. 7's, or the hinge (RGTD Eq. 12)."""
-    if kind == "hinge":
-        return F.relu(1 - d_real) + F.relu(1 + d_fake)
-    return F.softplus(-d_real) + F.softplus(d_fake)  # −log D(real) − log(1 − D(fake))
-
-
-def generator_loss(kind: GANLoss, d_fake: Tensor) -> Tensor:
-    """The generator's loss from logits ``(B,)``: non-saturating, Eq. 7 literally (minimax), or hinge (RGTD Eq. 11)."""
-    if kind == "hinge":
-        return -d_fake
-    if kind == "minimax":
-        return -F.softplus(d_fake)  # log(1 − D(fake))
-    return F.softplus(-d_fake)  # −log D(fake)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -154,11 +154,9 @@ class ConsistencyDistillation(Objective):
         path = grid[start[None, :] + torch.arange(self.config.m + 1, device=x0.device)[:, None]]  # (m + 1, B)
         eps = ctx.randn(tuple(x0.shape[1:]), "cd/eps", dtype=x0.dtype)  # (B, C, T, H, W)
         x_start = teacher.schedule.add_noise(x0, eps, path[0].to(x0.dtype))
-        cfg = self.config.cfg_scale
-        guided = cfg is not None and cfg != 1.0  # w = 1 is the conditional prediction
         with torch.no_grad():
-            x_end = denoise_m(teacher, x_start, path, batch.cond, cfg_scale=cfg if guided else None,
-                              uncond=batch.uncond if guided else None)
+            x_end = denoise_m(teacher, x_start, path, batch.cond, cfg_scale=self.config.cfg_scale,
+                              uncond=batch.uncond)
             target = self.consistency_function(ema, x_end, path[-1], batch.cond)
         return CDTarget(x_start, path[0], x_end, path[-1], target, start)
 

@@ -101,15 +101,12 @@ class VSD(Objective):
     def gradient(self, x_hat: Tensor, batch: Batch, roles: Roles, ctx: StepContext) -> tuple[Tensor, Tensor]:
         """``(grad, t)``: the detached VSD gradient at ``x̂`` (B, C, T, H, W) and the times used (B,)."""
         teacher, fake = roles["teacher"].module, roles["fake_score"].module
-        cfg = self.config.real_cfg_scale
         with torch.no_grad():
             x_hat = x_hat.detach()
             t = ctx.times(self.distribution, "vsd/t").to(x_hat.dtype)  # (B,)
             eps = ctx.randn(tuple(x_hat.shape[1:]), "vsd/eps", dtype=x_hat.dtype)  # ε' (B, C, T, H, W)
             x_t = teacher.schedule.add_noise(x_hat, eps, t)
-            guided = cfg is not None and cfg != 1.0  # w = 1 is the conditional prediction
-            real = teacher.predict(x_t, t, batch.cond, cfg_scale=cfg if guided else None,
-                                   uncond=batch.uncond if guided else None)
+            real = teacher.predict(x_t, t, batch.cond, cfg_scale=self.config.real_cfg_scale, uncond=batch.uncond)
             fake_pred = fake.predict(x_t, t, batch.cond)
             return dmd_gradient(x_hat, real.x0, fake_pred.x0), t
 

@@ -92,8 +92,8 @@ from ..diffusion.schedules import INDEX_GRIDS, FlowMatching
 from ..engine.config import _parse_objective
 from ..errors import UserError
 from ..objectives.base import ObjectiveConfig, objective_class
-from ..objectives.reward import LatentRewardModelConfig, build_lrm
 from ..objectives.student import step_times
+from ..rewards.latent import LatentRewardModelConfig, build_lrm
 from .base import DROP_OBJECTIVE, PipelineRecipe, RecipeConfig, map_stage_objectives, register_recipe
 
 Ablation = Literal["vsd", "vsd_cd", "vsd_lrm", "vsd_cd_lrm", "vsd_ddpo"]

@@ -1,0 +1,231 @@
+"""Helpers shared by the test modules (no tests here): tiny models, objective stand-ins, CLI runs.
+
+Test modules import from here, never from each other; fixtures live in ``conftest.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from fewstep.data.toyworld import VOCAB
+from fewstep.diffusion.schedules import FlowMatching, VPDiscrete
+from fewstep.engine.config import EngineConfig
+from fewstep.models.backbones import Backbone, Conditioning, WanBackbone
+from fewstep.models.codec import ToyCodecConfig
+from fewstep.models.denoiser import Denoiser
+from fewstep.models.pipeline import SamplingConfig, ToyPipelineConfig, VideoPipeline
+from fewstep.models.text_encoder import ToyTextEncoderConfig
+from fewstep.models.toy_dit import ToyDiTConfig
+from fewstep.objectives.base import Batch, StepContext
+
+F64 = torch.float64
+TEXT_DIM = 16  # caption width of the tiny diffusers backbones
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny models
+# ---------------------------------------------------------------------------------------------
+
+def tiny_pipeline_config(**sampling) -> ToyPipelineConfig:
+    """A toy text-to-video model small enough for CPU unit tests (8 frames × 16², latents 4×4×4)."""
+    return ToyPipelineConfig(
+        backbone=ToyDiTConfig(hidden_dim=32, depth=2, num_heads=2, text_dim=16, timestep_freq_dim=32,
+                              latent_frames=4, latent_height=4, latent_width=4),
+        codec=ToyCodecConfig(base_channels=16, num_groups=4),
+        text_encoder=ToyTextEncoderConfig(vocab=VOCAB, dim=16, depth=1, heads=2),
+        sampling=SamplingConfig(**sampling),
+        frames=8, size=16,
+    )
+
+
+def make_tiny_pipeline(seed: int = 0, **sampling) -> VideoPipeline:
+    torch.manual_seed(seed)
+    pipe = VideoPipeline(tiny_pipeline_config(**sampling))
+    # move off adaLN-Zero's exact-zero output so predictions depend on inputs
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in pipe.denoiser.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=g))
+    return pipe.eval()
+
+
+def perturb(module, scale=0.02, seed=0):
+    """Random weights everywhere (zero-initialised output layers would make tests trivial)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return module
+
+
+def make_wan() -> Denoiser:
+    """A tiny diffusers Wan transformer (flow matching) behind the Wan adapter: latents (B, 4, T, 4k, 4k)."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
+                                  in_channels=4, out_channels=4, text_dim=TEXT_DIM, freq_dim=32, ffn_dim=32,
+                                  num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                  rope_max_seq_len=32)
+    return Denoiser(WanBackbone(perturb(model)), FlowMatching(shift=3.0), "flow")
+
+
+# ---------------------------------------------------------------------------------------------
+# What objectives see: roles, contexts, batches; Gaussian toys with analytic posteriors
+# ---------------------------------------------------------------------------------------------
+
+def model_time(schedule, timestep):
+    """Continuous t from the backbone's model timestep (inverse of Schedule.model_timestep)."""
+    if isinstance(schedule, VPDiscrete):
+        return (timestep + 1) / 1000
+    return schedule.unshift(timestep / 1000)
+
+
+class GaussianX0(Backbone):
+    """Exact E[x0 | x_t] (an ``x0`` prediction) for data x0 ~ N(m + c, s²·I) elementwise.
+
+    ``m`` is a tensor broadcastable to (C, T, H, W) or a callable returning one; ``c`` is the
+    caption's first token value, so that conditioning and CFG have an analytic effect.
+    """
+
+    def __init__(self, schedule, m, s=1.0):
+        super().__init__()
+        self.schedule, self.s, self._m = schedule, s, m
+
+    def mean(self):
+        return self._m() if callable(self._m) else self._m
+
+    def forward(self, x, timestep, cond):
+        t = model_time(self.schedule, timestep).to(x.dtype)
+        a = self.schedule.alpha(t).reshape(-1, 1, 1, 1, 1)
+        sig = self.schedule.sigma(t).reshape(-1, 1, 1, 1, 1)
+        m = self.mean() + cond.context[:, 0, 0].reshape(-1, 1, 1, 1, 1).to(x.dtype)
+        return m + a * self.s**2 / (a**2 * self.s**2 + sig**2) * (x - a * m)
+
+
+@dataclass
+class FakeRole:
+    """What objectives see of a role (engine.roles.Role)."""
+
+    name: str
+    module: nn.Module
+    ema: nn.Module | None = None
+    trainable: bool = True
+
+    @property
+    def ema_module(self):
+        return self.ema if self.ema is not None else self.module
+
+
+def make_ctx(batch_size, role="student", step=0, seed=0):
+    return StepContext(step=step, stage=0, stage_step=step, role=role, seed=seed, device=torch.device("cpu"),
+                       sample_ids=torch.arange(batch_size), generator=torch.Generator().manual_seed(0))
+
+
+def const_cond(batch_size, value=0.0, dtype=F64):
+    return Conditioning(torch.full((batch_size, 1, 1), value, dtype=dtype))
+
+
+def make_batch(latents, cond_value=0.0, prompts=None):
+    b = latents.shape[0]
+    return Batch(latents=latents, cond=const_cond(b, cond_value, latents.dtype),
+                 uncond=const_cond(b, 0.0, latents.dtype), prompts=prompts or ["a red circle"] * b,
+                 sample_ids=torch.arange(b))
+
+
+def tiny_setup(batch_size=2, seed=0):
+    """Tiny toy-DiT pipeline, a batch of random latents with real captions."""
+    pipe = make_tiny_pipeline(seed)
+    prompts = ["a red circle moves left", "a blue square moves up", "a red circle moves left",
+               "a green triangle moves right"][:batch_size]
+    latents = torch.randn(pipe.latent_shape(batch_size), generator=torch.Generator().manual_seed(seed))
+    batch = Batch(latents=latents, cond=pipe.encode_prompts(prompts), uncond=pipe.null_condition(batch_size),
+                  prompts=prompts, sample_ids=torch.arange(batch_size))
+    return pipe, batch
+
+
+def engine_config(roles, objectives):
+    """An EngineConfig with ``roles`` (name → trainable) and one stage listing ``objectives``."""
+    specs = {name: ({"optim": {"lr": 1e-4}} if trainable else {}) for name, trainable in roles.items()}
+    return EngineConfig.model_validate({"roles": specs, "stages": {"main": {"objectives": objectives}}})
+
+
+# ---------------------------------------------------------------------------------------------
+# Engine runs: the CLI in- and out-of-process, and readers of a run directory
+# ---------------------------------------------------------------------------------------------
+
+#: A cheap finetune run: tiny batch, every step logged, no evaluation, TensorBoard off.
+TINY = ["train.steps=4", "train.batch_size=4", "train.log_every=1", "train.eval_every=0",
+        "train.checkpoint_every=0", "train.tensorboard=false", "roles.student.optim.warmup_steps=2",
+        "roles.student.optim.lr=1e-3", "train.eval_steps=[2]"]
+
+
+def sets(teacher: Path, *extra: str) -> list[str]:
+    """``--set`` arguments: the tiny run on ``teacher`` plus ``extra`` overrides."""
+    out = []
+    for item in [f"model={teacher}", *TINY, *extra]:
+        out += ["--set", item]
+    return out
+
+
+def cli(capsys, *argv) -> tuple[int, str, str]:
+    """Run ``fewstep`` in-process: exit code, stdout, stderr."""
+    from fewstep.cli import main
+
+    capsys.readouterr()
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def cli_subprocess(*argv, env=None, launcher=()) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, *launcher, "-m", "fewstep.cli", *map(str, argv)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+def losses(run_dir: Path) -> dict[int, dict[str, float]]:
+    """``step → {loss/... : value}`` from metrics.jsonl (training records only)."""
+    out = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        vals = {k: v for k, v in rec.items() if k.startswith(("loss/", "grad_norm/", "lr/"))}
+        if vals:
+            out[rec["step"]] = vals
+    return out
+
+
+def tensors(run_dir: Path, step: int, stem: str = "roles/student") -> dict:
+    return load_file(Path(run_dir) / "checkpoints" / f"step_{step:06d}" / f"{stem}.safetensors")
+
+
+def trainer_state(run_dir: Path, step: int) -> dict:
+    return json.loads((Path(run_dir) / "checkpoints" / f"step_{step:06d}" / "trainer.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact resume: the run both the resume and the signal tests compare against
+# ---------------------------------------------------------------------------------------------
+
+STEPS = 6
+#: two roles with different cadence, EMA, warm-up, caption dropout: everything resume must restore
+RUN = ["train.steps=6", "roles.fake_score.optim.lr=1e-3", "roles.fake_score.every=2",
+       "stages.finetune.objectives.critic.kind=flow_matching", "stages.finetune.objectives.critic.role=fake_score",
+       "roles.student.optim.warmup_steps=4"]
+
+
+def assert_same_end(run, reference):
+    for stem in ("roles/student", "ema/student", "optim/student", "roles/fake_score", "optim/fake_score"):
+        got, want = tensors(run, STEPS, stem), tensors(reference, STEPS, stem)
+        assert got.keys() == want.keys(), stem
+        for k in want:
+            assert torch.equal(got[k], want[k]), f"{stem}:{k}"
+    assert trainer_state(run, STEPS)["roles"] == trainer_state(reference, STEPS)["roles"]
+    assert losses(run) == losses(reference)  # every logged loss, grad norm and LR, bit for bit
