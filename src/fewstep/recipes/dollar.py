@@ -8,7 +8,7 @@ Alg. 1 of the paper, as roles and objectives of one stage (``dollar.yaml``, defa
                   updated every 5th step (fake:student = 5:1, §4.1)
       teacher     v_θ', frozen: VSD's real score (CFG) and CD's m-step solver Denoise^m (CFG)
       fake_score  θ_fake ← model (= the teacher, l. 4), updated every step
-      lrm         R^l_φ, :func:`~fewstep.objectives.reward.build_lrm` of the ``lrm`` key (only when
+      lrm         R^l_φ, :func:`~fewstep.rewards.latent.build_lrm` of the ``lrm`` key (only when
                   the ablation fits a latent reward model); updated every step, so that it tracks
                   the student's samples between student updates (Alg. 1 fits it once per
                   generator step; a fit is cheap next to a student step)
