@@ -10,7 +10,7 @@ import torch
 from conftest import make_tiny_pipeline
 
 from fewstep.demo import run_demo, summary_table
-from fewstep.eval.bench import bench_reward_memory, bench_speed, peak_memory
+from fewstep.bench import bench_reward_memory, bench_speed, peak_memory
 from fewstep.models.pipeline import VideoPipeline
 from test_engine_support import cli, teacher_dir  # noqa: F401  (fixture)
 

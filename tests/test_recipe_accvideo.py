@@ -12,13 +12,13 @@ import torch
 import yaml
 
 from conftest import make_tiny_pipeline
-from fewstep.data.trajectories import synthesize
-from fewstep.engine.data import ToyWorldSource
 from fewstep.engine.distributed import DistEnv
 from fewstep.engine.trainer import Trainer
 from fewstep.models.pipeline import VideoPipeline
 from fewstep.objectives.trajectory import KEY_GRIDS
 from fewstep.recipes.accvideo import AccVideo
+from fewstep.recipes.sources import ToyWorldSource
+from fewstep.synth import synthesize
 from test_engine_support import cli, losses, teacher_dir, tensors  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
