@@ -18,6 +18,7 @@ from fewstep.data.trajectories import KEY_TIMES, TrajectoryStore, key_indices, s
 from fewstep.recipes.sources import TrajectorySource
 from fewstep.synth import sample_noise, synthesize
 from fewstep.diffusion.samplers import sample_euler
+from fewstep.diffusion.schedules import TIME_GRIDS
 from fewstep.errors import UserError
 from fewstep.models.pipeline import VideoPipeline
 from test_engine_support import cli, teacher_dir  # noqa: F401  (fixture)
@@ -64,6 +65,10 @@ def test_solver_grid_contains_the_key_times(steps):
     for j in range(len(counts)):  # uniform within each segment
         seg = grid[index[j]:index[j + 1] + 1].diff()
         torch.testing.assert_close(seg, seg[:1].expand_as(seg))
+
+
+def test_key_times_are_the_named_grid():
+    assert KEY_TIMES == tuple(TIME_GRIDS["accvideo_keys"])  # the store format's copy of AccVideo §4.2
 
 
 def test_solver_grid_of_fifty_steps():

@@ -50,14 +50,15 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from ..config import StrictModel
-from ..diffusion.schedules import TIME_GRIDS
 from ..errors import UserError
 from ..utils.io import sha256_file
 
 Keep = Literal["keys", "all"]
 
 #: AccVideo §4.2: the key diffusion timesteps t'_5 = 1 > … > t'_0 = 0 (sampler order).
-KEY_TIMES: tuple[float, ...] = tuple(TIME_GRIDS["accvideo_keys"])
+#: Copied from diffusion.schedules.TIME_GRIDS["accvideo_keys"] (data/ sits below diffusion/ and
+#: may not import it; tests/test_trajectories.py checks that the two agree).
+KEY_TIMES: tuple[float, ...] = (1.0, 0.9651, 0.9130, 0.8235, 0.6363, 0.0)
 MANIFEST = "manifest.json"
 
 

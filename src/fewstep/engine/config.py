@@ -47,7 +47,7 @@ class TrainConfig(StrictModel):
     eval_prompts: int = Field(2, ge=1, le=24, description="first N of the evaluator's prompts")
     eval_samples: int = Field(4, ge=2, description="samples per prompt (diversity needs >= 2)")
     log_every: int = Field(10, ge=1)
-    prefetch: bool = Field(True, description="prepare the next step's batch in a background thread (engine/data.py)")
+    prefetch: bool = Field(True, description="prepare the next step's batch while the step trains (engine/data.py)")
     tensorboard: bool = True
     bf16: bool = Field(False, description="bf16 autocast around objectives")
     gradient_checkpointing: bool = False

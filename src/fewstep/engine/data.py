@@ -11,9 +11,15 @@ global batch.
 The engine knows no concrete source: the recipe builds one from its ``data:`` config
 (:mod:`fewstep.recipes.sources`) and hands it over (``Plan.data_source``).
 
-:class:`Prefetcher` prepares the next step's batch in a background thread while the current
-step trains (DESIGN §5: the accelerator never waits on data). A batch is still a function of
-its positions only, so prefetched and synchronous batches are identical.
+:class:`Prefetcher` prepares every batch in one background thread and, with ``train.prefetch``,
+the next step's while the current step trains (DESIGN §5: the accelerator never waits on data).
+A batch is a function of its positions only, so prefetching changes no number.
+
+On a CPU the data thread needs a core of its own to overlap: with torch's default (the step's
+thread pool on every core) there is none, and prefetching saves little; a step given one core
+fewer (``torch.set_num_threads`` / ``OMP_NUM_THREADS``) hides the data preparation
+(``benchmarks/engine_overhead.py --threads``). On an accelerator the step's CPU side is light and
+the data thread overlaps by itself.
 """
 
 from __future__ import annotations
@@ -37,42 +43,56 @@ class DataSource(Protocol):
 
 
 class Prefetcher:
-    """Wraps a :class:`DataSource`: :meth:`batch` returns the batch of ``positions`` and starts
-    computing ``next_positions`` in one background thread.
+    """Runs a :class:`DataSource` in one background thread: :meth:`batch` returns the batch of
+    ``positions`` and starts preparing ``next_positions`` (if given) while the caller trains.
 
-    * **Same batches.** A prefetched batch is used only for exactly the positions it was started
-      for; any other request (the first step, a step after resume, a changed schedule) waits for
-      the thread to go idle and computes synchronously, so the source never runs twice at once.
+    * **Same batches.** Every batch — prefetched or not — is computed by the data thread, with the
+      same thread settings, so neither prefetching nor where a run resumes changes a number. A
+      prefetched batch is used only for exactly the positions it was started for; any other request
+      (the first step, a step after resume) waits for it and is computed next. The source never runs
+      twice at once.
     * **Errors** raised while preparing a batch are raised by the :meth:`batch` call that needs it
       (a batch nobody asks for is dropped, errors included).
-    * **Thread state.** The worker runs ``init`` first (the trainer passes what its own thread has
-      set: flushing denormals, the CUDA device); autocast and grad mode are per thread, and the
-      worker runs outside both (a source uses ``torch.no_grad`` itself).
+    * **Thread state.** The data thread first runs ``init`` (the trainer passes what its own thread
+      has set: flushing denormals, the CUDA device) and uses ``threads`` intra-op threads: one by
+      default, so that it takes one core beside the step's (torch's CPU thread pool is per thread;
+      two full pools on the same cores spin against each other and can slow a CPU step several-fold).
+      Autocast and grad mode are per thread too; a source uses ``torch.no_grad`` itself.
     * :meth:`close` waits for the batch in flight and stops the thread; use it in ``finally``.
 
     Under torchrun every rank has its own prefetcher for its own share of the positions.
     """
 
-    def __init__(self, source: DataSource, device: torch.device, init: Callable[[], None] | None = None):
+    def __init__(self, source: DataSource, device: torch.device, init: Callable[[], None] | None = None,
+                 threads: int = 1):
         self.source, self.device = source, device
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fewstep-data", initializer=init)
+
+        def setup() -> None:
+            torch.set_num_threads(threads)
+            if init is not None:
+                init()
+
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fewstep-data", initializer=setup)
         self._pending: tuple[tuple[int, ...], Future] | None = None
         self._lock = threading.Lock()  # serialises batch() and close()
+
+    def _submit(self, positions: tuple[int, ...]) -> Future:
+        return self._pool.submit(self.source.batch, positions, self.device)
 
     def batch(self, positions: Sequence[int], next_positions: Sequence[int] | None = None) -> Batch:
         positions = tuple(int(p) for p in positions)
         with self._lock:
             pending, self._pending = self._pending, None
             if pending is not None and pending[0] == positions:
-                batch = pending[1].result()  # re-raises the worker's exception
+                future = pending[1]
             else:
                 if pending is not None:
                     _drop(pending[1])
-                batch = self.source.batch(positions, self.device)
-            if next_positions is not None:
+                future = self._submit(positions)
+            if next_positions is not None:  # queued behind ``future`` on the one data thread
                 ahead = tuple(int(p) for p in next_positions)
-                self._pending = (ahead, self._pool.submit(self.source.batch, ahead, self.device))
-            return batch
+                self._pending = (ahead, self._submit(ahead))
+            return future.result()  # re-raises the data thread's exception
 
     def close(self) -> None:
         """Drop the batch in flight (waiting for it) and stop the thread; idempotent."""

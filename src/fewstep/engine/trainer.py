@@ -281,14 +281,14 @@ class Trainer:
         return range(first, first + share)
 
     def next_batch(self):
-        """The current step's batch; with ``train.prefetch`` the next step's starts in the background."""
+        """The current step's batch (from the data thread); with ``train.prefetch`` the next step's
+        batch is prepared while this step trains."""
         train, st = self.cfg.train, self.state
-        if not train.prefetch:
-            return self.source.batch(self.positions(st.data_position), self.env.device)
         if self._prefetcher is None:
             self._prefetcher = Prefetcher(self.source, self.env.device, init=self._data_thread_init)
-        ahead = self.positions(st.data_position + train.batch_size) if st.step + 1 < train.steps else None
-        return self._prefetcher.batch(self.positions(st.data_position), ahead)
+        ahead = train.prefetch and st.step + 1 < train.steps
+        return self._prefetcher.batch(self.positions(st.data_position),
+                                      self.positions(st.data_position + train.batch_size) if ahead else None)
 
     def _data_thread_init(self) -> None:
         """Per-thread state the data thread must share with this one."""
