@@ -9,7 +9,6 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import make_tiny_pipeline
 from fewstep.cli import main
 from fewstep.errors import UserError
 from fewstep.models import family as family_module

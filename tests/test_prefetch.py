@@ -17,7 +17,7 @@ from fewstep.errors import UserError
 from fewstep.recipes.finetune import Finetune
 from fewstep.recipes.sources import ToyWorldSource
 from test_engine_resume import RUN, STEPS, assert_same_end, reference_run  # noqa: F401  (fixture)
-from test_engine_support import TINY, cli, losses, sets, teacher_dir  # noqa: F401  (fixture)
+from test_engine_support import TINY, cli, sets, teacher_dir  # noqa: F401  (fixture)
 
 CPU = torch.device("cpu")
 

@@ -18,9 +18,10 @@ Objectives run one role at a time, so a role updated later in a step sees the ro
 before it (alternating optimisation, as in GANs and DMD's fake-score/generator loop).
 
 The recipe is reached only through the :class:`Plan` protocol below, so the engine imports no
-recipe, data source, evaluator or model family: the plan hands them over. Stopping conditions (``train.max_bad_steps`` non-finite steps in a row, a health
-issue under ``train.stop_on_collapse``) save a checkpoint, then raise :class:`TrainingStopped`,
-a one-line :class:`~fewstep.errors.UserError`.
+recipe, data source, evaluator or model family: the plan hands them over. Stopping conditions
+(``train.max_bad_steps`` non-finite steps in a row, a health issue under
+``train.stop_on_collapse``) save a checkpoint, then raise :class:`TrainingStopped`, a one-line
+:class:`~fewstep.errors.UserError`.
 
 **Signals.** While :meth:`Trainer.run` runs (in the main thread), SIGINT (Ctrl-C) and SIGTERM
 (what a cluster scheduler sends before preemption; torchrun forwards it to every worker) only
@@ -450,12 +451,12 @@ class Trainer:
         where = ckpt.checkpoints_dir(run) / f"step_{st.step:06d}"
         lines = [f"{'interrupted' if interrupted else 'done'}: step {st.step} of {steps}; checkpoint {where}"]
         if self._student_step is not None:
-            student = run / "student"
+            student, prompt = run / "student", self.plan.example_prompt()
             q = shlex.quote
             lines += [f"student: {student} holds {describe_student({'step': self._student_step, 'of': steps})}",
                       f"  evaluate it: fewstep eval --model {q(str(student))} --out "
                       f"{q(str(run / f'eval_step{self._student_step}'))}",
-                      f"  sample it:   fewstep generate --model {q(str(student))} --prompt {q(self.plan.example_prompt())} "
+                      f"  sample it:   fewstep generate --model {q(str(student))} --prompt {q(prompt)} "
                       f"--out {q(str(run / f'samples_step{self._student_step}'))}"]
         if interrupted:
             lines.append(f"continue training with: {self.resume_command()}")

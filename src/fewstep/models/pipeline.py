@@ -33,7 +33,8 @@ from ..utils.io import atomic_directory, load_weights, read_json
 from .backbones import Conditioning
 from .codec import ToyCodec, ToyCodecConfig, frames_to_video, video_to_frames
 from .denoiser import Denoiser
-from .family import ASSETS, SHIPPED, Family, Geometry, SamplingConfig, register_family, resolve_model  # noqa: F401
+from .family import (ASSETS, SHIPPED, Family, Geometry, SamplingConfig,  # noqa: F401 (ASSETS, SHIPPED: re-exported)
+                     register_family, resolve_model)
 from .text_encoder import ToyTextEncoder, ToyTextEncoderConfig
 from .toy_dit import ToyDiT, ToyDiTConfig
 

@@ -18,10 +18,10 @@ objectives of one stage (``accvideo.yaml``)::
 
 Data: ``data:`` names the trajectory store (``--set data=DIR``, shorthand for ``{kind:
 trajectory_store, path: DIR}``); batches come from :class:`~fewstep.recipes.sources.TrajectorySource`
-(the final latent as ``latents``, the stored path in ``extra``). The engine updates each role once per step, the student first: one gradient
-step on ``traj + 0.1·adv_g`` (Alg. 1 takes two student steps per inner iteration, l. 10 and l. 21 —
-folded into one here, as the other recipes fold theirs), then the heads on ``0.1·adv_d`` (l. 22;
-with Adam the 0.1 only matters through clipping). The inner loop's k cycles ``4, 3, 2, 1, 0`` over
+(the final latent as ``latents``, the stored path in ``extra``). The engine updates each role once
+per step, the student first: one gradient step on ``traj + 0.1·adv_g`` (Alg. 1 takes two student
+steps per inner iteration, l. 10 and l. 21 — folded into one here, as the other recipes fold
+theirs), then the heads on ``0.1·adv_d`` (l. 22; with Adam the 0.1 only matters through clipping). The inner loop's k cycles ``4, 3, 2, 1, 0`` over
 consecutive steps (the queues' Alg. 1 order); the trajectory term draws k per sample (the
 expectation of Eq. 6). See :mod:`fewstep.objectives.trajectory` and
 :mod:`fewstep.objectives.adversarial` for the equations and the queues.

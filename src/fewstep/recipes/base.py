@@ -77,10 +77,11 @@ class RecipeConfig(EngineConfig):
     recipe's keys."""
 
     data: SerializeAsAny[DataConfig] = Field(
-        default_factory=lambda: parse_data_config(DEFAULT_DATA), description="data source (recipes/sources.py): {kind: ..., ...}; a plain "
-                                                  "string is a trajectory store path")
+        default_factory=lambda: parse_data_config(DEFAULT_DATA),
+        description="data source (recipes/sources.py): {kind: ..., ...}; a plain string is a trajectory store path")
     evaluator: SerializeAsAny[EvaluatorConfig] = Field(
-        default_factory=lambda: parse_evaluator_config(DEFAULT_EVALUATOR), description="periodic evaluation (recipes/evaluators.py): {kind: ...}")
+        default_factory=lambda: parse_evaluator_config(DEFAULT_EVALUATOR),
+        description="periodic evaluation (recipes/evaluators.py): {kind: ...}")
 
     @field_validator("data", mode="before")
     @classmethod
