@@ -10,8 +10,11 @@ only model work a flow-matching step does. Three step times are measured:
 * ``data excluded``  ``train_step(batch)`` on pre-rendered batches (the engine alone);
 * ``data, synchronous``  ``train_step()`` reading the toy-world source (``train.prefetch=false``: the
   step waits for its rendering + codec encoding + captions, as before the prefetcher existed);
-* ``data, prefetched``  ``train_step()`` with the engine's prefetcher (the default): the next batch is
-  prepared on the data thread (one intra-op thread) while the step trains.
+* ``data, prefetched``  ``train_step()`` with the engine's prefetcher (``train.prefetch=true``): the next
+  batch is prepared on the data thread (one intra-op thread) while the step trains.
+
+``train.prefetch: auto`` (the default) prefetches on a CPU only when the step's threads leave a core
+free: on 2 cores, run with ``--threads 1`` to see the overlap (engine/data.py).
 
 Each is timed as blocks of ``--steps`` consecutive steps (the mean step of a block; a prefetching
 block starts with nothing prepared, so its first step waits for its data), blocks of the four

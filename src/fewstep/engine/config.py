@@ -47,7 +47,9 @@ class TrainConfig(StrictModel):
     eval_prompts: int = Field(2, ge=1, le=24, description="first N of the evaluator's prompts")
     eval_samples: int = Field(4, ge=2, description="samples per prompt (diversity needs >= 2)")
     log_every: int = Field(10, ge=1)
-    prefetch: bool = Field(True, description="prepare the next step's batch while the step trains (engine/data.py)")
+    prefetch: bool | Literal["auto"] = Field("auto", description=(
+        "prepare the next step's batch on a data thread while the step trains (engine/data.py); auto: with an "
+        "accelerator, or on a CPU with cores the step's threads leave free"))
     tensorboard: bool = True
     bf16: bool = Field(False, description="bf16 autocast around objectives")
     gradient_checkpointing: bool = False

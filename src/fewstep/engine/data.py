@@ -16,14 +16,16 @@ the next step's while the current step trains (DESIGN §5: the accelerator never
 A batch is a function of its positions only, so prefetching changes no number.
 
 On a CPU the data thread needs a core of its own to overlap: with torch's default (the step's
-thread pool on every core) there is none, and prefetching saves little; a step given one core
-fewer (``torch.set_num_threads`` / ``OMP_NUM_THREADS``) hides the data preparation
-(``benchmarks/engine_overhead.py --threads``). On an accelerator the step's CPU side is light and
-the data thread overlaps by itself.
+thread pool on every core) there is none, and a data thread only competes with the step — so
+``train.prefetch: auto`` prefetches with an accelerator, or on a CPU when the step's threads leave
+a core free (:func:`spare_cores`); otherwise the step reads its batch itself, as without a
+prefetcher. On 2 cores, a step on one thread (``OMP_NUM_THREADS=1``) with the data on the other
+hides most of the data preparation (``benchmarks/engine_overhead.py --threads 1``).
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Protocol, Sequence
@@ -42,15 +44,22 @@ class DataSource(Protocol):
     def batch(self, positions: Sequence[int], device: torch.device) -> Batch: ...
 
 
+def spare_cores() -> int:
+    """CPU cores this process may use beyond its intra-op threads (× processes per node under torchrun)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cores - torch.get_num_threads() * int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
 class Prefetcher:
     """Runs a :class:`DataSource` in one background thread: :meth:`batch` returns the batch of
     ``positions`` and starts preparing ``next_positions`` (if given) while the caller trains.
 
-    * **Same batches.** Every batch — prefetched or not — is computed by the data thread, with the
-      same thread settings, so neither prefetching nor where a run resumes changes a number. A
-      prefetched batch is used only for exactly the positions it was started for; any other request
-      (the first step, a step after resume) waits for it and is computed next. The source never runs
-      twice at once.
+    * **Same batches.** Every batch — prefetched or not — is computed by the data thread with the
+      same thread settings, so where a run resumes changes no number. A prefetched batch is used
+      only for exactly the positions it was started for; any other request (the first step, a step
+      after resume) waits for it and is computed next. The source never runs twice at once. (A
+      source whose results do not depend on the intra-op thread count, as the toy world's, gives
+      the same batches with and without a prefetcher: tests/test_prefetch.py.)
     * **Errors** raised while preparing a batch are raised by the :meth:`batch` call that needs it
       (a batch nobody asks for is dropped, errors included).
     * **Thread state.** The data thread first runs ``init`` (the trainer passes what its own thread

@@ -3,7 +3,8 @@
 One engine step, for the stage the step falls in:
 
 1. **data** — read this process's share of the global batch at the current data position (prepared
-   during the previous step by the :class:`~fewstep.engine.data.Prefetcher`, ``train.prefetch``);
+   during the previous step by the :class:`~fewstep.engine.data.Prefetcher` when
+   ``train.prefetch`` is on);
 2. **role updates** — for each role the stage's objectives update, in order of first appearance,
    if its cadence fires (``(stage_step + 1) % every == 0``):
    zero_grad → for each micro-batch: call the role's objectives under optional bf16 autocast,
@@ -64,7 +65,7 @@ from ..errors import UserError
 from ..objectives.base import Objective, StepContext, build_objective
 from . import checkpoint as ckpt
 from .config import EngineConfig
-from .data import DataSource, Prefetcher
+from .data import DataSource, Prefetcher, spare_cores
 from .distributed import (DistEnv, clip_grad_norm, full_model_state, full_optimizer_state, init_distributed,
                           load_model_state, load_optimizer_state, set_gradient_sync)
 from .evaluation import Evaluator, run_evaluation
@@ -281,15 +282,24 @@ class Trainer:
         first = data_position + self.env.rank * share
         return range(first, first + share)
 
+    def prefetching(self) -> bool:
+        """``train.prefetch``, with ``auto`` resolved (engine/data.py)."""
+        prefetch = self.cfg.train.prefetch
+        if prefetch == "auto":
+            return self.env.device.type != "cpu" or spare_cores() > 0
+        return prefetch
+
     def next_batch(self):
-        """The current step's batch (from the data thread); with ``train.prefetch`` the next step's
-        batch is prepared while this step trains."""
+        """The current step's batch. Prefetching, every batch comes from the data thread, which then
+        prepares the next step's while this step trains; else the source runs here."""
         train, st = self.cfg.train, self.state
+        positions = self.positions(st.data_position)
+        if not self.prefetching():
+            return self.source.batch(positions, self.env.device)
         if self._prefetcher is None:
             self._prefetcher = Prefetcher(self.source, self.env.device, init=self._data_thread_init)
-        ahead = train.prefetch and st.step + 1 < train.steps
-        return self._prefetcher.batch(self.positions(st.data_position),
-                                      self.positions(st.data_position + train.batch_size) if ahead else None)
+        ahead = self.positions(st.data_position + train.batch_size) if st.step + 1 < train.steps else None
+        return self._prefetcher.batch(positions, ahead)
 
     def _data_thread_init(self) -> None:
         """Per-thread state the data thread must share with this one."""
