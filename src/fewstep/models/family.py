@@ -143,13 +143,17 @@ def resolve_model(name_or_dir: str | Path) -> Path:
         return directory
     directory = Path(name_or_dir)
     if not directory.is_dir():
-        raise UserError(f"--model {name_or_dir}: not a shipped model ({', '.join(SHIPPED)}) nor a model directory "
-                        f"({_expected()})")
+        raise _not_a_model(name_or_dir)
     return directory
 
 
 def _expected() -> str:
     return "expected " + " or ".join(f"{f.expects} ({f.name})" for f in _families())
+
+
+def _not_a_model(name_or_dir: str | Path) -> UserError:
+    return UserError(f"--model {name_or_dir}: not a shipped model ({', '.join(SHIPPED)}) nor a model directory "
+                     f"({_expected()})")
 
 
 def model_family(name_or_dir: str | Path) -> Family:
@@ -161,11 +165,9 @@ def model_family(name_or_dir: str | Path) -> Family:
     if str(name_or_dir) in SHIPPED:
         raise UserError(f"the shipped model {name_or_dir!r} is incomplete in this install ({directory}: "
                         f"{_expected()}); run `fewstep pretrain` to build it")
-    raise UserError(f"--model {name_or_dir}: not a shipped model ({', '.join(SHIPPED)}) nor a model directory "
-                    f"({_expected()})")
+    raise _not_a_model(name_or_dir)
 
 
 def load_model(name_or_dir: str | Path, device: str | torch.device = "cpu") -> VideoModel:
     """Load a shipped model by name or a model directory of any registered family (eval mode)."""
-    directory = resolve_model(name_or_dir)
-    return model_family(directory).model.load(directory, device)
+    return model_family(name_or_dir).model.load(resolve_model(name_or_dir), device)
