@@ -139,7 +139,7 @@ def main() -> None:
     variants, default = RECIPES[args.recipe]
     base = [f"model={args.model}", *DEMO_SETTINGS] + ([f"train.steps={args.steps}"] if args.steps else [])
     if args.recipe == "accvideo":
-        from fewstep.data.trajectories import synthesize
+        from fewstep.synth import synthesize
 
         store = args.out / "synvid"
         synthesize(args.model, store, args.synth, keep="all")  # resumes / is a no-op when complete

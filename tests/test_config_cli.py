@@ -6,9 +6,9 @@ import sys
 import pytest
 
 from fewstep.cli import main
-from fewstep.config import (
-    DiffusersDenoiserConfig, FlowMatchingConfig, StrictModel, VPConfig, apply_overrides, dump_config, load_config,
-)
+from fewstep.config import StrictModel, apply_overrides, dump_config, load_config
+from fewstep.diffusion.schedules import FlowMatchingConfig, VPConfig
+from fewstep.models.diffusers_denoiser import DiffusersDenoiserConfig
 from fewstep.errors import UserError
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fewstep.demo import run_demo, summary_table
-from fewstep.eval.bench import bench_reward_memory, bench_speed, peak_memory
+from fewstep.bench import bench_reward_memory, bench_speed, peak_memory
 from fewstep.models.pipeline import VideoPipeline
 from helpers import cli, make_tiny_pipeline
 

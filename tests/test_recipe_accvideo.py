@@ -11,13 +11,13 @@ import pytest
 import torch
 import yaml
 
-from fewstep.data.trajectories import synthesize
-from fewstep.engine.data import ToyWorldSource
 from fewstep.engine.distributed import DistEnv
 from fewstep.engine.trainer import Trainer
 from fewstep.models.pipeline import VideoPipeline
 from fewstep.objectives.trajectory import KEY_GRIDS
 from fewstep.recipes.accvideo import AccVideo
+from fewstep.recipes.sources import ToyWorldSource
+from fewstep.synth import synthesize
 from helpers import cli, losses, make_tiny_pipeline, tensors
 
 pytestmark = pytest.mark.usefixtures("one_thread")

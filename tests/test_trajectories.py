@@ -11,10 +11,13 @@ import torch
 from safetensors.torch import load_file
 
 import fewstep.data.trajectories as traj_module
+import fewstep.synth as synth_module
 from fewstep.data.toyworld import ToyWorld
-from fewstep.data.trajectories import (KEY_TIMES, TrajectorySource, TrajectoryStore, key_indices, sample_noise,
-                                       solver_grid, synthesize)
+from fewstep.data.trajectories import KEY_TIMES, TrajectoryStore, key_indices, solver_grid
+from fewstep.recipes.sources import TrajectorySource
+from fewstep.synth import sample_noise, synthesize
 from fewstep.diffusion.samplers import sample_euler
+from fewstep.diffusion.schedules import TIME_GRIDS
 from fewstep.errors import UserError
 from fewstep.models.pipeline import VideoPipeline
 from helpers import cli, make_tiny_pipeline
@@ -61,6 +64,10 @@ def test_solver_grid_contains_the_key_times(steps):
     for j in range(len(counts)):  # uniform within each segment
         seg = grid[index[j]:index[j + 1] + 1].diff()
         torch.testing.assert_close(seg, seg[:1].expand_as(seg))
+
+
+def test_key_times_are_the_named_grid():
+    assert KEY_TIMES == tuple(TIME_GRIDS["accvideo_keys"])  # the store format's copy of AccVideo §4.2
 
 
 def test_solver_grid_of_fifty_steps():
@@ -164,7 +171,7 @@ def test_complete_store_is_idempotent(reference_store, teacher_dir, tmp_path, mo
     out = tmp_path / "store"
     shutil.copytree(reference_store, out)
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    monkeypatch.setattr(traj_module, "sample_euler", lambda *a, **k: pytest.fail("a complete store was re-solved"))
+    monkeypatch.setattr(synth_module, "sample_euler", lambda *a, **k: pytest.fail("a complete store was re-solved"))
     rc, stdout, err = cli(capsys, "synth", "--teacher", teacher_dir, "--num", 10, "--steps", 10, "--batch-size", 3,
                           "--shard-size", 4, "--out", out)
     assert rc == 0, err
@@ -267,7 +274,7 @@ def test_failed_synth_leaves_no_store_and_the_corrected_rerun_works(teacher_dir,
     assert rc == 2 and "purple" in err and not out.exists()
     # a run that died before its first shard leaves a manifest without samples ...
     with monkeypatch.context() as m:
-        m.setattr(traj_module, "sample_euler", lambda *a, **k: (_ for _ in ()).throw(UserError("died")))
+        m.setattr(synth_module, "sample_euler", lambda *a, **k: (_ for _ in ()).throw(UserError("died")))
         rc, _, err = cli(capsys, "synth", "--teacher", teacher_dir, "--num", 2, "--steps", 5, "--out", out)
     assert rc == 2 and (out / "manifest.json").is_file()
     # ... which does not refuse a rerun with other settings

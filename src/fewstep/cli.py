@@ -54,8 +54,8 @@ def timesteps(
     from rich.console import Console
     from rich.table import Table
 
-    from .config import FlowMatchingConfig, VPConfig, parse_config
-    from .diffusion.schedules import named_grid, sampling_grid
+    from .config import parse_config
+    from .diffusion.schedules import FlowMatchingConfig, VPConfig, named_grid, sampling_grid
 
     if schedule == "flow":
         sched = parse_config(FlowMatchingConfig, {"shift": shift}).build()
@@ -91,7 +91,7 @@ def pretrain(
     import torch
 
     from .config import load_config
-    from .models.pipeline import ASSETS, SHIPPED
+    from .models.family import ASSETS, SHIPPED
     from .pretrain import PretrainConfig, build_latents, export_teacher, train_codec, train_rewards, train_teacher
     from .utils.io import check_writable, write_text_atomic
     from .utils.progress import StageProgress
@@ -257,10 +257,9 @@ def bench(
 
     import torch
 
-    from .eval.bench import bench_reward_memory, bench_speed
-    from .utils.io import write_json_atomic
-    from .models.pipeline import VideoPipeline, resolve_model
-    from .utils.io import check_writable
+    from .bench import bench_reward_memory, bench_speed
+    from .models.family import load_model, resolve_model
+    from .utils.io import check_writable, write_json_atomic
 
     if any(n < 1 for n in steps) or teacher_steps < 1 or num < 1 or repeats < 1 or memory_batch < 1:
         raise UserError("--steps, --teacher-steps, --num, --repeats and --memory-batch must be >= 1")
@@ -272,7 +271,7 @@ def bench(
     if out is not None:
         check_writable(out.parent, "--out")
     device = _device(device)
-    student_pipe, teacher_pipe = VideoPipeline.load(student, device), VideoPipeline.load(teacher, device)
+    student_pipe, teacher_pipe = load_model(student, device), load_model(teacher, device)
     flush = torch.set_flush_denormal(True)  # as in training: denormal floats slow CPU kernels several-fold
     speed = bench_speed(student_pipe, teacher_pipe, student_steps=tuple(steps), teacher_steps=teacher_steps,
                         num_videos=num, repeats=repeats)
@@ -334,7 +333,7 @@ def synth(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the store in --out instead of resuming it."),
 ):
     """Store teacher denoising trajectories (AccVideo's SynVid) for `distill --recipe accvideo`."""
-    from .data.trajectories import synthesize
+    from .synth import synthesize
     from .utils.progress import StageProgress
 
     device = _device(device)

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, Union
+from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .errors import UserError
 
@@ -186,62 +186,3 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 def dump_config(cfg: BaseModel) -> str:
     """The resolved config as YAML (what ``--dry-run`` prints and runs save as config.yaml)."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-
-
-# ---------------------------------------------------------------------------------------------
-# Foundation configs: schedules and denoisers
-# ---------------------------------------------------------------------------------------------
-
-class FlowMatchingConfig(StrictModel):
-    kind: Literal["flow"] = "flow"
-    shift: float = Field(1.0, gt=0, description="resolution shift s in t' = s·t/(1 + (s−1)·t)")
-
-    def build(self):
-        from .diffusion.schedules import FlowMatching
-
-        return FlowMatching(shift=self.shift)
-
-
-class VPConfig(StrictModel):
-    kind: Literal["vp"] = "vp"
-    betas: Literal["linear", "scaled_linear"] = "scaled_linear"
-    beta_start: float = Field(0.00085, gt=0, lt=1)
-    beta_end: float = Field(0.012, gt=0, lt=1)
-    zero_terminal_snr: bool = False
-
-    def build(self):
-        from .diffusion.schedules import VPDiscrete
-
-        return VPDiscrete(betas=self.betas, beta_start=self.beta_start, beta_end=self.beta_end,
-                          zero_terminal_snr=self.zero_terminal_snr)
-
-
-def _schedule_kind(value: Any) -> str:
-    """The ``kind`` tag of a schedule config; flow matching when omitted."""
-    if isinstance(value, dict):
-        return value.get("kind", "flow")
-    return getattr(value, "kind", "flow")
-
-
-ScheduleConfig = Annotated[
-    Union[Annotated[FlowMatchingConfig, Tag("flow")], Annotated[VPConfig, Tag("vp")]],
-    Discriminator(_schedule_kind),
-]
-
-
-class DiffusersDenoiserConfig(StrictModel):
-    """A diffusers transformer loaded from a local directory (never from a hub)."""
-
-    backbone: Literal["wan", "cogvideox", "hunyuanvideo"]
-    path: str = Field(description="local model or pipeline directory")
-    subfolder: str | None = Field(None, description="e.g. 'transformer' for a pipeline directory")
-    prediction_type: Literal["eps", "x0", "v", "flow", "conjugate"] | None = Field(
-        None, description="defaults to the backbone's own (wan, hunyuanvideo: flow; cogvideox: v)")
-    schedule: ScheduleConfig = Field(default_factory=FlowMatchingConfig)
-
-    def build(self):
-        from .models.backbones import load_diffusers_backbone
-        from .models.denoiser import Denoiser
-
-        backbone = load_diffusers_backbone(self.backbone, self.path, self.subfolder)
-        return Denoiser(backbone, self.schedule.build(), self.prediction_type or backbone.prediction_type)

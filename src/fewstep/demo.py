@@ -166,7 +166,7 @@ def run_demo(out: str | Path = "runs/demo", *, model: str = "toy-teacher", overr
     from .eval.report import write_report
     from .utils.io import OutputDir, write_json_atomic
     from .eval.runner import evaluate_with_samples
-    from .models.pipeline import VideoPipeline
+    from .models.family import load_model
     from .recipes.launch import distill
     from .utils.progress import StageProgress
 
@@ -183,8 +183,8 @@ def run_demo(out: str | Path = "runs/demo", *, model: str = "toy-teacher", overr
     seconds["distill"] = time.monotonic() - start
 
     # 2. Evaluate the teacher and the student on the same suite.
-    teacher = VideoPipeline.load(model)
-    student = VideoPipeline.load(run_dir / "student")
+    teacher = load_model(model)
+    student = load_model(run_dir / "student")
     few = max(student_steps)
     plan = [("teacher", teacher, teacher_steps), ("teacher_few_step", teacher, few),
             *((f"student/{n}", student, n) for n in student_steps)]
@@ -192,7 +192,8 @@ def run_demo(out: str | Path = "runs/demo", *, model: str = "toy-teacher", overr
     results, metrics_by = [], {}
     eval_start = time.monotonic()
     with StageProgress(every_seconds=5.0) as progress:
-        ref = reference_stats(net=features, frames=teacher.config.frames, size=teacher.config.size)
+        frames, height, _ = teacher.geometry
+        ref = reference_stats(net=features, frames=frames, size=height)
         for key, pipe, steps in plan:
             label = f"{'student' if pipe is student else 'teacher'} · {steps} steps"
             t0 = time.monotonic()

@@ -31,9 +31,9 @@ import torch
 from pydantic import Field
 from safetensors.torch import load_file, save_file
 
-from .config import FlowMatchingConfig, StrictModel
+from .config import StrictModel
 from .data.toyworld import VOCAB, ToyWorld
-from .diffusion.schedules import LogitNormal
+from .diffusion.schedules import FlowMatchingConfig, LogitNormal
 from .errors import UserError
 from .models.codec import ToyCodec, ToyCodecConfig, frames_to_video
 from .models.pipeline import SamplingConfig, ToyPipelineConfig, VideoPipeline

@@ -1,17 +1,8 @@
-"""Teacher trajectory stores: AccVideo's SynVid (papers/002, §4.1, Eq. 5) for any teacher.
+"""Teacher trajectory stores: the format of AccVideo's SynVid (papers/002, §4.1) for any teacher.
 
-``fewstep synth`` runs the teacher's Euler solver with CFG from seeded noise and keeps, per
-sample ``i``, the latents at AccVideo's key timesteps (§4.2), so that distillation only ever
-sees points that lie on the teacher's own denoising trajectories::
-
-    l_{t_N} = z_i ~ N(0, I)                                               (noise of sample i)
-    l_{t_{j−1}} = l_{t_j} + (σ(t_{j−1}) − σ(t_j))·v̂(l_{t_j}, t_j, T_i)     (AccVideo Eq. 5; CFG w)
-    stored:  l at t ∈ {1, 0.9651, 0.9130, 0.8235, 0.6363, 0}             (``--keep all``: every t_j)
-
-(Eq. 5 writes the step in ``t``; ours is :func:`~fewstep.diffusion.samplers.sample_euler`,
-which steps in σ(t) — the same thing for an unshifted flow-matching teacher, and the DDIM step
-for a VP one.) The latent at ``t = 1`` *is* the initial noise ``z_i``, so the noise is stored once,
-as the first latent of the path.
+A store holds, per sample ``i``, a teacher's denoising path from seeded noise at AccVideo's key
+timesteps ``{1, 0.9651, 0.9130, 0.8235, 0.6363, 0}`` (§4.2; ``--keep all``: every solver time),
+written by ``fewstep synth`` (:mod:`fewstep.synth`, AccVideo Eq. 5).
 
 **The solver grid contains the key timesteps** (:func:`solver_grid`): the ``N`` steps are split
 among the five key segments ``[t'_{k+1}, t'_k]`` in proportion to their length (largest-remainder
@@ -19,12 +10,6 @@ rounding, at least one step each), and every segment is subdivided uniformly. Wi
 segments get ``[2, 3, 4, 9, 32]`` steps of ≈0.02 each, close to a uniform 50-step grid, and every
 key timestep is a grid point exactly — the paper reads its key latents off a 50-step trajectory
 the same way.
-
-**Determinism.** Sample ``i`` is a pure function of ``(seed, i)``: its noise comes from a
-generator seeded by ``(seed, i)`` alone and its prompt is prompt ``i`` (``--prompts toy``: the toy
-world's training caption of index ``i``; a file: line ``i mod P`` of its ``P`` non-empty lines).
-Samples are generated in shards of ``shard_size`` consecutive indices, each in fixed batches
-aligned to the shard's start, so a resumed run produces bit-identical shards.
 
 **On disk** (a directory)::
 
@@ -43,18 +28,14 @@ other settings is refused. A listed shard whose size differs from the manifest (
 overwritten) is reported by name; :class:`TrajectoryStore` also checks each shard's sha256 the first
 time it reads it.
 
-**Training from a store.** :class:`TrajectorySource` is the engine's data source for a store
-(position ``p`` → sample ``p mod N``); its batches carry the stored path in ``Batch.extra``.
-
-Layering: the store itself (manifest, shards) is plain data; :func:`synthesize` runs a
-:class:`~fewstep.models.pipeline.VideoPipeline` and :class:`TrajectorySource` builds the engine's
-:class:`~fewstep.objectives.base.Batch`, so those two reach above ``data/`` the way
-:mod:`fewstep.engine.data` does.
+This module is the store format only (plain data: the solver grid, manifest, shards). What runs a
+model lives above it: :func:`fewstep.synth.synthesize` writes a store with a teacher, and the
+``trajectory_store`` data source (:mod:`fewstep.recipes.sources`) serves one to the engine
+(position ``p`` → sample ``p mod N``, the stored path in ``Batch.extra``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections import OrderedDict
@@ -69,18 +50,16 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from ..config import StrictModel
-from ..diffusion.samplers import sample_euler
-from ..diffusion.schedules import TIME_GRIDS
 from ..errors import UserError
-from ..utils.io import check_writable, sha256_file
-from .toyworld import ToyWorld
+from ..utils.io import sha256_file
 
 Keep = Literal["keys", "all"]
 
 #: AccVideo §4.2: the key diffusion timesteps t'_5 = 1 > … > t'_0 = 0 (sampler order).
-KEY_TIMES: tuple[float, ...] = tuple(TIME_GRIDS["accvideo_keys"])
+#: Copied from diffusion.schedules.TIME_GRIDS["accvideo_keys"] (data/ sits below diffusion/ and
+#: may not import it; tests/test_trajectories.py checks that the two agree).
+KEY_TIMES: tuple[float, ...] = (1.0, 0.9651, 0.9130, 0.8235, 0.6363, 0.0)
 MANIFEST = "manifest.json"
-_SEED_TAG = 0x5E1D  # keeps synth noise seeds apart from other SeedSequence users of (seed, i)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,206 +287,3 @@ class TrajectoryStore:
             **{key: torch.stack([shard[key][r] for shard, r in rows]) for key in ("latents", "text_tokens", "text_mask")},
             "prompts": [shard["prompts"][r] for shard, r in rows],
         }
-
-
-# ---------------------------------------------------------------------------------------------
-# Synthesis
-# ---------------------------------------------------------------------------------------------
-
-def _noise_seed(seed: int, index: int) -> int:
-    """63-bit seed of sample ``index``'s noise, a function of ``(seed, index)`` only."""
-    (word,) = np.random.SeedSequence([_SEED_TAG, seed, index]).generate_state(1, dtype=np.uint64)
-    return int(word) >> 1
-
-
-def sample_noise(shape: Sequence[int], seed: int, indices: Sequence[int]) -> Tensor:
-    """``(B, *shape)`` float32 noise; row ``b`` drawn from its own generator seeded by ``(seed, indices[b])``."""
-    return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(_noise_seed(seed, i)))
-                        for i in indices])
-
-
-class PromptSource:
-    """Prompt ``i`` of a run: the toy world's training caption ``i`` (``"toy"``) or line ``i mod P`` of a file."""
-
-    def __init__(self, spec: str):
-        self.spec = spec
-        self.lines: list[tuple[int, str]] = []  # (line number, prompt) of the file's non-empty lines
-        self.sha256: str | None = None
-        if spec == "toy":
-            self.world = ToyWorld("train", length=2**62)
-            return
-        path = Path(spec)
-        if not path.is_file():
-            raise UserError(f"--prompts {spec}: no such file (give 'toy' or a text file with one prompt per line)")
-        try:
-            text = path.read_bytes().decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise UserError(f"--prompts {spec} is not UTF-8 text (byte {err.start})") from None
-        self.lines = [(n + 1, line.strip()) for n, line in enumerate(text.splitlines()) if line.strip()]
-        if not self.lines:
-            raise UserError(f"--prompts {spec}: the file holds no prompt (one prompt per line)")
-        self.sha256 = hashlib.sha256(text.encode()).hexdigest()
-
-    def __getitem__(self, index: int) -> str:
-        if self.spec == "toy":
-            return self.world.prompt_and_seed(index)[0]
-        return self.lines[index % len(self.lines)][1]
-
-    def check(self, pipeline, num: int) -> None:
-        """Every prompt the first ``num`` samples use parses (before anything is written)."""
-        if self.spec != "toy":
-            self.encode(pipeline, range(min(num, len(self.lines))))
-
-    def encode(self, pipeline, indices: Sequence[int]):
-        """``(prompts, Conditioning)`` of ``indices`` through ``pipeline``'s text encoder."""
-        prompts = [self[i] for i in indices]
-        try:
-            return prompts, pipeline.encode_prompts(prompts)
-        except UserError as err:
-            if self.spec == "toy":
-                raise
-            raise UserError(f"--prompts {self.spec}: {err}") from None
-
-
-def _check_same(found: StoreSettings, wanted: StoreSettings, out: Path) -> None:
-    for name in StoreSettings.model_fields:
-        a, b = getattr(found, name), getattr(wanted, name)
-        if a != b:
-            show = (lambda v: f"{v[:3]}…" if isinstance(v, list) and len(v) > 3 else repr(v))
-            raise UserError(f"--out {out} holds a trajectory store made with {name}={show(a)} (this run: {show(b)}); "
-                            f"rerun with the same settings to continue it, or choose another --out")
-
-
-def synthesize(teacher: str | Path, out: str | Path, num: int, *, prompts: str = "toy", steps: int = 50,
-               cfg_scale: float | None = None, keep: Keep = "keys", seed: int = 0, batch_size: int = 16,
-               shard_size: int = 256, device: str | torch.device = "cpu",
-               progress: Callable[[str, int, int, dict], None] | None = None,
-               overwrite: bool = False) -> TrajectoryStore:
-    """Synthesize (or continue, or verify) the store at ``out``; see the module doc.
-
-    Everything is checked before the first write: ``out`` is writable, every prompt of the run
-    parses. A store with no sample written yet is not kept as a store (a corrected rerun starts
-    afresh); ``overwrite`` replaces a store (only its manifest and shards; other files are kept).
-
-    ``teacher``: a shipped model name or a model directory (:meth:`VideoPipeline.load`);
-    ``cfg_scale``: CFG w in ``uncond + w·(cond − uncond)``, default the teacher's own (1 or None: no CFG);
-    ``keep``: ``keys`` (the six key timesteps) or ``all`` (the whole solver path).
-    """
-    from ..models.pipeline import SHIPPED, VideoPipeline
-
-    for name, value, least in (("--num", num, 1), ("--batch-size", batch_size, 1), ("--shard-size", shard_size, 1),
-                               ("--seed", seed, 0)):
-        if value < least:
-            raise UserError(f"{name} {value} is invalid; expected an integer >= {least}")
-    if keep not in ("keys", "all"):
-        raise UserError(f"--keep must be 'keys' or 'all', got {keep!r}")
-    out = Path(out)
-    check_writable(out)
-    grid = solver_grid(steps)  # (steps + 1,) decreasing, contains KEY_TIMES
-    source = PromptSource(prompts)
-    pipe = VideoPipeline.load(teacher, device)
-    source.check(pipe, num)
-    cfg_scale = pipe.config.sampling.cfg_scale if cfg_scale is None else cfg_scale
-    guided = cfg_scale not in (None, 1.0)
-    keep_index = list(range(len(grid))) if keep == "all" else key_indices(grid)
-    latent_shape = list(pipe.latent_shape(1)[1:])
-    text_shape = list(source.encode(pipe, [0])[1].context.shape[1:])
-    settings = StoreSettings(
-        teacher=str(teacher) if str(teacher) in SHIPPED else str(Path(teacher).resolve()),
-        prompts=prompts if prompts == "toy" else str(Path(prompts).resolve()),
-        prompts_sha256=source.sha256, num=num, seed=seed, steps=steps, cfg_scale=cfg_scale if guided else None,
-        keep=keep, shard_size=shard_size, grid=grid.tolist(), times=grid[keep_index].tolist(),
-        latent_shape=latent_shape, text_shape=text_shape)
-
-    # 1. open or create the store; drop leftovers of an interrupted write
-    replaced = (out / MANIFEST).is_file() and (overwrite or not read_manifest(out).shards)
-    if replaced:
-        for f in [out / MANIFEST, *out.glob("shard_*.safetensors"), *out.glob(".*.tmp")]:
-            f.unlink()  # only the store's own files
-    if (out / MANIFEST).is_file():
-        store = TrajectoryStore.resume(out)
-        _check_same(store.settings, settings, out)
-    elif not replaced and out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"--out {out} exists and is not a trajectory store (no {MANIFEST}); choose an empty or new "
-                        f"directory")
-    else:
-        store = TrajectoryStore.create(out, settings)
-    for leftover in out.glob(".*.tmp"):
-        leftover.unlink()
-
-    # 2. generate the shards the manifest does not list, in order
-    done = {s.start for s in store.manifest.shards}
-    finished = len(store)
-    todo = [s for s in range(0, num, shard_size) if s not in done]
-    if progress:
-        progress("synth", finished, num, {})
-    for start in todo:
-        stop = min(start + shard_size, num)
-        parts: dict[str, list[Tensor]] = {"latents": [], "text_tokens": [], "text_mask": []}
-        shard_prompts: list[str] = []
-        for first in range(start, stop, batch_size):  # batches aligned to the shard start
-            indices = list(range(first, min(first + batch_size, stop)))
-            batch_prompts, cond = source.encode(pipe, indices)
-            noise = sample_noise(latent_shape, seed, indices).to(device)  # (B, C, T, H, W) = l at t = 1
-            uncond = pipe.null_condition(len(indices)) if guided else None
-            with torch.no_grad():
-                result = sample_euler(pipe.denoiser, noise, grid, cond, cfg_scale=cfg_scale if guided else None,
-                                      uncond=uncond, return_trajectory=True)
-            path = torch.stack(result.trajectory, dim=1)  # (B, steps + 1, C, T, H, W)
-            parts["latents"].append(path[:, keep_index].float().cpu())  # (B, K, C, T, H, W)
-            parts["text_tokens"].append(cond.context.float().cpu())  # (B, L, D)
-            mask = cond.mask if cond.mask is not None else torch.ones(cond.context.shape[:2], dtype=torch.bool)
-            parts["text_mask"].append(mask.cpu())  # (B, L)
-            shard_prompts += batch_prompts
-            finished += len(indices)
-            if progress:
-                progress("synth", finished, num, {"shard": start // shard_size})
-        tensors = {k: torch.cat(v) for k, v in parts.items()}
-        tensors["index"] = torch.arange(start, stop, dtype=torch.int64)
-        store.write_shard(start // shard_size, tensors, shard_prompts)
-    return store
-
-
-# ---------------------------------------------------------------------------------------------
-# The engine's data source
-# ---------------------------------------------------------------------------------------------
-
-class TrajectorySource:
-    """A store as the engine's data stream: position ``p`` → sample ``p mod N``.
-
-    ``Batch.latents`` is the final latent ``l_{t=0}`` (the teacher's sample), ``cond`` the stored
-    caption tokens, ``uncond`` the pipeline's null caption; ``extra["trajectory"]`` holds the stored
-    path ``(B, K, C, T, H, W)`` and ``extra["key_times"]`` its times ``(B, K)`` float64 (decreasing,
-    the same in every row). The store must be complete and match the pipeline's latent and caption
-    shapes.
-    """
-
-    def __init__(self, store: TrajectoryStore | str | Path, pipeline):
-        self.store = store if isinstance(store, TrajectoryStore) else TrajectoryStore(store)
-        self.pipeline = pipeline  # VideoPipeline; only its text encoder is used (null caption)
-        settings, where = self.store.settings, f"trajectory store {self.store.directory}"
-        if not self.store.complete:
-            raise UserError(f"{where} is incomplete ({len(self.store)} of {settings.num} samples); rerun "
-                            f"`fewstep synth` with the same arguments to finish it")
-        want = list(pipeline.latent_shape(1)[1:])
-        if settings.latent_shape != want:
-            raise UserError(f"{where} holds latents of shape {tuple(settings.latent_shape)}; the model's are "
-                            f"{tuple(want)} (synthesize the store with this model)")
-        null = pipeline.null_condition(1).context
-        if settings.text_shape != list(null.shape[1:]):
-            raise UserError(f"{where} holds caption tokens of shape {tuple(settings.text_shape)}; the model's text "
-                            f"encoder gives {tuple(null.shape[1:])} (synthesize the store with this model)")
-
-    @torch.no_grad()
-    def batch(self, positions: Sequence[int], device: torch.device):
-        from ..models.backbones import Conditioning
-        from ..objectives.base import Batch
-
-        n = self.store.settings.num
-        items = self.store.samples([p % n for p in positions])
-        trajectory = items["latents"].to(device)  # (B, K, C, T, H, W), decreasing times
-        times = self.store.times.to(device).expand(len(positions), -1)  # (B, K)
-        cond = Conditioning(items["text_tokens"].to(device), items["text_mask"].to(device))
-        return Batch(latents=trajectory[:, -1], cond=cond, uncond=self.pipeline.null_condition(len(positions)),
-                     prompts=items["prompts"], sample_ids=torch.as_tensor(list(positions), dtype=torch.int64),
-                     extra={"trajectory": trajectory, "key_times": times})

@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import Sequence
+from typing import Annotated, Any, Literal, Sequence, Union
 
 import torch
+from pydantic import Discriminator, Field, Tag
 from torch import Tensor
 
+from ..config import StrictModel
 from ..errors import UserError
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -323,3 +325,40 @@ def logit_normal_density(t: Tensor, mean: float, std: float) -> Tensor:
     """Density of :class:`LogitNormal` at ``t`` (for tests and importance weights)."""
     logit = torch.log(t) - torch.log1p(-t)
     return torch.exp(-0.5 * ((logit - mean) / std) ** 2) / (std * math.sqrt(2 * math.pi) * t * (1 - t))
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedule configs (a model's ``schedule:`` key)
+# ---------------------------------------------------------------------------------------------
+
+class FlowMatchingConfig(StrictModel):
+    kind: Literal["flow"] = "flow"
+    shift: float = Field(1.0, gt=0, description="resolution shift s in t' = s·t/(1 + (s−1)·t)")
+
+    def build(self) -> FlowMatching:
+        return FlowMatching(shift=self.shift)
+
+
+class VPConfig(StrictModel):
+    kind: Literal["vp"] = "vp"
+    betas: Literal["linear", "scaled_linear"] = "scaled_linear"
+    beta_start: float = Field(0.00085, gt=0, lt=1)
+    beta_end: float = Field(0.012, gt=0, lt=1)
+    zero_terminal_snr: bool = False
+
+    def build(self) -> VPDiscrete:
+        return VPDiscrete(betas=self.betas, beta_start=self.beta_start, beta_end=self.beta_end,
+                          zero_terminal_snr=self.zero_terminal_snr)
+
+
+def _schedule_kind(value: Any) -> str:
+    """The ``kind`` tag of a schedule config; flow matching when omitted."""
+    if isinstance(value, dict):
+        return value.get("kind", "flow")
+    return getattr(value, "kind", "flow")
+
+
+ScheduleConfig = Annotated[
+    Union[Annotated[FlowMatchingConfig, Tag("flow")], Annotated[VPConfig, Tag("vp")]],
+    Discriminator(_schedule_kind),
+]

@@ -44,9 +44,12 @@ class TrainConfig(StrictModel):
     stop_on_collapse: bool = Field(False, description="stop when a health check fails")
     eval_every: int = Field(0, ge=0, description="steps between evaluations (0 = never)")
     eval_steps: list[int] = Field([4], min_length=1, description="sampler step counts evaluated")
-    eval_prompts: int = Field(2, ge=1, le=24, description="first N of toyworld.EVAL_PROMPTS")
+    eval_prompts: int = Field(2, ge=1, le=24, description="first N of the evaluator's prompts")
     eval_samples: int = Field(4, ge=2, description="samples per prompt (diversity needs >= 2)")
     log_every: int = Field(10, ge=1)
+    prefetch: bool | Literal["auto"] = Field("auto", description=(
+        "prepare the next step's batch on a data thread while the step trains (engine/data.py); auto: with an "
+        "accelerator, or on a CPU with cores the step's threads leave free"))
     tensorboard: bool = True
     bf16: bool = Field(False, description="bf16 autocast around objectives")
     gradient_checkpointing: bool = False

@@ -7,7 +7,7 @@ process group (gloo on CPU, NCCL on GPU). A single process needs no process grou
 its CFG path, block-feature hooks), not only through ``forward``, so a wrapper *around* the
 role module would be bypassed. Instead the engine wraps its *compute root* in place: the first
 module below the role's module that has more than one child or parameters of its own — for
-``Denoiser → ModuleBackbone → ToyDiT`` that is the ToyDiT, which every path calls. Wrapping is
+``Denoiser → ModuleBackbone → transformer`` that is the transformer, which every path calls. Wrapping is
 in place (FSDP2's ``fully_shard``, and ``replicate``, the composable form of
 ``DistributedDataParallel`` built on its reducer), so parameter names do not change and
 checkpoints are the same files as single-process.

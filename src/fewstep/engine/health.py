@@ -15,7 +15,7 @@ Loss trend (on the per-step losses of each role and term):
   |loss|. (I.i.d. noise flips 2/3 of the time, so the default 0.9 needs a real alternation.)
 
 Samples (``(n, T, H, W, 3)`` videos of one prompt, uint8 or float in [−1, 1]), each compared with
-the same statistic of reference videos (the teacher's samples, or toy-world clips):
+the same statistic of reference videos (the evaluator's: e.g. the teacher's samples):
 
 * **low diversity** — centred Vendi (:func:`fewstep.eval.diversity.video_vendi`) ``V`` with
   ``V − 1 < min_diversity_fraction · (V_ref − 1)``. Vendi is 1 for identical samples, so

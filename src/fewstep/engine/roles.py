@@ -115,7 +115,7 @@ def enable_gradient_checkpointing(module: nn.Module) -> int:
         if hasattr(m, "enable_gradient_checkpointing"):  # diffusers models
             m.enable_gradient_checkpointing()
             count += 1
-        elif hasattr(m, "gradient_checkpointing"):  # fewstep's ToyDiT and similar
+        elif hasattr(m, "gradient_checkpointing"):  # fewstep's own backbones and similar
             m.gradient_checkpointing = True
             count += 1
     return count

@@ -9,7 +9,7 @@
       config.yaml       the resolved config (what --dry-run prints)
       metrics.jsonl     per-step scalars            tb/      TensorBoard events
       evals/            step_XXXXXX.json reports    checkpoints/step_XXXXXX/ (see checkpoint.py)
-      student/          always a loadable model: ``VideoPipeline.load(RUN/student)``
+      student/          always a loadable model: ``load_model(RUN/student)``
 
 Every check here runs before anything is written, so a refused command changes nothing.
 

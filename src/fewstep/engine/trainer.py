@@ -2,7 +2,9 @@
 
 One engine step, for the stage the step falls in:
 
-1. **data** — read this process's share of the global batch at the current data position;
+1. **data** — read this process's share of the global batch at the current data position (prepared
+   during the previous step by the :class:`~fewstep.engine.data.Prefetcher` when
+   ``train.prefetch`` is on);
 2. **role updates** — for each role the stage's objectives update, in order of first appearance,
    if its cadence fires (``(stage_step + 1) % every == 0``):
    zero_grad → for each micro-batch: call the role's objectives under optional bf16 autocast,
@@ -17,9 +19,10 @@ Objectives run one role at a time, so a role updated later in a step sees the ro
 before it (alternating optimisation, as in GANs and DMD's fake-score/generator loop).
 
 The recipe is reached only through the :class:`Plan` protocol below, so the engine imports no
-recipe. Stopping conditions (``train.max_bad_steps`` non-finite steps in a row, a health
-issue under ``train.stop_on_collapse``) save a checkpoint, then raise :class:`TrainingStopped`,
-a one-line :class:`~fewstep.errors.UserError`.
+recipe, data source, evaluator or model family: the plan hands them over. Stopping conditions
+(``train.max_bad_steps`` non-finite steps in a row, a health issue under
+``train.stop_on_collapse``) save a checkpoint, then raise :class:`TrainingStopped`, a one-line
+:class:`~fewstep.errors.UserError`.
 
 **Signals.** While :meth:`Trainer.run` runs (in the main thread), SIGINT (Ctrl-C) and SIGTERM
 (what a cluster scheduler sends before preemption; torchrun forwards it to every worker) only
@@ -62,10 +65,10 @@ from ..errors import UserError
 from ..objectives.base import Objective, StepContext, build_objective
 from . import checkpoint as ckpt
 from .config import EngineConfig
-from .data import DataSource
+from .data import DataSource, Prefetcher, spare_cores
 from .distributed import (DistEnv, clip_grad_norm, full_model_state, full_optimizer_state, init_distributed,
                           load_model_state, load_optimizer_state, set_gradient_sync)
-from .evaluation import Evaluator
+from .evaluation import Evaluator, run_evaluation
 from .health import HealthIssue, HealthMonitor
 from .logging import NullLogger, RunLogger
 from .roles import Role, Roles, build_roles
@@ -83,9 +86,11 @@ class Plan(Protocol):
     config: EngineConfig
 
     def build_modules(self) -> dict[str, nn.Module]: ...  # one module per declared role
+    def prepare_objective(self, objective: Objective, device: torch.device) -> None: ...  # after it is built
     def data_source(self, device: torch.device) -> DataSource: ...
-    def student_pipeline(self): ...  # a plain VideoPipeline to load student weights into, or None
-    def reference_videos(self, prompt: str, seeds: list[int]) -> np.ndarray: ...  # for health checks
+    def evaluator(self, monitor: HealthMonitor) -> Evaluator: ...  # periodic evaluation of the student
+    def student_pipeline(self): ...  # a plain model (VideoModel) to load student weights into, or None
+    def example_prompt(self) -> str: ...  # shown in the commands printed at the end of a run
     def start_stage(self, index: int, roles: Roles) -> None: ...
 
 
@@ -207,10 +212,14 @@ class Trainer:
         for name, start, end in cfg.stage_bounds():
             stage_cfg = cfg.stages[name]
             objectives = [build_objective(oname, ocfg) for oname, ocfg in stage_cfg.objectives.items()]
+            for obj in objectives:
+                plan.prepare_objective(obj, env.device)
             order = list(dict.fromkeys(o.role for o in objectives))
             every = {r: stage_cfg.every.get(r, cfg.roles[r].every) for r in order}
             self.stages.append(Stage(name, start, end, objectives, order, every))
         self.source = plan.data_source(env.device)
+        self._prefetcher: Prefetcher | None = None  # started by the first step that reads the source
+        self.flush_denormal = False  # set by train(): the data thread flushes denormals as the main thread does
         self.monitor = HealthMonitor(cfg.train.health)
         self.state = TrainState()
         self.logger: RunLogger | NullLogger = NullLogger()
@@ -267,6 +276,44 @@ class Trainer:
         role.optimizer.zero_grad(set_to_none=True)
         return RoleUpdate(losses, weighted, metrics, grad_norm, lr, applied)
 
+    def positions(self, data_position: int) -> range:
+        """This process's share of the global batch that starts at ``data_position``."""
+        share = self.cfg.train.batch_size // self.env.world_size
+        first = data_position + self.env.rank * share
+        return range(first, first + share)
+
+    def prefetching(self) -> bool:
+        """``train.prefetch``, with ``auto`` resolved (engine/data.py)."""
+        prefetch = self.cfg.train.prefetch
+        if prefetch == "auto":
+            return self.env.device.type != "cpu" or spare_cores() > 0
+        return prefetch
+
+    def next_batch(self):
+        """The current step's batch. Prefetching, every batch comes from the data thread, which then
+        prepares the next step's while this step trains; else the source runs here."""
+        train, st = self.cfg.train, self.state
+        positions = self.positions(st.data_position)
+        if not self.prefetching():
+            return self.source.batch(positions, self.env.device)
+        if self._prefetcher is None:
+            self._prefetcher = Prefetcher(self.source, self.env.device, init=self._data_thread_init)
+        ahead = self.positions(st.data_position + train.batch_size) if st.step + 1 < train.steps else None
+        return self._prefetcher.batch(positions, ahead)
+
+    def _data_thread_init(self) -> None:
+        """Per-thread state the data thread must share with this one."""
+        if self.flush_denormal:
+            torch.set_flush_denormal(True)
+        if self.env.device.type == "cuda":
+            torch.cuda.set_device(self.env.device)
+
+    def close(self) -> None:
+        """Stop the data thread (waiting for a batch in flight)."""
+        if self._prefetcher is not None:
+            self._prefetcher.close()
+            self._prefetcher = None
+
     def stage_index(self, step: int) -> int:
         return next(i for i, s in enumerate(self.stages) if s.start <= step < s.end)
 
@@ -275,10 +322,8 @@ class Trainer:
         train, env, st = self.cfg.train, self.env, self.state
         stage = self.stages[st.stage]
         stage_step = st.step - stage.start
-        share = train.batch_size // env.world_size
         if batch is None:
-            first = st.data_position + env.rank * share
-            batch = self.source.batch(range(first, first + share), env.device)
+            batch = self.next_batch()
         record, bad = {}, []
         for name in stage.order:
             if (stage_step + 1) % stage.every[name]:
@@ -315,6 +360,7 @@ class Trainer:
         try:
             return self._run(signals, resume_from, config_yaml, overwrite=overwrite, resuming_here=resuming_here)
         finally:
+            self.close()
             signals.restore()
 
     def _run(self, signals: StopSignals, resume_from: Path | None, config_yaml: str, *, overwrite: bool,
@@ -334,8 +380,7 @@ class Trainer:
         env.barrier()
         if resume_from is None or not self.student_is_current():
             self.export_student()  # RUN/student is loadable from the start
-        evaluator = Evaluator(train, self.monitor, self.plan.reference_videos, self.run_dir) \
-            if train.eval_every and "student" in self.roles else None
+        evaluator = self.plan.evaluator(self.monitor) if train.eval_every and "student" in self.roles else None
         totals: dict[str, list[float]] = {}
         try:
             if st.step < train.steps:
@@ -416,14 +461,12 @@ class Trainer:
         where = ckpt.checkpoints_dir(run) / f"step_{st.step:06d}"
         lines = [f"{'interrupted' if interrupted else 'done'}: step {st.step} of {steps}; checkpoint {where}"]
         if self._student_step is not None:
-            from ..data.toyworld import EVAL_PROMPTS
-
-            student = run / "student"
+            student, prompt = run / "student", self.plan.example_prompt()
             q = shlex.quote
             lines += [f"student: {student} holds {describe_student({'step': self._student_step, 'of': steps})}",
                       f"  evaluate it: fewstep eval --model {q(str(student))} --out "
                       f"{q(str(run / f'eval_step{self._student_step}'))}",
-                      f"  sample it:   fewstep generate --model {q(str(student))} --prompt {q(EVAL_PROMPTS[0])} "
+                      f"  sample it:   fewstep generate --model {q(str(student))} --prompt {q(prompt)} "
                       f"--out {q(str(run / f'samples_step{self._student_step}'))}"]
         if interrupted:
             lines.append(f"continue training with: {self.resume_command()}")
@@ -471,8 +514,9 @@ class Trainer:
         if self.env.is_main:
             pipe = self.plan.student_pipeline()
             pipe.denoiser.load_state_dict(weights)
-            record, issues = evaluator(pipe, self.state.step, self.logger)
-            self.logger.log(self.state.step, {"stage": self.stages[self.state.stage].name, **record})
+            result = run_evaluation(evaluator, pipe, self.state.step, self.logger, self.run_dir)
+            issues = result.issues
+            self.logger.log(self.state.step, {"stage": self.stages[self.state.stage].name, **result.record})
         issues = self.env.broadcast_object(issues)
         self.env.barrier()
         self._health["samples"] = issues
@@ -571,6 +615,7 @@ def train(plan: Plan, run_dir: Path, *, resume_from: Path | None = None, config_
     flush = train_cfg.flush_denormal and torch.set_flush_denormal(True)  # process-wide; undone below
     try:
         trainer = Trainer(plan, run_dir, env)
+        trainer.flush_denormal = bool(flush)
         return trainer.run(resume_from, config_yaml, overwrite=overwrite, resuming_here=resuming_here)
     finally:
         if flush:

@@ -34,8 +34,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fewstep.data.toyworld import EVAL_PROMPTS, parse_prompt, to_unit
+from fewstep.data.toyworld import EVAL_PROMPTS, parse_prompt
 from fewstep.errors import UserError, warn
+from fewstep.models.family import load_model
+from fewstep.utils.frames import to_unit
 
 from .analysers import aggregate, score_clips
 from .diversity import vendi_score, video_vendi
@@ -111,7 +113,8 @@ def generate_videos(pipe, prompts: list[str], *, steps: int | None = None, cfg_s
         raise UserError(f"cfg_scale={cfg_scale!r} is invalid; expected a finite number")
     if batch_size < 1:
         raise UserError(f"batch_size={batch_size} is invalid; expected an integer >= 1")
-    pipe.text_encoder.tokenizer(prompts)  # words the model does not know are a UserError here
+    with torch.no_grad():
+        pipe.encode_prompts(list(dict.fromkeys(prompts)))  # words the model does not know are a UserError here
 
     n = len(prompts)
     noise = torch.randn(pipe.latent_shape(n), generator=torch.Generator().manual_seed(seed))  # (N, C, T', H', W')
@@ -129,7 +132,7 @@ def generate_videos(pipe, prompts: list[str], *, steps: int | None = None, cfg_s
         nfe = result.nfe
         if progress is not None:
             progress(min(lo + batch_size, n), n)
-    effective_cfg = pipe.config.sampling.cfg_scale if cfg_scale is None else cfg_scale
+    effective_cfg = pipe.sampling.cfg_scale if cfg_scale is None else cfg_scale
     times = pipe.sampling_times(steps)
     return Generated(np.concatenate(chunks), prompts, nfe, seconds, len(times) - 1,
                      None if effective_cfg in (None, 1.0) else float(effective_cfg), pipe.grid_name(steps),
@@ -226,8 +229,6 @@ def generate_to_dir(model: str, prompts: list[str], out: str | Path, *, steps: i
     """``fewstep generate``: ``num`` videos per prompt → ``out/NNN_<prompt>.mp4`` (×``scale``,
     nearest neighbour) and ``out/samples.npz`` (``frames (K, T, H, W, 3)`` uint8 at the model's
     resolution, ``prompts (K,)``), prompt-major. ``out`` is checked before anything is generated."""
-    from fewstep.models.pipeline import VideoPipeline
-
     if not isinstance(num, int) or num < 1:
         raise UserError(f"--num {num!r} is invalid; expected an integer >= 1")
     check_steps(steps)
@@ -236,7 +237,7 @@ def generate_to_dir(model: str, prompts: list[str], out: str | Path, *, steps: i
     names = [f"{i:03d}_{_slug(p)}.mp4" for i, p in enumerate(suite)] + ["samples.npz"]
     output = OutputDir(out, "generate", overwrite, names)
     output.check()
-    pipe = VideoPipeline.load(model, device)
+    pipe = load_model(model, device)
     check_sampling(pipe, steps, cfg_scale)
     with output as stage:
         gen = generate_videos(pipe, suite, steps=steps, cfg_scale=cfg_scale, seed=seed, batch_size=batch_size,
@@ -253,14 +254,12 @@ def evaluate_to_dir(model: str, out: str | Path, *, steps: int | None = None, cf
                     progress=None) -> dict:
     """``fewstep eval``: ``out/metrics.json`` and ``out/report.html`` (+ ``out/gifs/``); ``out`` is
     checked before anything is generated."""
-    from fewstep.models.pipeline import VideoPipeline
-
     if not isinstance(num, int) or num < 1:
         raise UserError(f"--num {num!r} is invalid; expected an integer >= 1")
     check_steps(steps)
     output = OutputDir(out, "eval", overwrite, ["metrics.json", "report.html", "gifs"])
     output.check()
-    pipe = VideoPipeline.load(model, device)
+    pipe = load_model(model, device)
     check_sampling(pipe, steps, cfg_scale)
     feature_net = VideoFeatureNet.load(features)
     with output as stage:

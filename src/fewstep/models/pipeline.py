@@ -1,16 +1,15 @@
-"""A loadable text-to-video model: text encoder + denoiser + codec + default sampling.
+"""The toy family of the pipeline seam (:mod:`fewstep.models.family`): text encoder + toy DiT + codec.
 
-This is what ``--model M`` names everywhere (``fewstep generate/eval/distill``): either a
-shipped name (``toy-teacher``) or a directory written by :meth:`VideoPipeline.save` — a
-teacher from ``fewstep pretrain`` or a student at ``RUN/student/``. A directory holds::
+A toy model directory — the shipped ``toy-teacher``, a teacher from ``fewstep pretrain``, a student
+at ``RUN/student`` of a toy teacher — holds::
 
-    model.json                 the resolved ToyPipelineConfig (architecture, schedule, sampling)
+    model.json                 the resolved ToyPipelineConfig ("kind": "toy"; architecture, schedule, sampling)
     backbone.safetensors       denoiser weights
     codec.safetensors          video autoencoder weights
     text_encoder.safetensors   caption encoder weights
 
-Saving is atomic (write to a temporary sibling directory, fsync, rename), so a reader never
-sees a half-written model.
+and is recognised by its ``model.json``. Saving is atomic (write to a temporary sibling
+directory, fsync, rename), so a reader never sees a half-written model.
 """
 
 from __future__ import annotations
@@ -25,38 +24,26 @@ from pydantic import Field
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from ..data.toyworld import to_uint8
-from ..config import FlowMatchingConfig, ScheduleConfig, StrictModel, parse_config
+from ..config import StrictModel, parse_config
 from ..diffusion.samplers import SAMPLERS, SampleResult
-from ..diffusion.schedules import sampling_grid
+from ..diffusion.schedules import FlowMatchingConfig, ScheduleConfig, sampling_grid
 from ..errors import UserError
+from ..utils.frames import to_uint8
 from ..utils.io import atomic_directory, load_weights, read_json
 from .backbones import Conditioning
-from .codec import ToyCodec, ToyCodecConfig, video_to_frames
+from .codec import ToyCodec, ToyCodecConfig, frames_to_video, video_to_frames
 from .denoiser import Denoiser
+from .family import (ASSETS, SHIPPED, Family, Geometry, SamplingConfig,  # noqa: F401 (ASSETS, SHIPPED: re-exported)
+                     register_family, resolve_model)
 from .text_encoder import ToyTextEncoder, ToyTextEncoderConfig
 from .toy_dit import ToyDiT, ToyDiTConfig
-
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
-#: Models shipped inside the package, loadable by name.
-SHIPPED = {"toy-teacher": ASSETS / "toy-teacher"}
 
 _FILES = ("backbone", "codec", "text_encoder")
 
 
-class SamplingConfig(StrictModel):
-    """How this model samples by default (the CLI may override steps/cfg)."""
-
-    sampler: Literal["euler", "ddim", "consistency"] = "euler"
-    steps: int = Field(50, ge=1)
-    times: list[float] | None = Field(
-        None, description="explicit decreasing times ending at 0 (students); overrides steps")
-    cfg_scale: float | None = Field(None, description="CFG scale w in uncond + w·(cond − uncond); None = no CFG")
-    spacing: Literal["uniform", "diffusers"] = Field(
-        "uniform", description="grid of an N-step sample without explicit times (diffusion/schedules.sampling_grid)")
-
-
 class ToyPipelineConfig(StrictModel):
+    """``model.json`` of a toy model directory."""
+
     kind: Literal["toy"] = "toy"
     backbone: ToyDiTConfig = Field(default_factory=ToyDiTConfig)
     schedule: ScheduleConfig = Field(default_factory=FlowMatchingConfig)
@@ -69,7 +56,8 @@ class ToyPipelineConfig(StrictModel):
 
 
 class VideoPipeline(nn.Module):
-    """Prompts → latents (by the denoiser's sampler) → frames (by the codec's decoder)."""
+    """The toy :class:`~fewstep.models.family.VideoModel`: prompts → latents (by the denoiser's
+    sampler) → frames (by the codec's decoder)."""
 
     def __init__(self, config: ToyPipelineConfig):
         super().__init__()
@@ -77,6 +65,30 @@ class VideoPipeline(nn.Module):
         self.denoiser = Denoiser(ToyDiT(config.backbone), config.schedule.build(), config.prediction_type)
         self.codec = ToyCodec(config.codec)
         self.text_encoder = ToyTextEncoder(config.text_encoder)
+
+    # ---------------------------------------------------------------------------- what the seam exposes
+    @property
+    def sampling(self) -> SamplingConfig:
+        return self.config.sampling
+
+    @sampling.setter
+    def sampling(self, sampling: SamplingConfig) -> None:
+        self.config = self.config.model_copy(update={"sampling": sampling})
+
+    @property
+    def geometry(self) -> Geometry:
+        return Geometry(self.config.frames, self.config.size, self.config.size)
+
+    @property
+    def text_dim(self) -> int:
+        return self.config.text_encoder.dim
+
+    @property
+    def hidden_dim(self) -> int:
+        return self.config.backbone.hidden_dim
+
+    def denoisers(self) -> dict[str, Denoiser]:
+        return {"denoiser": self.denoiser}
 
     # ---------------------------------------------------------------------------- conditioning
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
@@ -133,6 +145,10 @@ class VideoPipeline(nn.Module):
             kwargs["generator"] = generator
         return SAMPLERS[sampler](self.denoiser, noise, self.sampling_times(steps), cond, **kwargs)
 
+    def encode(self, frames: Tensor) -> Tensor:
+        """Frames ``(B, T, H, W, 3)`` float in [−1, 1] → latents ``(B, C, T', H', W')``."""
+        return self.codec.encode(frames_to_video(frames))
+
     def decode(self, latents: Tensor) -> Tensor:
         """Latents ``(B, C, T', H', W')`` → frames ``(B, T, H, W, 3)`` float in [−1, 1]."""
         return video_to_frames(self.codec.decode(latents))
@@ -159,11 +175,11 @@ class VideoPipeline(nn.Module):
 
     @classmethod
     def load(cls, name_or_dir: str | Path, device: str | torch.device = "cpu") -> "VideoPipeline":
-        """Load a shipped model by name or a saved model directory."""
+        """Load a shipped toy model by name or a saved toy model directory."""
         directory = resolve_model(name_or_dir)
-        meta = read_json(directory / "model.json", f"model {directory / 'model.json'}")
-        if not isinstance(meta, dict):
-            raise UserError(f"model {directory / 'model.json'} must hold a JSON object, got {type(meta).__name__}")
+        meta = _read_meta(directory)
+        if meta is None:
+            raise UserError(f"--model {name_or_dir}: not a toy model directory (expected {TOY.expects})")
         config = parse_config(ToyPipelineConfig, meta)
         pipe = cls(config)
         for name, module in (("backbone", pipe.denoiser.backbone.module), ("codec", pipe.codec),
@@ -172,17 +188,21 @@ class VideoPipeline(nn.Module):
         return pipe.to(device).eval()
 
 
-def resolve_model(name_or_dir: str | Path) -> Path:
-    """A shipped model's directory, or ``name_or_dir`` itself if it holds a model."""
-    if str(name_or_dir) in SHIPPED:
-        directory = SHIPPED[str(name_or_dir)]
-        if not (directory / "model.json").is_file():
-            raise UserError(f"the shipped model {name_or_dir!r} is missing from this install "
-                            f"(expected {directory}); run `fewstep pretrain` to build it")
-        return directory
-    directory = Path(name_or_dir)
-    if not (directory / "model.json").is_file():
-        known = ", ".join(SHIPPED)
-        raise UserError(f"--model {name_or_dir}: not a shipped model ({known}) nor a directory with model.json")
-    return directory
+def _read_meta(directory: Path) -> dict | None:
+    """``model.json`` as a mapping, or None when absent; unreadable or not an object: a one-line error."""
+    path = directory / "model.json"
+    if not path.is_file():
+        return None
+    meta = read_json(path, f"model {path}")
+    if not isinstance(meta, dict):
+        raise UserError(f"model {path} must hold a JSON object, got {type(meta).__name__}")
+    return meta
 
+
+def is_toy_model(directory: Path) -> bool:
+    """The toy family's ``detect``: ``model.json`` with ``"kind": "toy"``."""
+    meta = _read_meta(directory)
+    return meta is not None and meta.get("kind") == "toy"
+
+
+TOY = register_family(Family("toy", is_toy_model, VideoPipeline, 'model.json with "kind": "toy"'))

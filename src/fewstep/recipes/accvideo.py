@@ -16,12 +16,12 @@ objectives of one stage (``accvideo.yaml``)::
       adv_g  queue_gan_generator      student        weight λ_adv = 0.1  Eq. 7–8    l. 11–21
       adv_d  queue_gan_discriminator  discriminator  weight λ_adv = 0.1  Eq. 7–8    l. 20–22
 
-Data: ``data:`` names the trajectory store; batches come from
-:class:`~fewstep.data.trajectories.TrajectorySource` (the final latent as ``latents``, the stored
-path in ``extra``). The engine updates each role once per step, the student first: one gradient
-step on ``traj + 0.1·adv_g`` (Alg. 1 takes two student steps per inner iteration, l. 10 and l. 21 —
-folded into one here, as the other recipes fold theirs), then the heads on ``0.1·adv_d`` (l. 22;
-with Adam the 0.1 only matters through clipping). The inner loop's k cycles ``4, 3, 2, 1, 0`` over
+Data: ``data:`` names the trajectory store (``--set data=DIR``, shorthand for ``{kind:
+trajectory_store, path: DIR}``); batches come from :class:`~fewstep.recipes.sources.TrajectorySource`
+(the final latent as ``latents``, the stored path in ``extra``). The engine updates each role once
+per step, the student first: one gradient step on ``traj + 0.1·adv_g`` (Alg. 1 takes two student
+steps per inner iteration, l. 10 and l. 21 — folded into one here, as the other recipes fold
+theirs), then the heads on ``0.1·adv_d`` (l. 22; with Adam the 0.1 only matters through clipping). The inner loop's k cycles ``4, 3, 2, 1, 0`` over
 consecutive steps (the queues' Alg. 1 order); the trajectory term draws k per sample (the
 expectation of Eq. 6). See :mod:`fewstep.objectives.trajectory` and
 :mod:`fewstep.objectives.adversarial` for the equations and the queues.
@@ -41,7 +41,7 @@ objectives before validation (:meth:`AccVideoConfig._expand`), so the resolved c
 ``source``            ``trajectory`` (synthetic trajectories) or ``forward``: toy-world data latents
                       forward-diffused to the key times with fresh noise — §3.2's "useless data
                       points" (the "Real data" setting of Tab. 3, trained with AccVideo's own
-                      losses); ``data:`` is then not used
+                      losses); it sets ``data`` to ``{kind: toy_world}``
 ====================  ========================================================================
 
 ``times`` and ``source`` go into every AccVideo objective; an objective key they control may be
@@ -65,11 +65,13 @@ import torch
 from pydantic import Field, ValidationError, model_validator
 
 from ..config import StrictModel, format_validation_error
-from ..data.trajectories import TrajectorySource, TrajectoryStore, read_manifest
+from ..data.trajectories import TrajectoryStore, read_manifest
 from ..errors import UserError
+from ..models.family import SamplingConfig
 from ..objectives.adversarial import TimestepHeads
 from ..objectives.trajectory import KEY_GRIDS, KeyGrid, KeySource, key_grid
 from .base import DROP_OBJECTIVE, PipelineRecipe, RecipeConfig, map_stage_objectives, register_recipe
+from .sources import TrajectoryStoreData
 
 #: The objective kinds the switches write into, and the adversarial ones ``adversarial: false`` drops.
 ACCVIDEO_KINDS = ("trajectory_guidance", "queue_gan_generator", "queue_gan_discriminator")
@@ -82,8 +84,6 @@ class AccVideoKeys(StrictModel):
 
     model: str = Field("toy-teacher", description="teacher to distil (the student starts from it): a shipped name "
                                                   "or a model directory")
-    data: str | None = Field(None, description="trajectory store directory (fewstep synth --out); needed unless "
-                                               "source=forward")
     adversarial: bool = Field(True, description="keep L_adv (false: Tab. 3 'w/ L_traj')")
     single_head: bool = Field(False, description="one projection head for all timesteps (§5.2 ablation)")
     times: KeyGrid = Field("keys", description="key timesteps (§4.2) or the uniform grid (Tab. 4)")
@@ -105,6 +105,11 @@ class AccVideoConfig(RecipeConfig, AccVideoKeys):
         except ValidationError as err:
             raise UserError(format_validation_error(err, AccVideoKeys)) from None
         data = copy.deepcopy(data)
+        if keys.source == "forward":  # §3.2: toy-world data latents, forward-diffused by the objectives
+            data["data"] = {"kind": "toy_world"}
+        elif data.get("data") is None:
+            raise UserError("config key 'data': give the trajectory store to train on (--set data=DIR, made by "
+                            "`fewstep synth --out DIR`), or set source=forward to train on toy-world data")
         def rewrite(key: str, raw: Any) -> Any:
             kind = raw.get("kind") if isinstance(raw, dict) else None
             if kind in ADVERSARIAL_KINDS and not keys.adversarial:
@@ -149,19 +154,19 @@ class AccVideo(PipelineRecipe):
     def check(cls, config: AccVideoConfig) -> None:
         super().check(config)  # roles the objectives use are checked by the engine's config
         if config.source == "trajectory":
-            if config.data is None:
-                raise UserError("config key 'data': give the trajectory store to train on (--set data=DIR, made by "
-                                "`fewstep synth --out DIR`), or set source=forward to train on toy-world data")
-            stored = torch.tensor(read_manifest(Path(config.data)).settings.times, dtype=torch.float64)
+            if not isinstance(config.data, TrajectoryStoreData):
+                raise UserError(f"config key 'data.kind': source=trajectory trains on a trajectory store "
+                                f"(kind trajectory_store), got {config.data.kind!r}")
+            stored = torch.tensor(read_manifest(Path(config.data.path)).settings.times, dtype=torch.float64)
             try:
                 key_grid(config.times, stored)
             except UserError as err:
-                raise UserError(f"config key 'times': {config.times!r} on store {config.data}: {err}") from None
+                raise UserError(f"config key 'times': {config.times!r} on store {config.data.path}: {err}") from None
 
     @property
     def store(self) -> TrajectoryStore:
         if self._store is None:
-            self._store = TrajectoryStore(self.config.data)
+            self._store = TrajectoryStore(self.config.data.path)
         return self._store
 
     def student_grid(self) -> list[float]:
@@ -172,23 +177,15 @@ class AccVideo(PipelineRecipe):
     def build_modules(self):
         modules = super().build_modules()  # student / teacher: copies of the model's denoiser
         if "discriminator" in self.config.roles:
-            modules["discriminator"] = TimestepHeads(self.pipeline.config.backbone.hidden_dim,
+            modules["discriminator"] = TimestepHeads(self.pipeline.hidden_dim,
                                                      len(KEY_GRIDS[self.config.times]) - 1,
                                                      self.config.head_width, self.config.single_head)
         return modules
 
-    def data_source(self, device: torch.device):
-        if self.config.source == "forward":  # §3.2 ablation: toy-world clips through the codec
-            return super().data_source(device)
-        return TrajectorySource(self.store, self.pipeline.to(device))
-
     def student_pipeline(self):
         """The exported model: Euler on the student grid, no CFG (5 NFE)."""
         if self._export is None:
-            from ..models.pipeline import SamplingConfig
-
             pipe = super().student_pipeline()
             grid = self.student_grid()
-            sampling = SamplingConfig(sampler="euler", steps=len(grid) - 1, times=grid, cfg_scale=None)
-            pipe.config = pipe.config.model_copy(update={"sampling": sampling})
+            pipe.sampling = SamplingConfig(sampler="euler", steps=len(grid) - 1, times=grid, cfg_scale=None)
         return self._export

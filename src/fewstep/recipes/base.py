@@ -42,6 +42,10 @@ Objectives are looked up by ``kind`` in :data:`fewstep.objectives.base.OBJECTIVE
 recipe may use any registered objective; several stages run in sequence, each with its own
 objectives, ``steps`` and ``every`` overrides; :meth:`Recipe.start_stage` can adjust roles when
 a stage begins (e.g. add LoRA adapters).
+
+Every recipe config also has ``data:`` (the data source, :mod:`fewstep.recipes.sources`; default
+``{kind: toy_world}``) and ``evaluator:`` (the periodic evaluation, :mod:`fewstep.recipes.evaluators`;
+default ``{kind: toy_vbench}``): the recipe builds both and hands them to the engine.
 """
 
 from __future__ import annotations
@@ -50,21 +54,44 @@ import copy
 import importlib
 import pkgutil
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
-import numpy as np
 import torch
+from pydantic import Field, SerializeAsAny, field_validator
 from torch import nn
 
 from ..config import load_config, load_yaml
 from ..engine.config import EngineConfig
-from ..engine.data import DataSource, ToyWorldSource
+from ..engine.data import DataSource
+from ..engine.evaluation import Evaluator
+from ..engine.health import HealthMonitor
 from ..engine.roles import Roles
 from ..errors import UserError
+from ..models.family import load_model
+from .evaluators import DEFAULT_EVALUATOR, EvaluatorConfig, parse_evaluator_config
+from .sources import DEFAULT_DATA, DataConfig, parse_data_config
 
 
 class RecipeConfig(EngineConfig):
-    """Base of every recipe's config: ``train``, ``roles``, ``stages`` plus the recipe's keys."""
+    """Base of every recipe's config: ``train``, ``roles``, ``stages``, ``data``, ``evaluator`` plus the
+    recipe's keys."""
+
+    data: SerializeAsAny[DataConfig] = Field(
+        default_factory=lambda: parse_data_config(DEFAULT_DATA),
+        description="data source (recipes/sources.py): {kind: ..., ...}; a plain string is a trajectory store path")
+    evaluator: SerializeAsAny[EvaluatorConfig] = Field(
+        default_factory=lambda: parse_evaluator_config(DEFAULT_EVALUATOR),
+        description="periodic evaluation (recipes/evaluators.py): {kind: ...}")
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _data_kind(cls, value: Any) -> DataConfig:
+        return parse_data_config(value)
+
+    @field_validator("evaluator", mode="before")
+    @classmethod
+    def _evaluator_kind(cls, value: Any) -> EvaluatorConfig:
+        return parse_evaluator_config(value)
 
 
 #: Returned by a :func:`map_stage_objectives` rewrite to remove the objective.
@@ -136,29 +163,35 @@ class Recipe:
     def build_modules(self) -> dict[str, nn.Module]:
         raise NotImplementedError
 
+    def prepare_objective(self, objective, device: torch.device) -> None:
+        """Hand a freshly built objective what it needs beyond its config (called for every objective)."""
+
     def data_source(self, device: torch.device) -> DataSource:
         raise NotImplementedError
 
+    def evaluator(self, monitor: HealthMonitor) -> Evaluator:
+        raise NotImplementedError
+
     def student_pipeline(self):
-        """A plain (unwrapped) pipeline whose ``denoiser`` takes the student's weights, or None."""
+        """A plain (unwrapped) model whose ``denoiser`` takes the student's weights, or None."""
         return None
 
-    def reference_videos(self, prompt: str, seeds: list[int]) -> np.ndarray:
-        """``(n, T, H, W, 3)`` uint8 videos the student's samples are compared with (health)."""
-        raise NotImplementedError
+    def example_prompt(self) -> str:
+        return self.config.evaluator.example_prompt()
 
     def start_stage(self, index: int, roles: Roles) -> None:
         """Called when stage ``index`` begins (and replayed in order on resume, before loading)."""
 
 
 class PipelineRecipe(Recipe):
-    """A recipe whose networks start from one :class:`~fewstep.models.pipeline.VideoPipeline`.
+    """A recipe whose networks start from one model (:func:`~fewstep.models.family.load_model`).
 
-    ``config.model`` (a shipped name or a model directory) is loaded once. Every declared role
-    among ``student``, ``teacher``, ``fake_score`` and ``reference`` starts as a copy of its
-    denoiser (trainable or frozen per the role's ``optim``); its frozen codec and text encoder
-    turn toy-world clips into batches; the student is exported as a copy of the pipeline.
-    Health references are the teacher's samples when there is a teacher, else toy-world clips.
+    ``config.model`` (a shipped name or a model directory, of any family) is loaded once. Every
+    declared role among ``student``, ``teacher``, ``fake_score`` and ``reference`` starts as a copy
+    of its denoiser (trainable or frozen per the role's ``optim``); its frozen encoders feed the
+    ``data`` source; its decoder is handed to objectives that score decoded samples; the student is
+    exported as a copy of the model. The evaluator's health references are the model's own samples
+    when there is a teacher role.
     """
 
     buildable_roles = ("student", "teacher", "fake_score", "reference")
@@ -167,39 +200,41 @@ class PipelineRecipe(Recipe):
         super().__init__(config)
         self._pipeline = None
         self._export = None
+        self._decoders: dict[str, Callable] = {}
 
     @property
     def pipeline(self):
+        """The loaded model (frozen); a :class:`~fewstep.models.family.VideoModel`."""
         if self._pipeline is None:
-            from ..models.pipeline import VideoPipeline
-
-            self._pipeline = VideoPipeline.load(self.config.model).requires_grad_(False)
+            self._pipeline = load_model(self.config.model).requires_grad_(False)
         return self._pipeline
 
     def build_modules(self) -> dict[str, nn.Module]:
         return {name: copy.deepcopy(self.pipeline.denoiser).requires_grad_(self.config.roles[name].trainable)
                 for name in self.config.roles if name in PipelineRecipe.buildable_roles}
 
+    def prepare_objective(self, objective, device: torch.device) -> None:
+        """Objectives that score decoded samples (``R(Dec(x))``: ``lrm_fit``, ``ddpo``) get the frozen
+        decoder of the model their ``decoder`` key names — this model's when it names none."""
+        if not hasattr(objective, "decoder") or objective.decoder is not None:
+            return
+        name = getattr(objective.config, "decoder", None) or self.config.model
+        if name not in self._decoders:
+            model = self.pipeline if name == self.config.model else load_model(name).requires_grad_(False)
+            self._decoders[name] = model.to(device).decode
+        objective.decoder = self._decoders[name]
+
     def data_source(self, device: torch.device) -> DataSource:
-        return ToyWorldSource(self.pipeline.to(device), self.config.train.seed)
+        return self.config.data.build(self.pipeline.to(device), self.config.train.seed)
+
+    def evaluator(self, monitor: HealthMonitor) -> Evaluator:
+        teacher = self.pipeline if "teacher" in self.config.roles else None
+        return self.config.evaluator.build(self.config.train, monitor, self.pipeline, teacher)
 
     def student_pipeline(self):
         if self._export is None:
             self._export = copy.deepcopy(self.pipeline).eval()
         return self._export
-
-    def reference_videos(self, prompt: str, seeds: list[int]) -> np.ndarray:
-        if "teacher" in self.config.roles:  # the teacher's own default sampler on the eval seeds
-            teacher = self.pipeline
-            shape = teacher.latent_shape(1)[1:]
-            noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s & (2**63 - 1)))
-                                 for s in seeds])
-            videos, _ = teacher.generate([prompt] * len(seeds), noise=noise)
-            return videos
-        from ..data.toyworld import render_clip
-
-        cfg = self.pipeline.config
-        return np.stack([render_clip(prompt, seed, cfg.frames, cfg.size)[0] for seed in seeds])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -77,7 +77,8 @@ on the schedule's default grid of that many steps — the DOLLAR grid for a VP t
 different one for a flow-matching teacher.)
 
 **Decoder.** ``lrm_fit`` and ``ddpo`` decode latents for the pixel reward; the recipe sets their
-``decoder`` key to ``model``, which each loads (frozen) on first use.
+``decoder`` key to ``model`` and hands them that model's frozen decoder when the run is built
+(:meth:`~fewstep.recipes.base.PipelineRecipe.prepare_objective`).
 """
 
 from __future__ import annotations
@@ -91,6 +92,7 @@ from ..config import StrictModel, format_validation_error
 from ..diffusion.schedules import INDEX_GRIDS, FlowMatching
 from ..engine.config import _parse_objective
 from ..errors import UserError
+from ..models.family import SamplingConfig
 from ..objectives.base import ObjectiveConfig, objective_class
 from ..objectives.student import step_times
 from ..rewards.latent import LatentRewardModelConfig, build_lrm
@@ -238,16 +240,13 @@ class Dollar(PipelineRecipe):
         modules = super().build_modules()  # student / teacher / fake_score: copies of the model's denoiser
         if "lrm" in self.config.roles:
             pipe = self.pipeline
-            modules["lrm"] = build_lrm(self.config.lrm, pipe.latent_shape(1)[1], pipe.config.text_encoder.dim)
+            modules["lrm"] = build_lrm(self.config.lrm, pipe.latent_shape(1)[1], pipe.text_dim)
         return modules
 
     def student_pipeline(self):
         """The exported model: consistency sampling on the student grid + t = 0, no CFG."""
         if self._export is None:
-            from ..models.pipeline import SamplingConfig
-
             pipe = super().student_pipeline()
             grid = step_times(self.config.student_grid, pipe.denoiser.schedule).tolist()
-            sampling = SamplingConfig(sampler="consistency", steps=len(grid), times=[*grid, 0.0], cfg_scale=None)
-            pipe.config = pipe.config.model_copy(update={"sampling": sampling})
+            pipe.sampling = SamplingConfig(sampler="consistency", steps=len(grid), times=[*grid, 0.0], cfg_scale=None)
         return self._export

@@ -45,8 +45,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data.toyworld import EVAL_PROMPTS
-from ..errors import UserError
+from .data.toyworld import EVAL_PROMPTS
+from .errors import UserError
+from .rewards.latent import LatentRewardModelConfig, build_lrm
+from .objectives.student import generate
+from .rewards import build_reward
 
 
 @dataclass
@@ -91,7 +94,7 @@ def bench_speed(student, teacher, *, student_steps=(4, 2, 1), teacher_steps: int
                             statistics.median(s[1] for s in rows) / num_videos, rows[0][2])
                for name, rows in samples.items()}
     ref = timings["teacher"]
-    out = {"teacher": {"steps": teacher_steps, "cfg_scale": teacher.config.sampling.cfg_scale,
+    out = {"teacher": {"steps": teacher_steps, "cfg_scale": teacher.sampling.cfg_scale,
                        "seconds_per_video": {"sampling": ref.sampling, "end_to_end": ref.end_to_end},
                        "nfe": ref.nfe},
            "students": {}, "num_videos": num_videos, "repeats": repeats}
@@ -145,10 +148,6 @@ def peak_memory(fn, device: torch.device) -> int:
 def bench_reward_memory(student, *, lrm=None, reward: str = "toy-clip", batch_size: int = 8, steps: int = 4,
                         backprop: str = "last", seed: int = 0) -> dict:
     """Peak memory of one LRM fine-tune step vs one pixel-reward step through the decoder (module doc)."""
-    from ..rewards.latent import LatentRewardModelConfig, build_lrm
-    from ..objectives.student import generate
-    from ..rewards import build_reward
-
     device = next(student.parameters()).device
     pixel_reward = build_reward(reward).to(device).requires_grad_(False)
     if not pixel_reward.differentiable:

@@ -1,0 +1,165 @@
+"""Data sources by config: a recipe's ``data:`` block names one, the recipe builds it and hands it
+to the engine (:class:`~fewstep.engine.data.DataSource`; the engine imports none of them).
+
+They live here, above the engine, because a source turns stored or rendered data into the
+objectives' :class:`~fewstep.objectives.base.Batch` through the model (its codec and text
+encoder); ``data/`` below only holds the formats. Registered kinds::
+
+    data: {kind: toy_world}                            toy-world clips through the model (the default)
+    data: {kind: trajectory_store, path: runs/synvid}  a teacher trajectory store (fewstep synth)
+    data: runs/synvid                                  shorthand for the line above
+
+A new source is a config class with ``kind`` and ``build(model, seed)``, registered with
+:func:`register_source`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import torch
+from pydantic import Field, ValidationError
+
+from ..config import StrictModel, format_validation_error
+from ..data.toyworld import ToyWorld
+from ..data.trajectories import TrajectoryStore
+from ..engine.data import DataSource
+from ..errors import UserError
+from ..models.backbones import Conditioning
+from ..models.family import VideoModel
+from ..objectives.base import Batch
+
+
+class DataConfig(StrictModel):
+    """Base of a data source's config: ``kind`` is its registered name."""
+
+    kind: str
+
+    def build(self, model: VideoModel, seed: int) -> DataSource:
+        raise NotImplementedError
+
+
+DATA_SOURCES: dict[str, type[DataConfig]] = {}
+#: A recipe's ``data:`` when it gives none.
+DEFAULT_DATA = {"kind": "toy_world"}
+
+
+def register_source(cls: type[DataConfig]) -> type[DataConfig]:
+    kind = cls.model_fields["kind"].default
+    assert DATA_SOURCES.get(kind, cls) is cls, f"data source {kind!r} registered twice"
+    DATA_SOURCES[kind] = cls
+    return cls
+
+
+def parse_data_config(raw: Any, key: str = "data") -> DataConfig:
+    """A ``data:`` value → its kind's config (a plain string is a trajectory store path); one-line errors."""
+    if isinstance(raw, DataConfig):
+        return raw
+    if isinstance(raw, (str, Path)):
+        raw = {"kind": "trajectory_store", "path": str(raw)}
+    if not isinstance(raw, dict):
+        raise UserError(f"config key '{key}': expected a mapping with a 'kind' (one of {', '.join(DATA_SOURCES)}) "
+                        f"or a trajectory store path, got {type(raw).__name__}")
+    kind = raw.get("kind")
+    if kind is None:
+        raise UserError(f"missing config key '{key}.kind' (one of {', '.join(DATA_SOURCES)})")
+    if kind not in DATA_SOURCES:
+        raise UserError(f"config key '{key}.kind': unknown data source {kind!r}; known: {', '.join(DATA_SOURCES)}")
+    cls = DATA_SOURCES[kind]
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as err:
+        raise UserError(format_validation_error(err, cls).replace("config key '", f"config key '{key}.", 1)) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# toy_world
+# ---------------------------------------------------------------------------------------------
+
+@register_source
+class ToyWorldData(DataConfig):
+    """Toy-world training clips (DESIGN §4) at the model's geometry; ``train.seed = s`` starts the
+    stream at toy-world index ``s · 2³²``."""
+
+    kind: Literal["toy_world"] = "toy_world"
+
+    def build(self, model: VideoModel, seed: int) -> DataSource:
+        return ToyWorldSource(model, seed)
+
+
+class ToyWorldSource:
+    """Toy-world clips → ``Batch(latents, cond, uncond, …)`` through the model's frozen encoders."""
+
+    STREAM_STRIDE = 2**32
+
+    def __init__(self, model: VideoModel, seed: int):
+        frames, height, width = model.geometry
+        if height != width:
+            raise UserError(f"config key 'data': the toy world renders square clips; the model's are {height}×{width}")
+        self.model = model  # only its codec encoder and text encoder are used
+        self.offset = seed * self.STREAM_STRIDE
+        self.world = ToyWorld("train", frames=frames, size=height, length=2**62)
+
+    @torch.no_grad()
+    def batch(self, positions: Sequence[int], device: torch.device) -> Batch:
+        items = self.world.batch([self.offset + p for p in positions])
+        frames = items["frames"].to(device)  # (B, T, H, W, 3) in [−1, 1]
+        latents = self.model.encode(frames)  # (B, C, T', H', W')
+        cond = self.model.encode_prompts(items["prompts"])
+        uncond = self.model.null_condition(len(positions))
+        return Batch(latents=latents, cond=cond, uncond=uncond, prompts=items["prompts"],
+                     sample_ids=torch.as_tensor(list(positions), dtype=torch.int64))
+
+
+# ---------------------------------------------------------------------------------------------
+# trajectory_store
+# ---------------------------------------------------------------------------------------------
+
+@register_source
+class TrajectoryStoreData(DataConfig):
+    """A teacher trajectory store (:mod:`fewstep.data.trajectories`, made by ``fewstep synth``)."""
+
+    kind: Literal["trajectory_store"] = "trajectory_store"
+    path: str = Field(description="store directory (fewstep synth --out)")
+
+    def build(self, model: VideoModel, seed: int) -> DataSource:
+        return TrajectorySource(self.path, model)
+
+
+class TrajectorySource:
+    """A store as the engine's data stream: position ``p`` → sample ``p mod N``.
+
+    ``Batch.latents`` is the final latent ``l_{t=0}`` (the teacher's sample), ``cond`` the stored
+    caption tokens, ``uncond`` the model's null caption; ``extra["trajectory"]`` holds the stored
+    path ``(B, K, C, T, H, W)`` and ``extra["key_times"]`` its times ``(B, K)`` float64 (decreasing,
+    the same in every row). The store must be complete and match the model's latent and caption
+    shapes.
+    """
+
+    def __init__(self, store: TrajectoryStore | str | Path, model: VideoModel):
+        self.store = store if isinstance(store, TrajectoryStore) else TrajectoryStore(store)
+        self.model = model  # only its text encoder is used (null caption)
+        settings, where = self.store.settings, f"trajectory store {self.store.directory}"
+        if not self.store.complete:
+            raise UserError(f"{where} is incomplete ({len(self.store)} of {settings.num} samples); rerun "
+                            f"`fewstep synth` with the same arguments to finish it")
+        want = list(model.latent_shape(1)[1:])
+        if settings.latent_shape != want:
+            raise UserError(f"{where} holds latents of shape {tuple(settings.latent_shape)}; the model's are "
+                            f"{tuple(want)} (synthesize the store with this model)")
+        null = model.null_condition(1).context
+        if settings.text_shape != list(null.shape[1:]):
+            raise UserError(f"{where} holds caption tokens of shape {tuple(settings.text_shape)}; the model's text "
+                            f"encoder gives {tuple(null.shape[1:])} (synthesize the store with this model)")
+
+    @torch.no_grad()
+    def batch(self, positions: Sequence[int], device: torch.device) -> Batch:
+        n = self.store.settings.num
+        items = self.store.samples([p % n for p in positions])
+        trajectory = items["latents"].to(device)  # (B, K, C, T, H, W), decreasing times
+        times = self.store.times.to(device).expand(len(positions), -1)  # (B, K)
+        cond = Conditioning(items["text_tokens"].to(device), items["text_mask"].to(device))
+        return Batch(latents=trajectory[:, -1], cond=cond, uncond=self.model.null_condition(len(positions)),
+                     prompts=items["prompts"], sample_ids=torch.as_tensor(list(positions), dtype=torch.int64),
+                     extra={"trajectory": trajectory, "key_times": times})

@@ -1,0 +1,194 @@
+"""``fewstep synth``: write a teacher trajectory store (AccVideo's SynVid, papers/002 §4.1, Eq. 5).
+
+The teacher's Euler solver runs with CFG from seeded noise and keeps, per sample ``i``, the
+latents at AccVideo's key timesteps (§4.2) — or, with ``--keep all``, the whole path — on the
+solver grid of :func:`~fewstep.data.trajectories.solver_grid`, which contains every key time::
+
+    l_{t_N} = z_i ~ N(0, I)                                               (noise of sample i)
+    l_{t_{j−1}} = l_{t_j} + (σ(t_{j−1}) − σ(t_j))·v̂(l_{t_j}, t_j, T_i)     (AccVideo Eq. 5; CFG w)
+    stored:  l at t ∈ {1, 0.9651, 0.9130, 0.8235, 0.6363, 0}             (``--keep all``: every t_j)
+
+(Eq. 5 writes the step in ``t``; ours is :func:`~fewstep.diffusion.samplers.sample_euler`,
+which steps in σ(t) — the same thing for an unshifted flow-matching teacher, and the DDIM step
+for a VP one.) The latent at ``t = 1`` *is* the initial noise ``z_i``, so the noise is stored once,
+as the first latent of the path.
+
+**Determinism.** Sample ``i`` is a pure function of ``(seed, i)``: its noise comes from a
+generator seeded by ``(seed, i)`` alone and its prompt is prompt ``i`` (``--prompts toy``: the toy
+world's training caption of index ``i``; a file: line ``i mod P`` of its ``P`` non-empty lines).
+Samples are generated in shards of ``shard_size`` consecutive indices, each in fixed batches
+aligned to the shard's start, so a resumed run produces bit-identical shards. The store format,
+its resume and integrity rules are :mod:`fewstep.data.trajectories`'.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .data.toyworld import ToyWorld
+from .data.trajectories import (MANIFEST, Keep, StoreSettings, TrajectoryStore, key_indices, read_manifest,
+                                solver_grid)
+from .diffusion.samplers import sample_euler
+from .errors import UserError
+from .models.family import SHIPPED, load_model
+from .utils.io import check_writable
+
+_SEED_TAG = 0x5E1D  # keeps synth noise seeds apart from other SeedSequence users of (seed, i)
+
+
+def _noise_seed(seed: int, index: int) -> int:
+    """63-bit seed of sample ``index``'s noise, a function of ``(seed, index)`` only."""
+    (word,) = np.random.SeedSequence([_SEED_TAG, seed, index]).generate_state(1, dtype=np.uint64)
+    return int(word) >> 1
+
+
+def sample_noise(shape: Sequence[int], seed: int, indices: Sequence[int]) -> Tensor:
+    """``(B, *shape)`` float32 noise; row ``b`` drawn from its own generator seeded by ``(seed, indices[b])``."""
+    return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(_noise_seed(seed, i)))
+                        for i in indices])
+
+
+class PromptSource:
+    """Prompt ``i`` of a run: the toy world's training caption ``i`` (``"toy"``) or line ``i mod P`` of a file."""
+
+    def __init__(self, spec: str):
+        self.spec = spec
+        self.lines: list[tuple[int, str]] = []  # (line number, prompt) of the file's non-empty lines
+        self.sha256: str | None = None
+        if spec == "toy":
+            self.world = ToyWorld("train", length=2**62)
+            return
+        path = Path(spec)
+        if not path.is_file():
+            raise UserError(f"--prompts {spec}: no such file (give 'toy' or a text file with one prompt per line)")
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise UserError(f"--prompts {spec} is not UTF-8 text (byte {err.start})") from None
+        self.lines = [(n + 1, line.strip()) for n, line in enumerate(text.splitlines()) if line.strip()]
+        if not self.lines:
+            raise UserError(f"--prompts {spec}: the file holds no prompt (one prompt per line)")
+        self.sha256 = hashlib.sha256(text.encode()).hexdigest()
+
+    def __getitem__(self, index: int) -> str:
+        if self.spec == "toy":
+            return self.world.prompt_and_seed(index)[0]
+        return self.lines[index % len(self.lines)][1]
+
+    def check(self, pipeline, num: int) -> None:
+        """Every prompt the first ``num`` samples use parses (before anything is written)."""
+        if self.spec != "toy":
+            self.encode(pipeline, range(min(num, len(self.lines))))
+
+    def encode(self, pipeline, indices: Sequence[int]):
+        """``(prompts, Conditioning)`` of ``indices`` through ``pipeline``'s text encoder."""
+        prompts = [self[i] for i in indices]
+        try:
+            return prompts, pipeline.encode_prompts(prompts)
+        except UserError as err:
+            if self.spec == "toy":
+                raise
+            raise UserError(f"--prompts {self.spec}: {err}") from None
+
+
+def _check_same(found: StoreSettings, wanted: StoreSettings, out: Path) -> None:
+    for name in StoreSettings.model_fields:
+        a, b = getattr(found, name), getattr(wanted, name)
+        if a != b:
+            show = (lambda v: f"{v[:3]}…" if isinstance(v, list) and len(v) > 3 else repr(v))
+            raise UserError(f"--out {out} holds a trajectory store made with {name}={show(a)} (this run: {show(b)}); "
+                            f"rerun with the same settings to continue it, or choose another --out")
+
+
+def synthesize(teacher: str | Path, out: str | Path, num: int, *, prompts: str = "toy", steps: int = 50,
+               cfg_scale: float | None = None, keep: Keep = "keys", seed: int = 0, batch_size: int = 16,
+               shard_size: int = 256, device: str | torch.device = "cpu",
+               progress: Callable[[str, int, int, dict], None] | None = None,
+               overwrite: bool = False) -> TrajectoryStore:
+    """Synthesize (or continue, or verify) the store at ``out``; see the module doc.
+
+    Everything is checked before the first write: ``out`` is writable, every prompt of the run
+    parses. A store with no sample written yet is not kept as a store (a corrected rerun starts
+    afresh); ``overwrite`` replaces a store (only its manifest and shards; other files are kept).
+
+    ``teacher``: a shipped model name or a model directory (:func:`~fewstep.models.family.load_model`);
+    ``cfg_scale``: CFG w in ``uncond + w·(cond − uncond)``, default the teacher's own (1 or None: no CFG);
+    ``keep``: ``keys`` (the six key timesteps) or ``all`` (the whole solver path).
+    """
+    for name, value, least in (("--num", num, 1), ("--batch-size", batch_size, 1), ("--shard-size", shard_size, 1),
+                               ("--seed", seed, 0)):
+        if value < least:
+            raise UserError(f"{name} {value} is invalid; expected an integer >= {least}")
+    if keep not in ("keys", "all"):
+        raise UserError(f"--keep must be 'keys' or 'all', got {keep!r}")
+    out = Path(out)
+    check_writable(out)
+    grid = solver_grid(steps)  # (steps + 1,) decreasing, contains KEY_TIMES
+    source = PromptSource(prompts)
+    pipe = load_model(teacher, device)
+    source.check(pipe, num)
+    cfg_scale = pipe.sampling.cfg_scale if cfg_scale is None else cfg_scale
+    guided = cfg_scale not in (None, 1.0)
+    keep_index = list(range(len(grid))) if keep == "all" else key_indices(grid)
+    latent_shape = list(pipe.latent_shape(1)[1:])
+    text_shape = list(source.encode(pipe, [0])[1].context.shape[1:])
+    settings = StoreSettings(
+        teacher=str(teacher) if str(teacher) in SHIPPED else str(Path(teacher).resolve()),
+        prompts=prompts if prompts == "toy" else str(Path(prompts).resolve()),
+        prompts_sha256=source.sha256, num=num, seed=seed, steps=steps, cfg_scale=cfg_scale if guided else None,
+        keep=keep, shard_size=shard_size, grid=grid.tolist(), times=grid[keep_index].tolist(),
+        latent_shape=latent_shape, text_shape=text_shape)
+
+    # 1. open or create the store; drop leftovers of an interrupted write
+    replaced = (out / MANIFEST).is_file() and (overwrite or not read_manifest(out).shards)
+    if replaced:
+        for f in [out / MANIFEST, *out.glob("shard_*.safetensors"), *out.glob(".*.tmp")]:
+            f.unlink()  # only the store's own files
+    if (out / MANIFEST).is_file():
+        store = TrajectoryStore.resume(out)
+        _check_same(store.settings, settings, out)
+    elif not replaced and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--out {out} exists and is not a trajectory store (no {MANIFEST}); choose an empty or new "
+                        f"directory")
+    else:
+        store = TrajectoryStore.create(out, settings)
+    for leftover in out.glob(".*.tmp"):
+        leftover.unlink()
+
+    # 2. generate the shards the manifest does not list, in order
+    done = {s.start for s in store.manifest.shards}
+    finished = len(store)
+    todo = [s for s in range(0, num, shard_size) if s not in done]
+    if progress:
+        progress("synth", finished, num, {})
+    for start in todo:
+        stop = min(start + shard_size, num)
+        parts: dict[str, list[Tensor]] = {"latents": [], "text_tokens": [], "text_mask": []}
+        shard_prompts: list[str] = []
+        for first in range(start, stop, batch_size):  # batches aligned to the shard start
+            indices = list(range(first, min(first + batch_size, stop)))
+            batch_prompts, cond = source.encode(pipe, indices)
+            noise = sample_noise(latent_shape, seed, indices).to(device)  # (B, C, T, H, W) = l at t = 1
+            uncond = pipe.null_condition(len(indices)) if guided else None
+            with torch.no_grad():
+                result = sample_euler(pipe.denoiser, noise, grid, cond, cfg_scale=cfg_scale if guided else None,
+                                      uncond=uncond, return_trajectory=True)
+            path = torch.stack(result.trajectory, dim=1)  # (B, steps + 1, C, T, H, W)
+            parts["latents"].append(path[:, keep_index].float().cpu())  # (B, K, C, T, H, W)
+            parts["text_tokens"].append(cond.context.float().cpu())  # (B, L, D)
+            mask = cond.mask if cond.mask is not None else torch.ones(cond.context.shape[:2], dtype=torch.bool)
+            parts["text_mask"].append(mask.cpu())  # (B, L)
+            shard_prompts += batch_prompts
+            finished += len(indices)
+            if progress:
+                progress("synth", finished, num, {"shard": start // shard_size})
+        tensors = {k: torch.cat(v) for k, v in parts.items()}
+        tensors["index"] = torch.arange(start, stop, dtype=torch.int64)
+        store.write_shard(start // shard_size, tensors, shard_prompts)
+    return store
