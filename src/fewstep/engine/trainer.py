@@ -60,6 +60,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..objectives.base import Objective, StepContext, build_objective
+from ..objectives.student import StudentGenerator
 from . import checkpoint as ckpt
 from .config import EngineConfig
 from .data import DataSource
@@ -211,6 +212,7 @@ class Trainer:
             every = {r: stage_cfg.every.get(r, cfg.roles[r].every) for r in order}
             self.stages.append(Stage(name, start, end, objectives, order, every))
         self.source = plan.data_source(env.device)
+        self.student = StudentGenerator(cfg.generator)  # the one G_θ(ε) every objective samples
         self.monitor = HealthMonitor(cfg.train.health)
         self.state = TrainState()
         self.logger: RunLogger | NullLogger = NullLogger()
@@ -286,7 +288,7 @@ class Trainer:
             role = self.roles[name]
             ctx = StepContext(step=st.step, stage=st.stage, stage_step=stage_step, role=name, seed=train.seed,
                               device=env.device, sample_ids=batch.sample_ids, generator=torch.Generator(),
-                              rank=env.rank, world_size=env.world_size)
+                              rank=env.rank, world_size=env.world_size, student=self.student)
             upd = self.update_role(role, [o for o in stage.objectives if o.role == name], batch, ctx)
             record[f"loss/{name}"] = upd.total
             record.update({f"loss/{name}/{k}": v for k, v in upd.losses.items()})
