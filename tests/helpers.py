@@ -25,6 +25,8 @@ from fewstep.models.pipeline import SamplingConfig, ToyPipelineConfig, VideoPipe
 from fewstep.models.text_encoder import ToyTextEncoderConfig
 from fewstep.models.toy_dit import ToyDiTConfig
 from fewstep.objectives.base import Batch, StepContext
+from fewstep.config import parse_config
+from fewstep.objectives.student import GeneratorConfig, StudentGenerator
 
 F64 = torch.float64
 TEXT_DIM = 16  # caption width of the tiny diffusers backbones
@@ -125,9 +127,12 @@ class FakeRole:
         return self.ema if self.ema is not None else self.module
 
 
-def make_ctx(batch_size, role="student", step=0, seed=0):
+def make_ctx(batch_size, role="student", step=0, seed=0, times="dollar4", sampler="consistency"):
+    """A step context whose student generator samples on ``times`` (the ``generator:`` block)."""
+    student = StudentGenerator(GeneratorConfig(times=times, sampler=sampler))
     return StepContext(step=step, stage=0, stage_step=step, role=role, seed=seed, device=torch.device("cpu"),
-                       sample_ids=torch.arange(batch_size), generator=torch.Generator().manual_seed(0))
+                       sample_ids=torch.arange(batch_size), generator=torch.Generator().manual_seed(0),
+                       student=student)
 
 
 def const_cond(batch_size, value=0.0, dtype=F64):
@@ -152,10 +157,11 @@ def tiny_setup(batch_size=2, seed=0):
     return pipe, batch
 
 
-def engine_config(roles, objectives):
-    """An EngineConfig with ``roles`` (name → trainable) and one stage listing ``objectives``."""
+def engine_config(roles, objectives, generator=None):
+    """An EngineConfig with ``roles`` (name → trainable), one stage listing ``objectives``, a ``generator:``."""
     specs = {name: ({"optim": {"lr": 1e-4}} if trainable else {}) for name, trainable in roles.items()}
-    return EngineConfig.model_validate({"roles": specs, "stages": {"main": {"objectives": objectives}}})
+    return parse_config(EngineConfig, {"roles": specs, "stages": {"main": {"objectives": objectives}},
+                                       **({"generator": generator} if generator is not None else {})})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from fewstep.errors import UserError
 from fewstep.models.backbones import Backbone
 from fewstep.models.denoiser import Denoiser
 from fewstep.objectives.distribution_matching import VSD, FakeScoreLoss, dmd_gradient, stop_gradient_mse
-from fewstep.objectives.student import generate, generator_noise, step_times, student_sample
+from fewstep.objectives.student import GeneratorConfig, StudentGenerator, step_times, student_sample
 from helpers import F64, FakeRole, GaussianX0, const_cond, engine_config, make_batch, make_ctx, tiny_setup
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -62,7 +62,7 @@ def test_generate_is_consistency_sampling_with_shared_noise():
     student = Denoiser(GaussianX0(sched, vector(1), s=0.5), sched, "x0").double()
     batch = make_batch(torch.zeros(3, *SHAPE, dtype=F64))
     times = step_times("dollar4", sched)
-    out = student_sample(student, batch, make_ctx(3, role="student"), times)
+    out = student_sample(student, batch, make_ctx(3, role="student"))
     # by hand: x̂0_k at x_k, x_{k+1} = α·x̂0_k + σ·z_{k+1}, noise drawn as the student under fixed names
     as_student = make_ctx(3, role="student")
     noises = [as_student.randn(SHAPE, f"generator/{i}", dtype=F64) for i in range(4)]
@@ -73,17 +73,16 @@ def test_generate_is_consistency_sampling_with_shared_noise():
         x0 = student.predict(x, t, batch.cond).x0
     torch.testing.assert_close(out.x0, x0)
     # another role (the fake score's update) regenerates the same sample
-    again = student_sample(student, batch, make_ctx(3, role="fake_score"), times, role="student")
+    again = student_sample(student, batch, make_ctx(3, role="fake_score"), role="student")
     torch.testing.assert_close(again.x0, out.x0)
 
 
 def test_generate_last_keeps_only_the_last_call_in_the_graph():
     sched = FlowMatching()
     student = Denoiser(Shift(torch.zeros(SHAPE, dtype=F64)), sched, "x0")
-    noises = generator_noise(make_ctx(2), SHAPE, 4, dtype=F64)
-    times = step_times("dollar4", sched)
-    full = generate(student, noises, times, const_cond(2), backprop="all")
-    last = generate(student, noises, times, const_cond(2), backprop="last")
+    gen, batch, ctx = StudentGenerator(GeneratorConfig(times="dollar4")), make_batch(torch.zeros(2, *SHAPE, dtype=F64)), make_ctx(2)
+    full = gen.sample(student, batch, ctx, backprop="all")
+    last = gen.sample(student, batch, ctx, backprop="last")
     torch.testing.assert_close(full.x0, last.x0)
     (g_all,) = torch.autograd.grad(full.x0.sum(), student.backbone.b)
     (g_last,) = torch.autograd.grad(last.x0.sum(), student.backbone.b)
@@ -109,11 +108,11 @@ def test_vsd_gradient_is_minus_the_score_difference_toward_the_real_mean():
     student = Denoiser(Shift(mu_f), sched, "x0")  # G(ε) = ε + μ_f ~ N(μ_f, I): the fake score is exact
     roles = {"student": FakeRole("student", student), "teacher": FakeRole("teacher", teacher, trainable=False),
              "fake_score": FakeRole("fake_score", fake)}
-    objective = VSD(VSD.Config(student_times=[999], real_cfg_scale=None), "vsd")
+    objective = VSD(VSD.Config(real_cfg_scale=None), "vsd")
     b = 64
-    batch, ctx = make_batch(torch.zeros(b, *SHAPE, dtype=F64)), make_ctx(b)
+    batch, ctx = make_batch(torch.zeros(b, *SHAPE, dtype=F64)), make_ctx(b, times=[999])
 
-    x_hat = student_sample(student, batch, ctx, step_times([999], sched)).x0.detach().requires_grad_(True)
+    x_hat = student_sample(student, batch, ctx).x0.detach().requires_grad_(True)
     grad, t = objective.gradient(x_hat, batch, roles, ctx)
     # the scores at the x_t the objective used (same ctx draws)
     t_ref = ctx.times(Uniform(0.02, 0.98), "vsd/t")
@@ -154,14 +153,14 @@ def test_vsd_sgd_moves_a_shift_student_to_the_guided_real_mean(cfg_scale, cond_v
     teacher = Denoiser(GaussianX0(sched, mu_r), sched, "x0")
     roles = {"student": FakeRole("student", student), "teacher": FakeRole("teacher", teacher, trainable=False),
              "fake_score": FakeRole("fake_score", fake)}
-    objective = VSD(VSD.Config(student_times=[999], real_cfg_scale=cfg_scale), "vsd")
+    objective = VSD(VSD.Config(real_cfg_scale=cfg_scale), "vsd")
     target = mu_r + (cfg_scale or 1.0) * cond_value
     start = float((b_param.detach() - target).norm())
     optim = torch.optim.SGD([b_param], lr=4.0)
     batch = make_batch(torch.zeros(32, *SHAPE, dtype=F64), cond_value=cond_value)
     for step in range(15):
         optim.zero_grad()
-        out = objective(batch, roles, make_ctx(32, step=step))
+        out = objective(batch, roles, make_ctx(32, step=step, times=[999]))
         out.losses["vsd"].mean().backward()
         optim.step()
     assert float((b_param.detach() - target).norm()) < 0.01 * start
@@ -176,15 +175,14 @@ def test_fake_score_loss_is_the_flow_loss_on_the_detached_student_sample():
     student = copy.deepcopy(pipe.denoiser).requires_grad_(True)
     fake = copy.deepcopy(pipe.denoiser).requires_grad_(True)
     roles = {"student": FakeRole("student", student), "fake_score": FakeRole("fake_score", fake)}
-    objective = FakeScoreLoss(FakeScoreLoss.Config(student_times="dollar2"), "fake")
-    ctx = make_ctx(2, role="fake_score")
+    objective = FakeScoreLoss(FakeScoreLoss.Config(), "fake")
+    ctx = make_ctx(2, role="fake_score", times="dollar2")
     out = objective(batch, roles, ctx)
     assert out.role == "fake_score" and out.losses["mse"].shape == (2,)
 
     # by hand: x̂ = G(ε) with the student's noise, t ~ U[0.02, 0.98], flow target u = ε' − x̂
     with torch.no_grad():
-        x_hat = student_sample(student, batch, make_ctx(2, role="student"),
-                               step_times("dollar2", student.schedule)).x0
+        x_hat = student_sample(student, batch, make_ctx(2, role="student", times="dollar2")).x0
         t = ctx.times(Uniform(0.02, 0.98), "fake/t").float()
         eps = ctx.randn(tuple(x_hat.shape[1:]), "fake/eps")
         sigma = fake.schedule.sigma(t).view(-1, 1, 1, 1, 1)  # flow matching: α = 1 − σ
@@ -221,16 +219,17 @@ def test_vsd_on_the_toy_backbone_updates_only_the_student():
 
 def test_vsd_and_fake_score_are_listed_in_a_stage_by_kind():
     cfg = engine_config({"student": True, "teacher": False, "fake_score": True}, {
-        "vsd": {"kind": "vsd", "student_times": [999, 499], "real_cfg_scale": 4.5},
-        "fake": {"kind": "fake_score", "student_times": [999, 499]},
-    })
+        "vsd": {"kind": "vsd", "real_cfg_scale": 4.5},
+        "fake": {"kind": "fake_score"},
+    }, generator={"times": [999, 499]})
+    assert cfg.generator.times == [999, 499] and cfg.generator.sampler == "consistency"
     objectives = cfg.stages["main"].objectives
     assert objectives["vsd"].reads() == {"teacher", "fake_score"} and objectives["fake"].role == "fake_score"
     with pytest.raises(UserError, match="fake_score"):
         engine_config({"student": True, "teacher": False}, {"vsd": {"kind": "vsd"}})
-    with pytest.raises(UserError, match="student_times"):
+    with pytest.raises(UserError, match="generator.times"):
         engine_config({"student": True, "teacher": False, "fake_score": True},
-                      {"vsd": {"kind": "vsd", "student_times": "dollar5"}})
+                      {"vsd": {"kind": "vsd"}}, generator={"times": "dollar5"})
 
 
 def test_objectives_train_in_the_engine_with_pipeline_roles(teacher_dir, tmp_path):
@@ -246,12 +245,12 @@ def test_objectives_train_in_the_engine_with_pipeline_roles(teacher_dir, tmp_pat
         "roles": {"student": {"optim": {"lr": 1e-4}, "ema": 0.99}, "fake_score": {"optim": {"lr": 1e-4}},
                   "teacher": {}},
         "stages": {"distill": {"objectives": {
-            "vsd": {"kind": "vsd", "student_times": times},
+            "vsd": {"kind": "vsd"},
             "cd": {"kind": "cd", "weight": 0.5, "m": 5},
-            "ddpo": {"kind": "ddpo", "weight": 0.1, "student_times": times, "truncation": 1,
-                     "decoder": str(teacher_dir)},
-            "fake": {"kind": "fake_score", "student_times": times},
+            "ddpo": {"kind": "ddpo", "weight": 0.1, "truncation": 1, "decoder": str(teacher_dir)},
+            "fake": {"kind": "fake_score"},
         }}},
+        "generator": {"times": times},
     }
     trainer = Trainer(Finetune(Finetune.load_config(None, [], base=base)), tmp_path / "run", DistEnv())
     for _ in range(2):

@@ -101,13 +101,12 @@ def test_lrm_fit_on_student_samples_scores_the_latents_the_finetune_differentiat
     student = gaussian_student(sched, dtype=F64)
     lrm = build_lrm(TINY_LRM, in_channels=4).double()
     roles = {"lrm": FakeRole("lrm", lrm), "student": FakeRole("student", student)}
-    objective = LRMFit(LRMFit.Config(reward="sharpness", real=False, generated_from="sample",
-                                     student_times="dollar2"), "lrm")
+    objective = LRMFit(LRMFit.Config(reward="sharpness", real=False, generated_from="sample"), "lrm")
     objective.decoder, objective.reward_model = as_frames, ChannelMean()
     batch = make_batch(torch.zeros(3, 4, 2, 4, 4, dtype=F64))
-    out = objective(batch, roles, make_ctx(3, role="lrm", step=7))
+    out = objective(batch, roles, make_ctx(3, role="lrm", step=7, times="dollar2"))
     # G(ε) with the noise the student's own objectives draw at step 7
-    x = student_sample(student, batch, make_ctx(3, role="student", step=7), step_times("dollar2", sched)).x0
+    x = student_sample(student, batch, make_ctx(3, role="student", step=7, times="dollar2")).x0
     np.testing.assert_allclose(out.metrics["reward_generated"], float(ChannelMean()(as_frames(x)).mean()), rtol=1e-6)
     with torch.no_grad():
         np.testing.assert_allclose(out.metrics["lrm_generated"], float(lrm(x).mean()), rtol=1e-6)
@@ -150,9 +149,9 @@ def test_lrm_finetune_gradient_reaches_the_student_only():
     lrm = build_lrm(TINY_LRM.model_copy(update={"text": True}), batch.latents.shape[1],
                     text_dim=batch.cond.context.shape[-1])
     roles = {"student": FakeRole("student", student), "lrm": FakeRole("lrm", lrm)}
-    objective = LRMFinetune(LRMFinetune.Config(student_times="dollar2"), "ft")
+    objective = LRMFinetune(LRMFinetune.Config(), "ft")
     objective.decoder = never_decode  # not used: the fine-tune needs neither decoder nor pixel reward
-    ctx = make_ctx(2)
+    ctx = make_ctx(2, times="dollar2")
     loss = objective(batch, roles, ctx).losses["ft"]
     params = [p for p in student.parameters() if p.requires_grad]
     grads = torch.autograd.grad(loss.mean(), params, allow_unused=True)
@@ -160,7 +159,7 @@ def test_lrm_finetune_gradient_reaches_the_student_only():
     assert sum(float(g.abs().sum()) for g in grads if g is not None) > 0
 
     # the same value and student gradient as differentiating −R^l(G(ε)) directly
-    x_hat = student_sample(student, batch, ctx, step_times("dollar2", student.schedule)).x0
+    x_hat = student_sample(student, batch, ctx).x0
     direct = -lrm(x_hat, batch.cond)
     torch.testing.assert_close(loss.detach(), direct.detach())
     direct_grads = torch.autograd.grad(direct.mean(), params, allow_unused=True)
@@ -198,10 +197,10 @@ def test_lrm_finetune_standardized_is_eq15_divided_by_sigma():
     mu, sigma = float(lrm.reward_mean), float(lrm.reward_std)
     roles = {"student": FakeRole("student", student), "lrm": FakeRole("lrm", lrm)}
     params = [p for p in student.parameters() if p.requires_grad]
-    ctx = make_ctx(2)
+    ctx = make_ctx(2, times="dollar2")
     out = {}
     for standardized in (True, False):
-        objective = LRMFinetune(LRMFinetune.Config(student_times="dollar2", standardized=standardized), "ft")
+        objective = LRMFinetune(LRMFinetune.Config(standardized=standardized), "ft")
         result = objective(batch, roles, ctx)
         loss = result.losses["ft"]
         out[standardized] = (loss.detach(), torch.autograd.grad(loss.mean(), params, allow_unused=True),
@@ -224,7 +223,7 @@ def test_ddpo_log_probability_is_the_eq27_gaussian_density():
     student = Denoiser(GaussianX0(sched, m, 0.8), sched, "x0")
     b, shape = 3, (1, 1, 2, 2)
     batch = make_batch(torch.zeros(b, *shape, dtype=F64))
-    objective = DDPO(DDPO.Config(student_times="dollar4", eta=1.0), "ddpo")
+    objective = DDPO(DDPO.Config(eta=1.0), "ddpo")
     roll = objective.rollout(student, batch, make_ctx(b))
     assert roll.steps == [1, 2]  # the last two stochastic transitions: 749 → 499 and 499 → 249
     assert len(roll.log_probs) == 2 and all(lp.requires_grad for lp in roll.log_probs)
@@ -248,7 +247,7 @@ def test_ddpo_policy_gradient_increases_the_expected_reward():
     m = nn.Parameter(torch.tensor(0.0, dtype=F64))
     student = Denoiser(GaussianX0(sched, m, 0.5), sched, "x0")
     roles = {"student": FakeRole("student", student)}
-    objective = DDPO(DDPO.Config(student_times="dollar4", reward="jpeg"), "ddpo")
+    objective = DDPO(DDPO.Config(reward="jpeg"), "ddpo")
     objective.decoder = lambda z: z.reshape(-1, 1, 1, 1, 1).expand(-1, 1, 1, 1, 3)  # (B, 1, 1, 1, 3)
     objective.reward_model = ChannelMean()
 
@@ -281,7 +280,7 @@ def test_advantages_are_normalised_per_prompt_with_a_batch_fallback():
 def test_ddpo_on_the_toy_backbone():
     pipe, batch = tiny_setup(2)
     student = copy.deepcopy(pipe.denoiser).requires_grad_(True)
-    objective = DDPO(DDPO.Config(student_times="dollar4"), "ddpo")
+    objective = DDPO(DDPO.Config(), "ddpo")
     objective.decoder = pipe.decode  # JPEG compressibility of the decoded frames
     loss = objective(batch, {"student": FakeRole("student", student)}, make_ctx(2)).losses["ddpo"]
     assert loss.shape == (2,) and bool(torch.isfinite(loss).all())
@@ -296,7 +295,7 @@ def test_ddpo_on_the_toy_backbone():
 def test_reward_objectives_are_listed_in_a_stage_by_kind():
     cfg = engine_config({"student": True, "lrm": True}, {
         "lrm": {"kind": "lrm_fit", "reward": "jpeg", "decoder": "toy-teacher"},
-        "ft": {"kind": "lrm_finetune", "weight": 1.0, "student_times": "dollar4"},
+        "ft": {"kind": "lrm_finetune", "weight": 1.0},
         "ddpo": {"kind": "ddpo", "reward": "sharpness", "truncation": 2, "eta": 1.0},
     })
     objectives = cfg.stages["main"].objectives
@@ -331,8 +330,9 @@ def test_lrm_objectives_train_in_the_engine(teacher_dir, tmp_path):
         "roles": {"student": {"optim": {"lr": 1e-4}}, "lrm": {"optim": {"lr": 1e-3}}},
         "stages": {"main": {"objectives": {
             "lrm": {"kind": "lrm_fit", "reward": "jpeg", "decoder": str(teacher_dir)},
-            "ft": {"kind": "lrm_finetune", "student_times": [999, 499]},
+            "ft": {"kind": "lrm_finetune"},
         }}},
+        "generator": {"times": [999, 499]},
     }
     trainer = Trainer(WithLRM(WithLRM.load_config(None, [], base=base)), tmp_path / "run", DistEnv())
     for _ in range(2):

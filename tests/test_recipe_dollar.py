@@ -51,7 +51,8 @@ def test_dry_run_prints_the_resolved_config(teacher_dir, tmp_path, capsys):
     objectives = cfg["stages"]["dollar"]["objectives"]
     assert {name: (o["kind"], o["role"], o["weight"]) for name, o in objectives.items()} == {
         "vsd": ("vsd", "student", 1.0), "cd": ("cd", "student", 0.5), "fake": ("fake_score", "fake_score", 1.0)}
-    assert objectives["vsd"]["student_times"] == objectives["fake"]["student_times"] == "dollar4"
+    assert cfg["generator"] == {"sampler": "consistency", "times": "dollar4", "cfg_scale": None}
+    assert not any("student_times" in o for o in objectives.values())  # one generator, read by all
     assert objectives["cd"]["m"] == 5 and objectives["cd"]["parameterization"] == "native"
     assert cfg["train"]["eval_steps"] == [4]
     # the resolved config is a fixed point (what --resume re-reads from RUN/config.yaml)
@@ -64,12 +65,12 @@ def test_switches_are_set_once(teacher_dir, tmp_path, capsys):
                   "parameterization=x0", "reward=sharpness")
     objectives = cfg["stages"]["dollar"]["objectives"]
     assert list(objectives) == ["vsd", "cd", "fake", "lrm", "ft"]  # Alg. 1's order
-    assert {o.get("student_times") for o in objectives.values()} == {"dollar2", None}  # cd, lrm_fit: none
+    assert cfg["generator"]["times"] == "dollar2"
     assert objectives["cd"]["m"] == 1 and objectives["cd"]["parameterization"] == "x0"
     assert objectives["lrm"]["reward"] == "sharpness" and objectives["lrm"]["decoder"] == str(teacher_dir)
     assert "lrm" in cfg["roles"] and cfg["train"]["eval_steps"] == [2]
     # an objective key given the value its switch sets is fine
-    dry_run(capsys, teacher_dir, tmp_path, "student_steps=2", "stages.dollar.objectives.vsd.student_times=dollar2")
+    dry_run(capsys, teacher_dir, tmp_path, "student_steps=2", "generator.times=dollar2")
 
 
 #: The loss term each objective kind logs.
@@ -171,8 +172,9 @@ def test_student_export_uses_student_steps(teacher_dir, tmp_path, steps):
     ("m=60", "config key 'm': 60 teacher steps exceed the 50 steps"),
     ("parameterization=homogeneous", "config key 'parameterization'"),
     ("reward=pickscore", "unknown reward 'pickscore'"),
+    ("generator.times=dollar2", "'generator.times': 'dollar2' disagrees with student_steps=4"),
     ("stages.dollar.objectives.vsd.student_times=dollar2",
-     "'stages.dollar.objectives.vsd.student_times': 'dollar2' disagrees with student_steps=4"),
+     "unknown config key 'stages.dollar.objectives.vsd.student_times'"),
     ("stages.dollar.objectives.cd.m=1", "set m instead"),
     ("stages.dollar.objectives.ddpo.etaa=1", "unknown config key 'stages.dollar.objectives.ddpo.etaa'"),
     ("stages.dollar.objectives.cd=null", "'vsd_cd' needs an objective of kind 'cd'"),

@@ -46,10 +46,10 @@ from dataclasses import dataclass
 import torch
 
 from .data.toyworld import EVAL_PROMPTS
+from .diffusion.samplers import sample_consistency
 from .errors import UserError
-from .rewards.latent import LatentRewardModelConfig, build_lrm
-from .objectives.student import generate
 from .rewards import build_reward
+from .rewards.latent import LatentRewardModelConfig, build_lrm
 
 
 @dataclass
@@ -160,17 +160,21 @@ def bench_reward_memory(student, *, lrm=None, reward: str = "toy-clip", batch_si
     prompts = [EVAL_PROMPTS[i % len(EVAL_PROMPTS)] for i in range(batch_size)]
     with torch.no_grad():
         cond = student.encode_prompts(prompts)  # the frozen text encoder is outside the step
-    times = student.sampling_times(steps)[:-1]
+    times = student.sampling_times(steps)  # (K + 1,) the student's times, then 0
     gen = torch.Generator().manual_seed(seed)
-    noises = [torch.randn(student.latent_shape(batch_size), generator=gen).to(device) for _ in range(len(times))]
+    noises = [torch.randn(student.latent_shape(batch_size), generator=gen).to(device) for _ in range(len(times) - 1)]
+
+    def generate(grad_steps=None):  # G_θ(ε) by consistency sampling (the DOLLAR student's generator)
+        renoise = [*noises[1:], torch.zeros_like(noises[0])]
+        return sample_consistency(denoiser, noises[0], times, cond, noises=renoise, grad_steps=grad_steps)
 
     def step(kind: str, scope: str):
         def run():
             if scope == "step":
-                x0 = generate(denoiser, noises, times, cond, backprop=backprop).x0
+                x0 = generate(None if backprop == "all" else [-1]).x
             else:  # the reward gradient alone: x̂ is a leaf
                 with torch.no_grad():
-                    x0 = generate(denoiser, noises, times, cond).x0
+                    x0 = generate().x
                 x0.requires_grad_(True)
             r = lrm(x0, cond) if kind == "lrm" else pixel_reward(student.decode(x0), prompts)  # (B,)
             (-r.mean()).backward()
@@ -186,7 +190,7 @@ def bench_reward_memory(student, *, lrm=None, reward: str = "toy-clip", batch_si
             denoiser.zero_grad(set_to_none=True)
             lrm.zero_grad(set_to_none=True)
     denoiser.requires_grad_(False)
-    out = {"batch_size": batch_size, "steps": len(times), "backprop": backprop, "reward": reward,
+    out = {"batch_size": batch_size, "steps": len(times) - 1, "backprop": backprop, "reward": reward,
            "device": str(device)}
     for scope in ("reward", "step"):
         lrm_bytes, pixel_bytes = results[scope, "lrm"], results[scope, "pixel"]

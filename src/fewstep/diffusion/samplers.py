@@ -83,10 +83,10 @@ def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
 
 
 def sample_euler(denoiser, x: Tensor, times, cond, *, cfg_scale: float | None = None, uncond=None,
-                 return_trajectory: bool = False) -> SampleResult:
+                 return_trajectory: bool = False, grad_steps: Sequence[int] | None = None) -> SampleResult:
     """Euler ODE sampler (DDIM η = 0 for VP schedules) on any decreasing list of times."""
     return sample_ddim(denoiser, x, times, cond, eta=0.0, cfg_scale=cfg_scale, uncond=uncond,
-                       return_trajectory=return_trajectory)
+                       return_trajectory=return_trajectory, grad_steps=grad_steps)
 
 
 def sample_ddim(denoiser, x: Tensor, times, cond, *, eta: float = 0.0, cfg_scale: float | None = None,
@@ -142,20 +142,26 @@ def _fresh_noise(x: Tensor, generator: torch.Generator | None) -> Tensor:
 
 
 def sample_consistency(denoiser, x: Tensor, times, cond, *, cfg_scale: float | None = None, uncond=None,
-                       generator: torch.Generator | None = None, return_trajectory: bool = False) -> SampleResult:
+                       generator: torch.Generator | None = None, noises: Sequence[Tensor] | None = None,
+                       return_trajectory: bool = False, grad_steps: Sequence[int] | None = None) -> SampleResult:
     """Few-step consistency sampling: x̂0 at each time, re-noised to the next with fresh noise.
 
-    ``times`` ends at 0, where the last x̂0 is returned (Song et al. 2023, Alg. 1).
+    ``times`` ends at 0, where the last x̂0 is returned (Song et al. 2023, Alg. 1). The noise of
+    step ``i`` (re-noising to ``times[i + 1]``) is ``noises[i]`` when given, else drawn from
+    ``generator``; ``grad_steps`` as in :func:`sample_ddim`.
     """
     times = _as_times(times)
     nfe0 = denoiser.nfe
     result = SampleResult(x=x, nfe=0, times=times)
     if return_trajectory:
         result.trajectory.append(x)
-    for i in range(len(times) - 1):
-        pred = denoiser.predict(x, times[i], cond, cfg_scale=cfg_scale, uncond=uncond)
+    n_steps = len(times) - 1
+    for i in range(n_steps):
+        keep_grad = grad_steps is None or i in grad_steps or (i - n_steps) in grad_steps
+        with torch.set_grad_enabled(torch.is_grad_enabled() and keep_grad):
+            pred = denoiser.predict(x, times[i], cond, cfg_scale=cfg_scale, uncond=uncond)
         alpha_s, sigma_s = _coef(denoiser, times[i + 1], x)
-        z = _fresh_noise(x, generator)
+        z = noises[i] if noises is not None else _fresh_noise(x, generator)
         x = alpha_s * pred.x0 + sigma_s * z
         result.x0_predictions.append(pred.x0)
         if return_trajectory:

@@ -228,6 +228,8 @@ INDEX_GRIDS: dict[str, list[int]] = {
 TIME_GRIDS: dict[str, list[float]] = {
     # AccVideo §3.3: key diffusion timesteps t'_5 … t'_0
     "accvideo_keys": [1.0, 0.9651, 0.9130, 0.8235, 0.6363, 0.0],
+    # AccVideo §5.2, Tab. 4: the uniform grid of its timestep ablation
+    "accvideo_uniform": [1.0, 0.8, 0.6, 0.4, 0.2, 0.0],
 }
 
 

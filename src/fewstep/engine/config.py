@@ -27,6 +27,7 @@ from pydantic import Field, SerializeAsAny, ValidationError, model_validator
 from ..config import StrictModel, format_validation_error
 from ..errors import UserError
 from ..objectives.base import OBJECTIVES, ROLE_NAMES, ObjectiveConfig, RoleName, objective_class
+from ..objectives.student import GeneratorConfig
 from .health import HealthConfig
 from .roles import FROZEN_ROLES, RoleSpec
 
@@ -75,6 +76,8 @@ def _prefixed(message: str, prefix: str) -> str:
 
 class EngineConfig(StrictModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
+    generator: GeneratorConfig = Field(default_factory=GeneratorConfig, description=(
+        "how the student samples: every objective that draws student samples and the exported model use it"))
     roles: dict[RoleName, RoleSpec] = Field(min_length=1)
     stages: dict[str, StageConfig] = Field(min_length=1)
 

@@ -63,6 +63,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..objectives.base import Objective, StepContext, build_objective
+from ..objectives.student import StudentGenerator
 from . import checkpoint as ckpt
 from .config import EngineConfig
 from .data import DataSource, Prefetcher, spare_cores
@@ -220,6 +221,7 @@ class Trainer:
         self.source = plan.data_source(env.device)
         self._prefetcher: Prefetcher | None = None  # started by the first step that reads the source
         self.flush_denormal = False  # set by train(): the data thread flushes denormals as the main thread does
+        self.student = StudentGenerator(cfg.generator)  # the one G_θ(ε) every objective samples
         self.monitor = HealthMonitor(cfg.train.health)
         self.state = TrainState()
         self.logger: RunLogger | NullLogger = NullLogger()
@@ -331,7 +333,7 @@ class Trainer:
             role = self.roles[name]
             ctx = StepContext(step=st.step, stage=st.stage, stage_step=stage_step, role=name, seed=train.seed,
                               device=env.device, sample_ids=batch.sample_ids, generator=torch.Generator(),
-                              rank=env.rank, world_size=env.world_size)
+                              rank=env.rank, world_size=env.world_size, student=self.student)
             upd = self.update_role(role, [o for o in stage.objectives if o.role == name], batch, ctx)
             record[f"loss/{name}"] = upd.total
             record.update({f"loss/{name}/{k}": v for k, v in upd.losses.items()})

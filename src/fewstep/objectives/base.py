@@ -117,6 +117,7 @@ class StepContext:
     generator: torch.Generator  # seeded from (seed, step, rank, role, micro-batch); not split-invariant
     rank: int = 0
     world_size: int = 1
+    student: Any = None  # the run's StudentGenerator (objectives/student.py; the engine sets it from `generator:`)
 
     def with_batch(self, sample_ids: Tensor, micro: int) -> "StepContext":
         """The context of micro-batch ``micro`` holding ``sample_ids`` (a fresh seeded generator)."""

@@ -36,12 +36,11 @@ from ..diffusion.samplers import sample_ddim
 from ..errors import UserError
 from .base import Batch, ObjectiveOutput, Roles, StepContext, register_objective
 from .reward import PixelRewardConfig, PixelRewardObjective
-from .student import StepSchedule, generator_noise, step_times
+from .student import generator_noise, student_generator
 
 
 class DDPOConfig(PixelRewardConfig):
     kind: Literal["ddpo"] = "ddpo"
-    student_times: StepSchedule = Field("dollar4", description="the student's step schedule; t = 0 is appended")
     eta: float = Field(1.0, gt=0, le=1, description="DDIM stochasticity (1 = DDPM posterior, DOLLAR Eq. 27)")
     truncation: int = Field(2, ge=1, description="the last N stochastic transitions carry log-prob gradients")
     advantage: Literal["per_prompt", "batch"] = Field("per_prompt", description="reward normalisation groups")
@@ -83,16 +82,16 @@ class DDPO(PixelRewardObjective):
     Config = DDPOConfig
 
     def rollout(self, student, batch: Batch, ctx: StepContext) -> DDPORollout:
-        """Sample with DDIM η on the student times + 0; log-probs (with gradients) of the truncated steps."""
-        times = step_times(self.config.student_times, student.schedule)
+        """Sample with DDIM η on the generator's times + 0; log-probs (with gradients) of the truncated steps."""
+        times = student_generator(ctx).step_times(student.schedule)
         times = torch.cat([times, torch.zeros(1, dtype=times.dtype)])  # (K + 1,)
         x0 = batch.latents
         # ε (the generator's noise, as in G(ε)) and the per-transition DDIM noises z_i
         noises = generator_noise(ctx, tuple(x0.shape[1:]), len(times), role=self.role, dtype=x0.dtype)
         stochastic = [i for i in range(len(times) - 1) if times[i + 1] > 0]
         if not stochastic:
-            raise UserError(f"objective {self.name!r}: student_times {self.config.student_times!r} has no stochastic "
-                            f"transition (one step straight to t = 0); DDPO needs at least two student steps")
+            raise UserError(f"objective {self.name!r}: generator.times {student_generator(ctx).config.times!r} has no "
+                            f"stochastic transition (one step straight to t = 0); DDPO needs at least two student steps")
         grad_steps = stochastic[-self.config.truncation:]
         x, states, log_probs = noises[0], [noises[0]], []
         for i in range(len(times) - 1):

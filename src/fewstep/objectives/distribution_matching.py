@@ -45,7 +45,7 @@ from torch import Tensor
 from .flow_matching import denoising_loss
 from .base import (Batch, Objective, ObjectiveConfig, ObjectiveOutput, RoleName, Roles, StepContext,
                    TimestepsConfig, UniformTimes, register_objective)
-from .student import Backprop, StepSchedule, step_times, student_sample
+from .student import Backprop, student_sample
 
 
 def _vsd_times() -> UniformTimes:
@@ -75,8 +75,6 @@ def stop_gradient_mse(x_hat: Tensor, grad: Tensor) -> Tensor:
 
 class VSDConfig(ObjectiveConfig):
     kind: Literal["vsd"] = "vsd"
-    student_times: StepSchedule = Field(
-        "dollar4", description="the student's step schedule: a named grid or integer timesteps [999, 749, …]")
     backprop: Backprop = Field("all", description="'all': through every generator step; 'last': last call only")
     timesteps: TimestepsConfig = Field(default_factory=_vsd_times,
                                        description="distribution of the diffusion time t (DOLLAR: U[0.02, 0.98])")
@@ -112,8 +110,7 @@ class VSD(Objective):
 
     def __call__(self, batch: Batch, roles: Roles, ctx: StepContext) -> ObjectiveOutput:
         student = roles[self.role].module
-        times = step_times(self.config.student_times, student.schedule)
-        x_hat = student_sample(student, batch, ctx, times, role=self.role, backprop=self.config.backprop).x0
+        x_hat = student_sample(student, batch, ctx, role=self.role, backprop=self.config.backprop).x0  # G_θ(ε)
         grad, t = self.gradient(x_hat, batch, roles, ctx)
         loss = stop_gradient_mse(x_hat, grad)  # (B,)
         return self.output({"vsd": loss}, {"t_mean": float(t.mean()), "grad_abs": float(grad.abs().mean())})
@@ -123,8 +120,6 @@ class FakeScoreLossConfig(ObjectiveConfig):
     kind: Literal["fake_score"] = "fake_score"
     role: RoleName = Field("fake_score", description="the fake score model being trained")
     generator: RoleName = Field("student", description="the role whose samples G(ε) the fake score models")
-    student_times: StepSchedule = Field("dollar4",
-                                        description="the generator's step schedule (as in the vsd objective)")
     timesteps: TimestepsConfig = Field(default_factory=_vsd_times, description="training-time distribution of t")
 
     def reads(self) -> set[str]:
@@ -145,8 +140,7 @@ class FakeScoreLoss(Objective):
     def __call__(self, batch: Batch, roles: Roles, ctx: StepContext) -> ObjectiveOutput:
         fake, student = roles[self.role].module, roles[self.config.generator].module
         with torch.no_grad():  # x̂ = sg(G_θ(ε)), the same ε as the student's objectives
-            times = step_times(self.config.student_times, student.schedule)
-            x_hat = student_sample(student, batch, ctx, times, role=self.config.generator).x0  # (B, C, T, H, W)
+            x_hat = student_sample(student, batch, ctx, role=self.config.generator).x0  # (B, C, T, H, W)
         t = ctx.times(self.distribution, "fake/t").to(x_hat.dtype)  # (B,)
         eps = ctx.randn(tuple(x_hat.shape[1:]), "fake/eps", dtype=x_hat.dtype)  # (B, C, T, H, W)
         mse = denoising_loss(fake, x_hat, t, eps, batch.cond)  # (B,), the fake model's own parameterisation

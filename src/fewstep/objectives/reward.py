@@ -66,7 +66,7 @@ from ..errors import UserError
 from ..models.backbones import Conditioning
 from .base import (Batch, Objective, ObjectiveConfig, ObjectiveOutput, RoleName, Roles, StepContext,
                    TimestepsConfig, UniformTimes, register_objective)
-from .student import Backprop, StepSchedule, step_times, student_sample
+from .student import Backprop, student_sample
 
 Decoder = Callable[[Tensor], Tensor]  # latents (B, C, T, H, W) -> frames (B, T, H, W, 3) in [−1, 1]
 
@@ -140,8 +140,7 @@ class LRMFitConfig(PixelRewardConfig):
     generated: bool = Field(True, description="fit on generated latents X' (one-step x̂0, DOLLAR Eq. 8)")
     generated_from: Literal["one_step", "sample"] = Field(
         "one_step", description="X' as the generator's one-step x̂0 from noised data (DOLLAR Eq. 8) or its "
-                                "few-step samples G(ε) on student_times, the latents lrm_finetune scores")
-    student_times: StepSchedule = Field("dollar4", description="the generator's step schedule (generated_from: sample)")
+                                "few-step samples G(ε) of the run's generator, the latents lrm_finetune scores")
     generator: RoleName = Field("student", description="the role whose one-step x̂0 gives X'")
     timesteps: TimestepsConfig = Field(default_factory=_one_step_times, description="t of the one-step x̂0")
     cfg_scale: float | None = Field(None, description="CFG w of the generator's x̂0 (DOLLAR App. 7.4 uses v^w); "
@@ -184,9 +183,8 @@ class LRMFit(PixelRewardObjective):
             sets["real"] = batch.latents
         if self.config.generated and self.config.generated_from == "sample":
             generator = roles[self.config.generator].module
-            times = step_times(self.config.student_times, generator.schedule)
             with torch.no_grad():  # the same ε as the generator's own objectives draw this step
-                sets["generated"] = student_sample(generator, batch, ctx, times, role=self.config.generator).x0
+                sets["generated"] = student_sample(generator, batch, ctx, role=self.config.generator).x0
         elif self.config.generated:
             sets["generated"] = self.one_step_x0(batch, roles, ctx)
         rewards = {key: self.pixel_reward(x.detach(), batch.prompts) for key, x in sets.items()}  # (B,) R(Dec(x))
@@ -214,7 +212,6 @@ class LRMFit(PixelRewardObjective):
 
 class LRMFinetuneConfig(ObjectiveConfig):
     kind: Literal["lrm_finetune"] = "lrm_finetune"
-    student_times: StepSchedule = Field("dollar4", description="the student's step schedule (as in the vsd objective)")
     backprop: Backprop = Field("all", description="'all': through every generator step; 'last': last call only")
     lrm_ema: bool = Field(False, description="score with the lrm role's EMA copy (if any) instead of the live LRM")
     standardized: bool = Field(True, description="maximise the standardised reward (R^l − μ)/σ, so that the "
@@ -245,8 +242,7 @@ class LRMFinetune(Objective):
     def __call__(self, batch: Batch, roles: Roles, ctx: StepContext) -> ObjectiveOutput:
         student = roles[self.role].module
         lrm = roles["lrm"].ema_module if self.config.lrm_ema else roles["lrm"].module
-        times = step_times(self.config.student_times, student.schedule)
-        x_hat = student_sample(student, batch, ctx, times, role=self.role, backprop=self.config.backprop).x0
+        x_hat = student_sample(student, batch, ctx, role=self.role, backprop=self.config.backprop).x0  # G_θ(ε)
         score = lrm.standardized if self.config.standardized else lrm
         r, g = frozen_reward_gradient(score, x_hat, batch.cond)  # (B,), (B, C, T, H, W)
         dtype = torch.promote_types(x_hat.dtype, torch.float32)

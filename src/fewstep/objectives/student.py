@@ -1,19 +1,18 @@
-"""The student's few-step generator ``x̂ = G_θ(ε)``, shared by the objectives that need a sample.
+"""The student's few-step generator ``x̂ = G_θ(ε)``, declared once and shared by everything that samples it.
 
 DOLLAR (001) Eq. 11 and Eq. 15 differentiate through ``G_θ(ε)``, "the generation process by the
 student network through iteratively denoising" on the student's step schedule, e.g.
-``[999, 749, 499, 249]`` (DOLLAR §4.1, named grid ``dollar4``). The few-step generator is
-consistency (multistep) sampling, as in DMD2's backward simulation and LCM: at each step time
-``t_k`` the student predicts ``x̂0``, which is re-noised to the next step time with fresh noise::
+``[999, 749, 499, 249]`` (DOLLAR §4.1, named grid ``dollar4``). A recipe's ``generator:`` block
+(:class:`GeneratorConfig`: sampler, times, CFG) says how the student samples; the engine hands one
+:class:`StudentGenerator` to every objective (``ctx.student``), and the recipe exports the student
+with the same sampler and times, so training, periodic evaluation and the exported model cannot
+disagree. The samplers themselves are :mod:`fewstep.diffusion.samplers` (one implementation):
 
-    x_{t_0} = ε                                   (pure noise at the first step time)
-    x̂0_k    = student.predict(x_{t_k}, t_k, c).x0
-    x_{t_k+1} = α(t_k+1)·x̂0_k + σ(t_k+1)·z_k+1    (Schedule.add_noise; Song et al. 2023 Alg. 1)
-    G_θ(ε)  = x̂0_{K−1}
-
-(the same update as :func:`fewstep.diffusion.samplers.sample_consistency`, with the noises given
-explicitly so that every objective can draw them from the step context). The student runs
-without CFG (DOLLAR §4.1: "distilled student inference do not employ CFG").
+* ``consistency`` (DMD2's backward simulation, LCM, DOLLAR's students): at each step time
+  ``t_k`` the student predicts ``x̂0``, re-noised to the next time with fresh noise
+  ``x_{t_k+1} = α(t_k+1)·x̂0_k + σ(t_k+1)·z_k+1`` (Song et al. 2023 Alg. 1); ``G_θ(ε) = x̂0_{K−1}``;
+* ``euler`` (AccVideo's 5-step student): deterministic steps ``x_s = α_s·x̂0 + σ_s·ε̂`` through the
+  times, ending at ``t = 0``.
 
 Shared noise: :func:`generator_noise` draws ``ε, z_1, …`` *as the generator's role* (normally
 ``student``) under fixed names, so every objective of a step — VSD and LRM fine-tuning on the
@@ -34,12 +33,13 @@ from dataclasses import dataclass, replace
 from typing import Annotated, Literal, Sequence, Union
 
 import torch
-from pydantic import AfterValidator
+from pydantic import AfterValidator, Field
 from torch import Tensor
 
-from ..diffusion.schedules import INDEX_GRIDS, TIME_GRIDS, Schedule, named_grid
+from ..config import StrictModel
+from ..diffusion.samplers import SAMPLERS
+from ..diffusion.schedules import INDEX_GRIDS, TIME_GRIDS, FlowMatching, Schedule, named_grid
 from ..errors import UserError
-from ..models.backbones import Conditioning
 from .base import StepContext
 
 Backprop = Literal["all", "last"]
@@ -83,38 +83,72 @@ def generator_noise(ctx: StepContext, shape: tuple[int, ...], steps: int, *, rol
     return [as_role.randn(shape, f"generator/{i}", dtype=dtype) for i in range(steps)]
 
 
+_ANY_SCHEDULE = FlowMatching()  # grids have the same length on every schedule
+
+
+class GeneratorConfig(StrictModel):
+    """The ``generator:`` block: how the student samples (module doc)."""
+
+    sampler: Literal["consistency", "euler"] = Field(
+        "consistency", description="consistency (re-noise x̂0 with fresh noise) or euler (deterministic)")
+    times: StepSchedule = Field("dollar4", description="the student's step times: a named grid (dollar4, "
+                                                       "accvideo_keys, …) or integer timesteps [999, 749, …]")
+    cfg_scale: float | None = Field(None, description="the student's own CFG w (null: none, as distilled students)")
+
+
 @dataclass
 class StudentSample:
-    x0: Tensor  # (B, C, T, H, W) G_θ(ε), the last x̂0
+    x0: Tensor  # (B, C, T, H, W) G_θ(ε): the sample at t = 0 (for consistency sampling the last x̂0)
     states: list[Tensor]  # x_{t_k} fed to the network at each step, K × (B, C, T, H, W)
     x0_predictions: list[Tensor]  # x̂0_k at each step, K × (B, C, T, H, W)
     times: Tensor  # (K,) float64 step times
 
 
-def generate(denoiser, noises: Sequence[Tensor], times: Tensor, cond: Conditioning, *,
-             backprop: Backprop = "all") -> StudentSample:
-    """``G_θ(ε)`` by consistency sampling on ``times`` (module doc); ``noises`` from :func:`generator_noise`.
+class StudentGenerator:
+    """``G_θ(ε)`` as the ``generator:`` block declares it; the engine puts one in ``ctx.student``."""
 
-    Gradients follow the caller's autograd mode; under ``torch.no_grad()`` no graph is built.
-    """
-    if len(noises) != len(times):
-        raise ValueError(f"generate: {len(times)} step times need {len(times)} noises, got {len(noises)}")
-    grad = torch.is_grad_enabled()
-    x = noises[0]  # (B, C, T, H, W) ε at the first step time
-    states, x0_predictions = [], []
-    for k, t in enumerate(times):
-        if k > 0:  # re-noise the previous x̂0 to this step time with fresh noise z_k
-            x = denoiser.schedule.add_noise(x0_predictions[-1], noises[k], t.to(x.dtype))
-        with torch.set_grad_enabled(grad and (backprop == "all" or k == len(times) - 1)):
-            x0_hat = denoiser.predict(x, t, cond).x0  # (B, C, T, H, W)
-        states.append(x)
-        x0_predictions.append(x0_hat)
-    return StudentSample(x0=x0_predictions[-1], states=states, x0_predictions=x0_predictions, times=times)
+    def __init__(self, config: GeneratorConfig | None = None):
+        self.config = config or GeneratorConfig()
+
+    def step_times(self, schedule: Schedule) -> Tensor:
+        """``(K,)`` float64 times of the K network calls (all > 0)."""
+        return step_times(self.config.times, schedule)
+
+    def sampling_times(self, schedule: Schedule) -> list[float]:
+        """The times an exported model's sampler visits: the step times, then 0."""
+        return [*self.step_times(schedule).tolist(), 0.0]
+
+    @property
+    def steps(self) -> int:
+        """K, without a schedule (the grid's length is the same on every schedule)."""
+        return len(step_times(self.config.times, _ANY_SCHEDULE))
+
+    def sample(self, denoiser, batch, ctx: StepContext, *, role: str = "student",
+               backprop: Backprop = "all") -> StudentSample:
+        """``G_θ(ε)`` for a batch: its latent shape and captions, noise drawn as ``role`` (module doc).
+
+        Gradients follow the caller's autograd mode; under ``torch.no_grad()`` no graph is built.
+        """
+        times = self.step_times(denoiser.schedule)
+        x = batch.latents  # (B, C, T, H, W) only its shape and dtype are used
+        noises = generator_noise(ctx, tuple(x.shape[1:]), len(times), role=role, dtype=x.dtype)
+        # noises[0] = ε at the first time; noises[k] re-noises to time k (the step to t = 0 needs none)
+        renoise = [*noises[1:], torch.zeros_like(noises[0])]
+        kwargs = {"noises": renoise} if self.config.sampler == "consistency" else {}
+        grad_steps = None if backprop == "all" else [-1]
+        result = SAMPLERS[self.config.sampler](
+            denoiser, noises[0], torch.cat([times, times.new_zeros(1)]), batch.cond, cfg_scale=self.config.cfg_scale,
+            uncond=batch.uncond, return_trajectory=True, grad_steps=grad_steps, **kwargs)
+        x0 = result.x0_predictions[-1] if self.config.sampler == "consistency" else result.x
+        return StudentSample(x0=x0, states=result.trajectory[:-1], x0_predictions=result.x0_predictions, times=times)
 
 
-def student_sample(denoiser, batch, ctx: StepContext, times: Tensor, *, role: str = "student",
+def student_generator(ctx: StepContext) -> StudentGenerator:
+    """The run's generator (``ctx.student``), or the default one where a caller built no engine."""
+    return ctx.student if ctx.student is not None else StudentGenerator()
+
+
+def student_sample(denoiser, batch, ctx: StepContext, *, role: str = "student",
                    backprop: Backprop = "all") -> StudentSample:
-    """``G_θ(ε)`` for a batch: the batch's latent shape and captions, noise drawn as ``role``."""
-    x = batch.latents  # (B, C, T, H, W) only its shape and dtype are used
-    noises = generator_noise(ctx, tuple(x.shape[1:]), len(times), role=role, dtype=x.dtype)
-    return generate(denoiser, noises, times, batch.cond, backprop=backprop)
+    """``G_θ(ε)`` of the run's generator for a batch (:meth:`StudentGenerator.sample`)."""
+    return student_generator(ctx).sample(denoiser, batch, ctx, role=role, backprop=backprop)

@@ -63,7 +63,7 @@ KeySource = Literal["trajectory", "forward"]
 #: The grids ``times:`` selects, in sampler order (t'_m = 1 first, t'_0 = 0 last).
 KEY_GRIDS: dict[str, tuple[float, ...]] = {
     "keys": tuple(TIME_GRIDS["accvideo_keys"]),  # AccVideo §4.2
-    "uniform": (1.0, 0.8, 0.6, 0.4, 0.2, 0.0),  # AccVideo §5.2, Tab. 4 (its ablation grid)
+    "uniform": tuple(TIME_GRIDS["accvideo_uniform"]),  # AccVideo §5.2, Tab. 4 (its ablation grid)
 }
 #: How far a stored time may lie from the wanted one (the §5.2 uniform grid is off by up to 0.026).
 TIME_TOLERANCE = 0.05

@@ -47,8 +47,9 @@ objectives before validation (:meth:`AccVideoConfig._expand`), so the resolved c
 ``times`` and ``source`` go into every AccVideo objective; an objective key they control may be
 left out or given the same value, any other value is a one-line error naming both keys.
 
-**Export.** ``RUN/student`` samples with the Euler sampler on the student grid (the key times, or
-the uniform grid actually used) without CFG: 5 NFE. Health references are the teacher's samples.
+**Generator and export.** ``times`` also sets ``generator: {sampler: euler, times:
+accvideo_keys | accvideo_uniform}``; ``RUN/student`` samples with that generator on the grid actually
+trained on (the stored times nearest it), without CFG: 5 NFE. Health references are the teacher's samples.
 
 **Toy-world values.** The paper trains HunyuanVideo (13B) at lr 5e-6, batch 32, for 1200
 iterations on 38.4K trajectories; ``accvideo.yaml`` uses lr 1e-4 for the toy student and heads and
@@ -120,6 +121,13 @@ class AccVideoConfig(RecipeConfig, AccVideoKeys):
         roles = data.get("roles")
         if not keys.adversarial and isinstance(roles, dict):
             data["roles"] = {name: spec for name, spec in roles.items() if name != "discriminator"}
+        generator = data.setdefault("generator", {})
+        if isinstance(generator, dict):
+            grid = f"accvideo_{keys.times}"
+            if generator.get("times", grid) != grid:
+                raise UserError(f"config key 'generator.times': {generator['times']!r} disagrees with times="
+                                f"{keys.times!r} (which sets {grid!r}); set times instead")
+            data["generator"] = {"sampler": "euler", "cfg_scale": None, **generator, "times": grid}
         train = data.setdefault("train", {})
         if isinstance(train, dict) and "eval_steps" not in train:
             train["eval_steps"] = [STUDENT_STEPS]
@@ -183,9 +191,10 @@ class AccVideo(PipelineRecipe):
         return modules
 
     def student_pipeline(self):
-        """The exported model: Euler on the student grid, no CFG (5 NFE)."""
+        """The exported model: the run's generator (Euler, no CFG: 5 NFE) on the grid trained on (from a
+        store, the stored times nearest ``generator.times``)."""
         if self._export is None:
             pipe = super().student_pipeline()
-            grid = self.student_grid()
-            pipe.sampling = SamplingConfig(sampler="euler", steps=len(grid) - 1, times=grid, cfg_scale=None)
+            grid, gen = self.student_grid(), self.config.generator
+            pipe.sampling = SamplingConfig(sampler=gen.sampler, steps=len(grid) - 1, times=grid, cfg_scale=gen.cfg_scale)
         return self._export

@@ -53,8 +53,9 @@ config (``--dry-run``, ``RUN/config.yaml``) shows exactly what runs:
     The ``lrm`` role is dropped when no remaining objective uses it. Objectives of other kinds
     added to a stage are left alone (mixing objectives across papers stays a config change).
 ``student_steps``  1 | 2 | 4: the student grid ``dollar1`` [999], ``dollar2`` [999, 499] or
-    ``dollar4`` [999, 749, 499, 249] (§4.1, §4.5), written into every objective's
-    ``student_times``, into the exported model's sampler and, unless given, ``train.eval_steps``.
+    ``dollar4`` [999, 749, 499, 249] (§4.1, §4.5), written into ``generator.times`` (which every
+    objective that samples the student and the exported model read) and, unless given,
+    ``train.eval_steps``.
 ``m``  CD's teacher solver steps (Tab. 7: 1 vs 5) → ``cd.m``.
 ``parameterization``  ``native`` (homogeneous: x_θ from the student's own prediction type, Eq. 8)
     or ``x0`` (heterogeneous: the raw output is x0) → ``cd.parameterization``.
@@ -94,7 +95,7 @@ from ..engine.config import _parse_objective
 from ..errors import UserError
 from ..models.family import SamplingConfig
 from ..objectives.base import ObjectiveConfig, objective_class
-from ..objectives.student import step_times
+from ..objectives.student import StudentGenerator, step_times
 from ..rewards.latent import LatentRewardModelConfig, build_lrm
 from .base import DROP_OBJECTIVE, PipelineRecipe, RecipeConfig, map_stage_objectives, register_recipe
 
@@ -185,6 +186,13 @@ class DollarConfig(RecipeConfig, DollarKeys):
         roles = data.get("roles")
         if isinstance(roles, dict) and "lrm" in roles and "lrm" not in used_roles:
             data["roles"] = {name: spec for name, spec in roles.items() if name != "lrm"}
+        generator = data.setdefault("generator", {})
+        if isinstance(generator, dict):
+            given = generator.get("times", keys.student_grid)
+            if given not in (keys.student_grid, INDEX_GRIDS[keys.student_grid]):
+                raise UserError(f"config key 'generator.times': {given!r} disagrees with student_steps="
+                                f"{keys.student_steps} (which sets {keys.student_grid!r}); set student_steps instead")
+            data["generator"] = {"sampler": "consistency", "cfg_scale": None, **generator, "times": keys.student_grid}
         train = data.setdefault("train", {})
         if isinstance(train, dict) and "eval_steps" not in train:
             train["eval_steps"] = [keys.student_steps]
@@ -194,7 +202,7 @@ class DollarConfig(RecipeConfig, DollarKeys):
 def _apply_switches(raw: dict, keys: DollarKeys, key: str) -> dict:
     """``raw`` (one objective's mapping) with the switch-controlled keys its kind has filled in."""
     fields = objective_class(raw["kind"]).Config.model_fields
-    controlled = {"student_times": ("student_steps", keys.student_grid), "reward": ("reward", keys.reward)}
+    controlled = {"reward": ("reward", keys.reward)}
     if raw["kind"] == "cd":
         controlled.update(m=("m", keys.m), parameterization=("parameterization", keys.parameterization))
     out = dict(raw)
@@ -202,7 +210,7 @@ def _apply_switches(raw: dict, keys: DollarKeys, key: str) -> dict:
         if field not in fields:
             continue
         given = raw.get(field, value)
-        same = given == value or (field == "student_times" and given == INDEX_GRIDS[value])
+        same = given == value
         if not same:
             raise UserError(f"config key '{key}.{field}': {given!r} disagrees with {switch}={getattr(keys, switch)!r} "
                             f"(which sets {value!r}); set {switch} instead")
@@ -244,9 +252,11 @@ class Dollar(PipelineRecipe):
         return modules
 
     def student_pipeline(self):
-        """The exported model: consistency sampling on the student grid + t = 0, no CFG."""
+        """The exported model samples with the run's generator: its sampler, times + t = 0 and CFG."""
         if self._export is None:
             pipe = super().student_pipeline()
-            grid = step_times(self.config.student_grid, pipe.denoiser.schedule).tolist()
-            pipe.sampling = SamplingConfig(sampler="consistency", steps=len(grid), times=[*grid, 0.0], cfg_scale=None)
+            gen = StudentGenerator(self.config.generator)
+            times = gen.sampling_times(pipe.denoiser.schedule)
+            pipe.sampling = SamplingConfig(sampler=gen.config.sampler, steps=len(times) - 1, times=times,
+                                           cfg_scale=gen.config.cfg_scale)
         return self._export
