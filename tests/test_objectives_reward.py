@@ -112,17 +112,16 @@ def test_lrm_fit_on_student_samples_scores_the_latents_the_finetune_differentiat
         np.testing.assert_allclose(out.metrics["lrm_generated"], float(lrm(x).mean()), rtol=1e-6)
 
 
-def test_lrm_fit_works_with_the_non_differentiable_jpeg_reward(tmp_path):
+def test_lrm_fit_works_with_the_non_differentiable_jpeg_reward():
     pipe, batch = tiny_setup(4)
-    pipe.save(tmp_path / "model")
     torch.manual_seed(0)
     lrm = build_lrm(TINY_LRM, in_channels=batch.latents.shape[1])
     student = copy.deepcopy(pipe.denoiser)
     roles = {"lrm": FakeRole("lrm", lrm), "student": FakeRole("student", student)}
     # the data latents alone (the one-step x̂0 of the generated set changes every step), so the four
     # rewards can be fitted exactly; the loss is in units of the rewards' spread (1 = predicting μ)
-    objective = LRMFit(LRMFit.Config(reward="jpeg", reward_kwargs={"quality": 90}, decoder=str(tmp_path / "model"),
-                                     generated=False), "lrm")
+    objective = LRMFit(LRMFit.Config(reward="jpeg", reward_kwargs={"quality": 90}, generated=False), "lrm")
+    objective.decoder = pipe.decode  # the recipe assigns the codec of the model being distilled
     optim = torch.optim.Adam(lrm.parameters(), lr=1e-2)
     losses = []
     for step in range(40):
@@ -339,3 +338,10 @@ def test_lrm_objectives_train_in_the_engine(teacher_dir, tmp_path):
         record = trainer.train_step()
     assert np.isfinite(record["loss/lrm/lrm/mse"]) and np.isfinite(record["loss/student/ft/ft"])
     assert trainer.roles["lrm"].updates == 2 and trainer.roles["student"].updates == 2
+
+
+def test_a_pixel_reward_objective_without_a_decoder_is_a_one_line_error():
+    _, batch = tiny_setup(2)
+    objective = LRMFit(LRMFit.Config(reward="sharpness"), "lrm")
+    with pytest.raises(UserError, match="has no decoder: set its 'decoder' key"):
+        objective.pixel_reward(batch.latents, batch.prompts)

@@ -36,6 +36,7 @@ from .data.trajectories import (MANIFEST, Keep, StoreSettings, TrajectoryStore, 
                                 solver_grid)
 from .diffusion.samplers import sample_euler
 from .errors import UserError
+from .models.denoiser import cfg_active
 from .models.family import SHIPPED, load_model
 from .utils.io import check_writable
 
@@ -134,7 +135,7 @@ def synthesize(teacher: str | Path, out: str | Path, num: int, *, prompts: str =
     pipe = load_model(teacher, device)
     source.check(pipe, num)
     cfg_scale = pipe.sampling.cfg_scale if cfg_scale is None else cfg_scale
-    guided = cfg_scale not in (None, 1.0)
+    guided = cfg_active(cfg_scale)
     keep_index = list(range(len(grid))) if keep == "all" else key_indices(grid)
     latent_shape = list(pipe.latent_shape(1)[1:])
     text_shape = list(source.encode(pipe, [0])[1].context.shape[1:])

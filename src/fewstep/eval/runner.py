@@ -36,6 +36,7 @@ import torch
 
 from fewstep.data.toyworld import EVAL_PROMPTS, parse_prompt
 from fewstep.errors import UserError, warn
+from fewstep.models.denoiser import cfg_active
 from fewstep.models.family import load_model
 from fewstep.utils.frames import to_unit
 
@@ -135,7 +136,7 @@ def generate_videos(pipe, prompts: list[str], *, steps: int | None = None, cfg_s
     effective_cfg = pipe.sampling.cfg_scale if cfg_scale is None else cfg_scale
     times = pipe.sampling_times(steps)
     return Generated(np.concatenate(chunks), prompts, nfe, seconds, len(times) - 1,
-                     None if effective_cfg in (None, 1.0) else float(effective_cfg), pipe.grid_name(steps),
+                     float(effective_cfg) if cfg_active(effective_cfg) else None, pipe.grid_name(steps),
                      tuple(round(float(t), 4) for t in times))
 
 

@@ -32,7 +32,7 @@ from ..utils.frames import to_uint8
 from ..utils.io import atomic_directory, load_weights, read_json
 from .backbones import Conditioning
 from .codec import ToyCodec, ToyCodecConfig, frames_to_video, video_to_frames
-from .denoiser import Denoiser
+from .denoiser import Denoiser, cfg_active
 from .family import (ASSETS, SHIPPED, Family, Geometry, SamplingConfig,  # noqa: F401 (ASSETS, SHIPPED: re-exported)
                      register_family, resolve_model)
 from .text_encoder import ToyTextEncoder, ToyTextEncoderConfig
@@ -138,8 +138,8 @@ class VideoPipeline(nn.Module):
             noise = torch.randn(self.latent_shape(len(prompts)), generator=generator)
         noise = noise.to(device)
         cond = self.encode_prompts(prompts)
-        uncond = self.null_condition(len(prompts)) if cfg_scale not in (None, 1.0) else None
-        kwargs = {"cfg_scale": cfg_scale if uncond is not None else None, "uncond": uncond,
+        uncond = self.null_condition(len(prompts)) if cfg_active(cfg_scale) else None  # only when it is used
+        kwargs = {"cfg_scale": cfg_scale, "uncond": uncond,
                   "return_trajectory": return_trajectory}
         if sampler == "consistency":
             kwargs["generator"] = generator

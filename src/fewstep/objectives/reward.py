@@ -47,11 +47,10 @@ constant shift aside), so β_FT = 1 weighs one standard deviation of reward agai
 terms whatever the reward. The LRM itself still answers in reward units (``μ + σ·z``). With
 ``standardize: false`` / ``standardized: false`` the objectives are Eq. 14–15 as written.
 
-**Decoder.** ``lrm_fit`` and ``ddpo`` decode latents to frames ``(B, T, H, W, 3)`` in [−1, 1]. The
-engine builds objectives from their configs alone, so the decoder is the objective's
-``decoder`` attribute — any callable latents → frames, which a recipe or a test may assign after
-construction — and, when unset, is loaded lazily from the model named by the config key
-``decoder`` (a shipped name or a model directory: its codec's ``VideoPipeline.decode``), frozen.
+**Decoder.** ``lrm_fit`` and ``ddpo`` decode latents to frames ``(B, T, H, W, 3)`` in [−1, 1] with the
+objective's ``decoder`` attribute — any callable latents → frames. A loss loads nothing: the recipe
+assigns it (``Plan.prepare_objective``: the frozen ``decode`` of the model the config key
+``decoder`` names), or a test does.
 """
 
 from __future__ import annotations
@@ -98,24 +97,19 @@ class PixelRewardConfig(ObjectiveConfig):
 
 
 class PixelRewardObjective(Objective):
-    """Holds the frozen decoder and pixel reward, each assignable or built on first use (module doc, "Decoder")."""
+    """Holds the frozen decoder (assigned, module doc "Decoder") and the pixel reward (built on first use)."""
 
     def __init__(self, config: PixelRewardConfig, name: str):
         super().__init__(config, name)
-        self.decoder: Decoder | None = None  # assignable; else loaded from config.decoder on first use
+        self.decoder: Decoder | None = None  # assigned by the recipe (config key `decoder`) or a test
         self.reward_model: nn.Module | None = None  # assignable; else build_reward(config.reward) on first use
 
     def pixel_reward(self, latents: Tensor, prompts: list[str]) -> Tensor:
         """``R(Dec(x))`` per sample (B,), without gradients. latents: (B, C, T, H, W)."""
         with torch.no_grad():
             if self.decoder is None:
-                if self.config.decoder is None:
-                    raise UserError(f"objective {self.name!r} ({self.config.kind}) needs a decoder: set its "
-                                    f"'decoder' key to a model name or directory, or have the recipe assign one")
-                from ..models.pipeline import VideoPipeline
-
-                pipe = VideoPipeline.load(self.config.decoder, device=latents.device).requires_grad_(False)
-                self.decoder = pipe.decode
+                raise UserError(f"objective {self.name!r} ({self.config.kind}) has no decoder: set its 'decoder' key "
+                                f"to a model name or directory (the recipe assigns that model's decoder)")
             if self.reward_model is None:
                 from ..rewards import build_reward
 

@@ -37,7 +37,7 @@ latent queues need it (:mod:`fewstep.objectives.adversarial`), this term does no
   605.7, 378.3, 225.8, 0}``, is likewise "selected from our synthetic trajectories"), which needs a
   store synthesized with ``--keep all``.
 * ``source: trajectory`` (the batch's ``extra["trajectory"]``, from a
-  :class:`~fewstep.data.trajectories.TrajectorySource`) or ``forward``: real data latents
+  :class:`~fewstep.recipes.sources.TrajectorySource`) or ``forward``: real data latents
   forward-diffused to the key times, ``l_{t'_k} = α(t'_k)·x0 + σ(t'_k)·ε`` with one fresh ``ε``
   per sample — the "useless data points" setting of §3.2 (Fig. 2 a–b; Tab. 3 "Real data" rows). The
   chords are then all ``ε − x0`` and the loss is flow matching at the key times.
