@@ -67,7 +67,9 @@ def test_dry_run_prints_config_and_writes_nothing(teacher_dir, tmp_path, capsys)
     ("stages.finetune.objectives.flow.timestepz=1", "unknown config key 'stages.finetune.objectives.flow.timestepz'"),
     ("stages.finetune.objectives.flow.kind=flow_matchin", "unknown objective 'flow_matchin'"),
     ("stages.finetune.objectives.flow.role=fake_score", "uses role 'fake_score', which is not declared"),
-    ("stages.finetune.objectives.flow.role=critic", "config key 'stages.finetune.objectives.flow.role'"),
+    ("stages.finetune.objectives.flow.role=critic", "uses role 'critic', which is not declared under roles"),
+    ("stages.finetune.objectives.flow.role=Critic", "config key 'stages.finetune.objectives.flow.role': String should "
+                                                   "match pattern"),
     ("roles.student.every=0", "config key 'roles.student.every': Input should be greater than or equal to 1"),
     ("stages.finetune.every.student=0", "config key 'stages.finetune.every.student': Input should be greater"),
     ("stages.finetune.every.fake_score=2", "role 'fake_score' is not declared under roles"),

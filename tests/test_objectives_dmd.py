@@ -258,3 +258,20 @@ def test_objectives_train_in_the_engine_with_pipeline_roles(teacher_dir, tmp_pat
     for key in ("loss/student/vsd/vsd", "loss/student/cd/cd", "loss/student/ddpo/ddpo", "loss/fake_score/fake/mse"):
         assert np.isfinite(record[key]), key
     assert trainer.roles["student"].updates == 2 and trainer.roles["fake_score"].updates == 2
+
+
+def test_objectives_name_the_roles_they_read_by_key():
+    """Any role name may be declared; VSD reads its real and fake scores from the roles it names."""
+    cfg = engine_config({"student": True, "real": False, "critic": True}, {
+        "vsd": {"kind": "vsd", "teacher": "real", "fake_score": "critic"},
+        "fake": {"kind": "fake_score", "role": "critic"},
+    })
+    assert cfg.stages["main"].objectives["vsd"].reads() == {"real", "critic"}
+    with pytest.raises(UserError, match="uses role 'fake_score', which is not declared"):
+        engine_config({"student": True, "real": False, "critic": True}, {"vsd": {"kind": "vsd", "teacher": "real"}})
+    pipe, batch = tiny_setup(2)
+    student, real, critic = (copy.deepcopy(pipe.denoiser) for _ in range(3))
+    roles = {"student": FakeRole("student", student), "real": FakeRole("real", real, trainable=False),
+             "critic": FakeRole("critic", critic)}
+    out = VSD(cfg.stages["main"].objectives["vsd"], "vsd")(batch, roles, make_ctx(2))
+    assert out.losses["vsd"].shape == (2,) and bool(torch.isfinite(out.losses["vsd"]).all())

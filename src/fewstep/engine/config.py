@@ -26,7 +26,7 @@ from pydantic import Field, SerializeAsAny, ValidationError, model_validator
 
 from ..config import StrictModel, format_validation_error
 from ..errors import UserError
-from ..objectives.base import OBJECTIVES, ROLE_NAMES, ObjectiveConfig, RoleName, objective_class
+from ..objectives.base import OBJECTIVES, ObjectiveConfig, RoleName, objective_class
 from ..objectives.student import GeneratorConfig
 from .health import HealthConfig
 from .roles import FROZEN_ROLES, RoleSpec
@@ -87,9 +87,6 @@ class EngineConfig(StrictModel):
         """Validate each objective against the config class its ``kind`` names (full key in errors)."""
         if not isinstance(data, dict):
             return data
-        for role in data["roles"] if isinstance(data.get("roles"), dict) else ():
-            if role not in ROLE_NAMES:
-                raise UserError(f"config key 'roles.{role}': unknown role; roles are {', '.join(ROLE_NAMES)}")
         if not isinstance(data.get("stages"), dict):
             return data
         stages = {}

@@ -7,7 +7,7 @@ A recipe's config declares its roles under ``roles:`` (DESIGN §1)::
       fake_score: {optim: {lr: 1.0e-5}}          # every: 1 (default) — 5 updates per student update
       teacher:    {}                             # no optim → frozen
 
-Role names come from :data:`~fewstep.objectives.base.ROLE_NAMES`; ``teacher`` and
+Any identifier is a role name (``lrm``, ``discriminator_spatial``, …); ``teacher`` and
 ``reference`` are always frozen. ``every: k`` updates the role on the steps ``s`` of a stage with
 ``(s + 1) % k == 0`` (steps k−1, 2k−1, …: a role with ``every: 5`` first steps together with the
 fifth step of the every-step roles, as in DMD2's 5 critic updates per generator update); a stage

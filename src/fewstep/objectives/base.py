@@ -46,9 +46,9 @@ from ..config import StrictModel
 from ..diffusion.schedules import LogitNormal, TimestepDistribution, Uniform
 from ..models.backbones import Conditioning
 
-#: The roles a recipe may declare (DESIGN §1). Any of them may also carry an EMA copy.
-RoleName = Literal["student", "teacher", "fake_score", "discriminator", "lrm", "reference"]
-ROLE_NAMES: tuple[str, ...] = RoleName.__args__  # type: ignore[attr-defined]
+#: A role's name: any identifier a recipe declares under ``roles:`` (student, teacher, fake_score,
+#: lrm, discriminator_spatial, reward_temporal, …); objectives name the roles they use by key.
+RoleName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ from torch import Tensor
 from ..diffusion.samplers import euler_step
 from ..errors import UserError
 from ..models.backbones import Conditioning
-from .base import Batch, Objective, ObjectiveConfig, ObjectiveOutput, Roles, StepContext, register_objective
+from .base import Batch, Objective, ObjectiveConfig, ObjectiveOutput, RoleName, Roles, StepContext, register_objective
 from .student import StepSchedule, step_times
 
 
@@ -63,8 +63,10 @@ class ConsistencyDistillationConfig(ObjectiveConfig):
     sigma_data: float = Field(0.5, gt=0, description="σ_d of boundary: lcm")
     timestep_scaling: float = Field(10.0, gt=0, description="s of boundary: lcm")
 
+    teacher: RoleName = Field("teacher", description="the role whose m-step solver Denoise^m gives the target")
+
     def reads(self) -> set[str]:
-        return {"teacher"}
+        return {self.teacher}
 
 
 @dataclass
@@ -146,7 +148,7 @@ class ConsistencyDistillation(Objective):
 
     def target(self, batch: Batch, roles: Roles, ctx: StepContext) -> CDTarget:
         """Draw ``n`` and ``ε``, solve ``Denoise^m`` with the teacher and evaluate the EMA target."""
-        teacher, ema = roles["teacher"].module, roles[self.role].ema_module
+        teacher, ema = roles[self.config.teacher].module, roles[self.role].ema_module
         x0 = batch.latents  # (B, C, T, H, W)
         grid = self.grid(teacher.schedule).to(x0.device)  # (N + 1,)
         n_starts = len(grid) - self.config.m  # start positions 0 … N − m

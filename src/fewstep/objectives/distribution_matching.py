@@ -81,8 +81,11 @@ class VSDConfig(ObjectiveConfig):
     real_cfg_scale: float | None = Field(
         4.5, description="teacher CFG w in uncond + w·(cond − uncond) (DOLLAR's 3.5 is our 4.5); null = none")
 
+    teacher: RoleName = Field("teacher", description="the role giving the real score (frozen)")
+    fake_score: RoleName = Field("fake_score", description="the role giving the fake score")
+
     def reads(self) -> set[str]:
-        return {"teacher", "fake_score"}
+        return {self.teacher, self.fake_score}
 
 
 @register_objective
@@ -98,7 +101,7 @@ class VSD(Objective):
 
     def gradient(self, x_hat: Tensor, batch: Batch, roles: Roles, ctx: StepContext) -> tuple[Tensor, Tensor]:
         """``(grad, t)``: the detached VSD gradient at ``x̂`` (B, C, T, H, W) and the times used (B,)."""
-        teacher, fake = roles["teacher"].module, roles["fake_score"].module
+        teacher, fake = roles[self.config.teacher].module, roles[self.config.fake_score].module
         with torch.no_grad():
             x_hat = x_hat.detach()
             t = ctx.times(self.distribution, "vsd/t").to(x_hat.dtype)  # (B,)

@@ -211,8 +211,10 @@ class LRMFinetuneConfig(ObjectiveConfig):
     standardized: bool = Field(True, description="maximise the standardised reward (R^l − μ)/σ, so that the "
                                                  "weight β_FT is in units of the reward's spread")
 
+    lrm: RoleName = Field("lrm", description="the latent reward model role R^l_φ (frozen here)")
+
     def reads(self) -> set[str]:
-        return {"lrm"}
+        return {self.lrm}
 
 
 def frozen_reward_gradient(score: Callable[[Tensor, Conditioning], Tensor], x: Tensor,
@@ -235,7 +237,7 @@ class LRMFinetune(Objective):
 
     def __call__(self, batch: Batch, roles: Roles, ctx: StepContext) -> ObjectiveOutput:
         student = roles[self.role].module
-        lrm = roles["lrm"].ema_module if self.config.lrm_ema else roles["lrm"].module
+        lrm = roles[self.config.lrm].ema_module if self.config.lrm_ema else roles[self.config.lrm].module
         x_hat = student_sample(student, batch, ctx, role=self.role, backprop=self.config.backprop).x0  # G_θ(ε)
         score = lrm.standardized if self.config.standardized else lrm
         r, g = frozen_reward_gradient(score, x_hat, batch.cond)  # (B,), (B, C, T, H, W)
