@@ -81,9 +81,15 @@ class DistEnv:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def close(self) -> None:
+    def close(self, wait_for_others: bool = True) -> None:
+        """Leave the process group; after a normal end every rank first waits for the others (a rank
+        tearing gloo down while another still talks to it can abort that process at exit)."""
         if self.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
+            try:
+                if wait_for_others:
+                    dist.barrier()
+            finally:
+                dist.destroy_process_group()
 
 
 def init_distributed(device: str = "auto", mode: str = "ddp") -> DistEnv:

@@ -615,11 +615,14 @@ def train(plan: Plan, run_dir: Path, *, resume_from: Path | None = None, config_
     train_cfg = plan.config.train
     env = init_distributed(train_cfg.device, train_cfg.distributed)
     flush = train_cfg.flush_denormal and torch.set_flush_denormal(True)  # process-wide; undone below
+    finished = False
     try:
         trainer = Trainer(plan, run_dir, env)
         trainer.flush_denormal = bool(flush)
-        return trainer.run(resume_from, config_yaml, overwrite=overwrite, resuming_here=resuming_here)
+        state = trainer.run(resume_from, config_yaml, overwrite=overwrite, resuming_here=resuming_here)
+        finished = True
+        return state
     finally:
         if flush:
             torch.set_flush_denormal(False)
-        env.close()
+        env.close(wait_for_others=finished)  # a failing rank must not wait for ranks that never come
