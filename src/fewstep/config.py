@@ -186,3 +186,35 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 def dump_config(cfg: BaseModel) -> str:
     """The resolved config as YAML (what ``--dry-run`` prints and runs save as config.yaml)."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+class KindRegistry(dict):
+    """``kind → config class`` for config blocks chosen by a ``kind:`` key (data sources, evaluators, …):
+    :meth:`register` (a class decorator) and :meth:`parse` (one-line errors naming the key)."""
+
+    def __init__(self, what: str):
+        super().__init__()
+        self.what = what  # "data source", "evaluator": named in errors
+
+    def register(self, cls):
+        kind = cls.model_fields["kind"].default
+        assert self.get(kind, cls) is cls, f"{self.what} {kind!r} registered twice"
+        self[kind] = cls
+        return cls
+
+    def parse(self, raw: Any, key: str, also: str = ""):
+        """A raw mapping → the config of its ``kind`` (``also``: what else the key may be, for the error)."""
+        known = ", ".join(self)
+        if not isinstance(raw, dict):
+            raise UserError(f"config key '{key}': expected a mapping with a 'kind' (one of {known}){also}, "
+                            f"got {type(raw).__name__}")
+        kind = raw.get("kind")
+        if kind is None:
+            raise UserError(f"missing config key '{key}.kind' (one of {known})")
+        if kind not in self:
+            raise UserError(f"config key '{key}.kind': unknown {self.what} {kind!r}; known: {known}")
+        cls = self[kind]
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as err:
+            raise UserError(format_validation_error(err, cls).replace("config key '", f"config key '{key}.", 1)) from None

@@ -19,9 +19,8 @@ from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
-from pydantic import ValidationError
 
-from ..config import StrictModel, format_validation_error
+from ..config import KindRegistry, StrictModel
 from ..data.toyworld import EVAL_PROMPTS, eval_suite, render_clip
 from ..engine.config import TrainConfig
 from ..engine.evaluation import EvalResult, Evaluator
@@ -49,35 +48,15 @@ class EvaluatorConfig(StrictModel):
         raise NotImplementedError
 
 
-EVALUATORS: dict[str, type[EvaluatorConfig]] = {}
+EVALUATORS = KindRegistry("evaluator")
+register_evaluator = EVALUATORS.register
 #: A recipe's ``evaluator:`` when it gives none.
 DEFAULT_EVALUATOR = {"kind": "toy_vbench"}
 
 
-def register_evaluator(cls: type[EvaluatorConfig]) -> type[EvaluatorConfig]:
-    kind = cls.model_fields["kind"].default
-    assert EVALUATORS.get(kind, cls) is cls, f"evaluator {kind!r} registered twice"
-    EVALUATORS[kind] = cls
-    return cls
-
-
 def parse_evaluator_config(raw: Any, key: str = "evaluator") -> EvaluatorConfig:
     """An ``evaluator:`` value → its kind's config; one-line errors naming the key."""
-    if isinstance(raw, EvaluatorConfig):
-        return raw
-    if not isinstance(raw, dict):
-        raise UserError(f"config key '{key}': expected a mapping with a 'kind' (one of {', '.join(EVALUATORS)}), "
-                        f"got {type(raw).__name__}")
-    kind = raw.get("kind")
-    if kind is None:
-        raise UserError(f"missing config key '{key}.kind' (one of {', '.join(EVALUATORS)})")
-    if kind not in EVALUATORS:
-        raise UserError(f"config key '{key}.kind': unknown evaluator {kind!r}; known: {', '.join(EVALUATORS)}")
-    cls = EVALUATORS[kind]
-    try:
-        return cls.model_validate(raw)
-    except ValidationError as err:
-        raise UserError(format_validation_error(err, cls).replace("config key '", f"config key '{key}.", 1)) from None
+    return raw if isinstance(raw, EvaluatorConfig) else EVALUATORS.parse(raw, key)
 
 
 def seeded_noise(model: VideoModel, seeds: list[int]) -> torch.Tensor:

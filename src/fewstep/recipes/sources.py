@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import torch
-from pydantic import Field, ValidationError
+from pydantic import Field
 
-from ..config import StrictModel, format_validation_error
+from ..config import KindRegistry, StrictModel
 from ..data.toyworld import ToyWorld
 from ..data.trajectories import TrajectoryStore
 from ..engine.data import DataSource
@@ -40,16 +40,10 @@ class DataConfig(StrictModel):
         raise NotImplementedError
 
 
-DATA_SOURCES: dict[str, type[DataConfig]] = {}
+DATA_SOURCES = KindRegistry("data source")
+register_source = DATA_SOURCES.register
 #: A recipe's ``data:`` when it gives none.
 DEFAULT_DATA = {"kind": "toy_world"}
-
-
-def register_source(cls: type[DataConfig]) -> type[DataConfig]:
-    kind = cls.model_fields["kind"].default
-    assert DATA_SOURCES.get(kind, cls) is cls, f"data source {kind!r} registered twice"
-    DATA_SOURCES[kind] = cls
-    return cls
 
 
 def parse_data_config(raw: Any, key: str = "data") -> DataConfig:
@@ -58,19 +52,7 @@ def parse_data_config(raw: Any, key: str = "data") -> DataConfig:
         return raw
     if isinstance(raw, (str, Path)):
         raw = {"kind": "trajectory_store", "path": str(raw)}
-    if not isinstance(raw, dict):
-        raise UserError(f"config key '{key}': expected a mapping with a 'kind' (one of {', '.join(DATA_SOURCES)}) "
-                        f"or a trajectory store path, got {type(raw).__name__}")
-    kind = raw.get("kind")
-    if kind is None:
-        raise UserError(f"missing config key '{key}.kind' (one of {', '.join(DATA_SOURCES)})")
-    if kind not in DATA_SOURCES:
-        raise UserError(f"config key '{key}.kind': unknown data source {kind!r}; known: {', '.join(DATA_SOURCES)}")
-    cls = DATA_SOURCES[kind]
-    try:
-        return cls.model_validate(raw)
-    except ValidationError as err:
-        raise UserError(format_validation_error(err, cls).replace("config key '", f"config key '{key}.", 1)) from None
+    return DATA_SOURCES.parse(raw, key, also=" or a trajectory store path")
 
 
 # ---------------------------------------------------------------------------------------------
