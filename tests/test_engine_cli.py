@@ -73,7 +73,7 @@ def test_dry_run_prints_config_and_writes_nothing(teacher_dir, tmp_path, capsys)
     ("roles.student.every=0", "config key 'roles.student.every': Input should be greater than or equal to 1"),
     ("stages.finetune.every.student=0", "config key 'stages.finetune.every.student': Input should be greater"),
     ("stages.finetune.every.fake_score=2", "role 'fake_score' is not declared under roles"),
-    ("roles.discriminator.optim.lr=1e-4", "recipe 'finetune' does not build a 'discriminator' role"),
+    ("roles.discriminator.optim.lr=1e-4", "role 'discriminator' has an optimizer but no objective updates it"),
     ("roles.teacher.optim.lr=1e-4", "the teacher is frozen"),
     ("train.grad_accum=3", "train.batch_size"),
 ])

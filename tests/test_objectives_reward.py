@@ -315,18 +315,14 @@ def test_lrm_objectives_train_in_the_engine(teacher_dir, tmp_path):
     from fewstep.engine.trainer import Trainer
     from fewstep.recipes.finetune import Finetune
 
-    class WithLRM(Finetune):
-        buildable_roles = (*Finetune.buildable_roles, "lrm")
-
-        def build_modules(self):
-            modules = super().build_modules()
-            modules["lrm"] = build_lrm(TINY_LRM, self.pipeline.latent_shape(1)[1])
-            return modules
+    class WithLRM(Finetune):  # any recipe builds an lrm role from its `build:` (recipes/builders.py)
+        pass
 
     base = {
         "model": str(teacher_dir),
         "train": {"steps": 2, "batch_size": 2, "eval_every": 0, "checkpoint_every": 0, "tensorboard": False},
-        "roles": {"student": {"optim": {"lr": 1e-4}}, "lrm": {"optim": {"lr": 1e-3}}},
+        "roles": {"student": {"optim": {"lr": 1e-4}},
+                  "lrm": {"build": {"kind": "lrm", **TINY_LRM.model_dump()}, "optim": {"lr": 1e-3}}},
         "stages": {"main": {"objectives": {
             "lrm": {"kind": "lrm_fit", "reward": "jpeg", "decoder": str(teacher_dir)},
             "ft": {"kind": "lrm_finetune"},

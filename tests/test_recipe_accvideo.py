@@ -208,7 +208,7 @@ def test_stop_and_resume_is_exact(smoke_run, teacher_dir, stores, tmp_path, caps
     ("keys", "stages.accvideo.objectives.traj.times=uniform",
      "'stages.accvideo.objectives.traj.times': 'uniform' disagrees with times='keys'; set times instead"),
     ("keys", "stages.accvideo.objectives.adv_g.loss=wasserstein", "config key 'stages.accvideo.objectives.adv_g.loss'"),
-    ("keys", "roles.lrm.optim.lr=1e-4", "recipe 'accvideo' does not build a 'lrm' role"),
+    ("keys", "roles.lrm.optim.lr=1e-4", "role 'lrm' has an optimizer but no objective updates it"),
     ("keys", "roles.discriminator.optim=null", "objective 'queue_gan_discriminator' updates role 'discriminator', "
                                                "which is frozen"),
 ])

@@ -178,7 +178,7 @@ def test_student_export_uses_student_steps(teacher_dir, tmp_path, steps):
     ("stages.dollar.objectives.cd.m=1", "set m instead"),
     ("stages.dollar.objectives.ddpo.etaa=1", "unknown config key 'stages.dollar.objectives.ddpo.etaa'"),
     ("stages.dollar.objectives.cd=null", "'vsd_cd' needs an objective of kind 'cd'"),
-    ("roles.discriminator.optim.lr=1e-4", "recipe 'dollar' does not build a 'discriminator' role"),
+    ("roles.discriminator.optim.lr=1e-4", "role 'discriminator' has an optimizer but no objective updates it"),
 ])
 def test_bad_config_is_one_line_exit_2(teacher_dir, tmp_path, capsys, override, message):
     rc, _, err = cli(capsys, "distill", "--recipe", "dollar", "--out", tmp_path / "run",

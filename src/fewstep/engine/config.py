@@ -117,6 +117,11 @@ class EngineConfig(StrictModel):
                 if not self.roles[obj.role].trainable:
                     raise UserError(f"config key '{key}.role': objective {obj.kind!r} updates role {obj.role!r}, "
                                     f"which is frozen (give roles.{obj.role}.optim)")
+        updated = {obj.role for stage in self.stages.values() for obj in stage.objectives.values()}
+        for name, spec in self.roles.items():
+            if spec.trainable and name not in updated:
+                raise UserError(f"config key 'roles.{name}.optim': role {name!r} has an optimizer but no objective "
+                                f"updates it (add an objective with role: {name}, or remove its optim)")
         names = list(self.stages)
         for sname in names[:-1]:
             if self.stages[sname].steps is None:

@@ -22,6 +22,7 @@ linear LR warm-up: update ``n`` (0-based) uses ``lr · min(1, (n + 1) / warmup_s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from pydantic import Field
@@ -48,6 +49,8 @@ class OptimConfig(StrictModel):
 class RoleSpec(StrictModel):
     """One declared role: optimizer (none = frozen), update cadence, EMA decay."""
 
+    build: dict[str, Any] | None = Field(None, description=(
+        "{kind: …, …}: built by a registered role builder (recipes/builders.py); null = a copy of the model"))
     optim: OptimConfig | None = Field(None, description="null = frozen")
     every: int = Field(1, ge=1, description="update on every k-th step of a stage")
     ema: float | None = Field(None, gt=0, lt=1, description="EMA decay; null = no EMA")

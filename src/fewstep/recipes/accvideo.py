@@ -9,8 +9,9 @@ objectives of one stage (``accvideo.yaml``)::
     roles
       student        s_β ← model (Alg. 1 l. 1), updated every step; RUN/student
       teacher        v_θ, frozen: the feature extractor of D (Eq. 8; last block, 2/3 depth at t = 0)
-      discriminator  the projection heads H_0 … H_4 (:class:`~fewstep.objectives.adversarial.TimestepHeads`
-                     on the teacher's hidden size), updated every step
+      discriminator  the projection heads H_0 … H_4 (``build: {kind: timestep_heads}``: AccVideo Eq. 8's
+                     :class:`~fewstep.objectives.adversarial.TimestepHeads` on the model's hidden
+                     width), updated every step
     stages.accvideo.objectives, in Alg. 1's order
       traj   trajectory_guidance      student        weight 1            Eq. 6      l. 7–10
       adv_g  queue_gan_generator      student        weight λ_adv = 0.1  Eq. 7–8    l. 11–21
@@ -69,7 +70,6 @@ from ..config import StrictModel, format_validation_error
 from ..data.trajectories import TrajectoryStore, read_manifest
 from ..errors import UserError
 from ..models.family import SamplingConfig
-from ..objectives.adversarial import TimestepHeads
 from ..objectives.trajectory import KEY_GRIDS, KeyGrid, KeySource, key_grid
 from .base import DROP_OBJECTIVE, PipelineRecipe, RecipeConfig, map_stage_objectives, register_recipe
 from .sources import TrajectoryStoreData
@@ -89,7 +89,6 @@ class AccVideoKeys(StrictModel):
     single_head: bool = Field(False, description="one projection head for all timesteps (§5.2 ablation)")
     times: KeyGrid = Field("keys", description="key timesteps (§4.2) or the uniform grid (Tab. 4)")
     source: KeySource = Field("trajectory", description="synthetic trajectories, or data + forward diffusion (§3.2)")
-    head_width: int = Field(64, ge=1, description="channels of each projection head's hidden conv")
 
 
 class AccVideoConfig(RecipeConfig, AccVideoKeys):
@@ -121,6 +120,13 @@ class AccVideoConfig(RecipeConfig, AccVideoKeys):
         roles = data.get("roles")
         if not keys.adversarial and isinstance(roles, dict):
             data["roles"] = {name: spec for name, spec in roles.items() if name != "discriminator"}
+        heads = roles.get("discriminator") if keys.adversarial and isinstance(roles, dict) else None
+        if isinstance(heads, dict) and isinstance(heads.get("build"), dict):
+            build = heads["build"]
+            if build.get("single_head", keys.single_head) != keys.single_head:
+                raise UserError(f"config key 'roles.discriminator.build.single_head': {build['single_head']!r} "
+                                f"disagrees with single_head={keys.single_head!r}; set single_head instead")
+            heads["build"] = {**build, "single_head": keys.single_head}
         generator = data.setdefault("generator", {})
         if isinstance(generator, dict):
             grid = f"accvideo_{keys.times}"
@@ -152,7 +158,6 @@ class AccVideo(PipelineRecipe):
 
     name = "accvideo"
     Config = AccVideoConfig
-    buildable_roles = (*PipelineRecipe.buildable_roles, "discriminator")
 
     def __init__(self, config: AccVideoConfig):
         super().__init__(config)
@@ -181,14 +186,6 @@ class AccVideo(PipelineRecipe):
         """The student's step times followed by 0 (decreasing): the key grid this run trains on."""
         stored = self.store.times if self.config.source == "trajectory" else None
         return key_grid(self.config.times, stored)[0].tolist()
-
-    def build_modules(self):
-        modules = super().build_modules()  # student / teacher: copies of the model's denoiser
-        if "discriminator" in self.config.roles:
-            modules["discriminator"] = TimestepHeads(self.pipeline.hidden_dim,
-                                                     len(KEY_GRIDS[self.config.times]) - 1,
-                                                     self.config.head_width, self.config.single_head)
-        return modules
 
     def student_pipeline(self):
         """The exported model: the run's generator (Euler, no CFG: 5 NFE) on the grid trained on (from a

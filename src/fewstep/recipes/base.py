@@ -13,22 +13,16 @@ subclass like this one::
     class MyRecipe(PipelineRecipe):
         name = "my_recipe"                   # fewstep distill --recipe my_recipe
         Config = MyConfig                    # defaults: my_recipe.yaml next to this file
-        buildable_roles = (*PipelineRecipe.buildable_roles, "discriminator")
 
-        def build_modules(self):
-            modules = super().build_modules()      # student/teacher/fake_score/reference from `model`
-            if "discriminator" in self.config.roles:
-                modules["discriminator"] = MyDiscriminator(...)
-            return modules
-
-with ``my_recipe.yaml``::
+with ``my_recipe.yaml`` (every role is a copy of ``model``'s denoiser unless it says
+``build: {kind: …}``, a registered builder of recipes/builders.py)::
 
     model: toy-teacher
     train: {steps: 2000, batch_size: 8, eval_every: 500}
     roles:
       student:       {optim: {lr: 1.0e-5, warmup_steps: 100}, every: 5, ema: 0.999}
       fake_score:    {optim: {lr: 1.0e-5}}
-      discriminator: {optim: {lr: 1.0e-4, betas: [0.0, 0.99]}}
+      discriminator: {build: {kind: timestep_heads, heads: 5}, optim: {lr: 1.0e-4, betas: [0.0, 0.99]}}
       teacher:       {}
     stages:
       main:
@@ -68,6 +62,7 @@ from ..engine.health import HealthMonitor
 from ..engine.roles import Roles
 from ..errors import UserError
 from ..models.family import load_model
+from .builders import parse_build
 from .evaluators import DEFAULT_EVALUATOR, EvaluatorConfig, parse_evaluator_config
 from .sources import DEFAULT_DATA, DataConfig, parse_data_config
 
@@ -126,7 +121,6 @@ class Recipe:
 
     name: ClassVar[str]
     Config: ClassVar[type[RecipeConfig]]
-    buildable_roles: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: RecipeConfig):
         self.config = config
@@ -153,11 +147,11 @@ class Recipe:
 
     @classmethod
     def check(cls, config: RecipeConfig) -> None:
-        """Recipe-specific validation beyond the config types (runs on --dry-run too)."""
-        for role in config.roles:
-            if role not in cls.buildable_roles:
-                raise UserError(f"config key 'roles.{role}': recipe {cls.name!r} does not build a {role!r} role "
-                                f"(it builds {', '.join(cls.buildable_roles)})")
+        """Recipe-specific validation beyond the config types (runs on --dry-run too): every role's
+        ``build`` names a registered builder with valid keys."""
+        for name, spec in config.roles.items():
+            if spec.build is not None:
+                parse_build(spec.build, name)
 
     # -- what the engine calls -----------------------------------------------------------------------
     def build_modules(self) -> dict[str, nn.Module]:
@@ -194,8 +188,6 @@ class PipelineRecipe(Recipe):
     when there is a teacher role.
     """
 
-    buildable_roles = ("student", "teacher", "fake_score", "reference")
-
     def __init__(self, config: RecipeConfig):
         super().__init__(config)
         self._pipeline = None
@@ -210,8 +202,15 @@ class PipelineRecipe(Recipe):
         return self._pipeline
 
     def build_modules(self) -> dict[str, nn.Module]:
-        return {name: copy.deepcopy(self.pipeline.denoiser).requires_grad_(self.config.roles[name].trainable)
-                for name in self.config.roles if name in PipelineRecipe.buildable_roles}
+        """Every declared role: ``build: {kind: …}`` by its registered builder, else a copy of the model's
+        denoiser (trainable or frozen per the role's ``optim``)."""
+        modules = {}
+        for name, spec in self.config.roles.items():
+            if spec.build is not None:
+                modules[name] = parse_build(spec.build, name).build(self.pipeline)
+            else:
+                modules[name] = copy.deepcopy(self.pipeline.denoiser).requires_grad_(spec.trainable)
+        return modules
 
     def prepare_objective(self, objective, device: torch.device) -> None:
         """Objectives that score decoded samples (``R(Dec(x))``: ``lrm_fit``, ``ddpo``) get the frozen

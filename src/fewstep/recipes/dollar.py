@@ -8,7 +8,7 @@ Alg. 1 of the paper, as roles and objectives of one stage (``dollar.yaml``, defa
                   updated every 5th step (fake:student = 5:1, §4.1)
       teacher     v_θ', frozen: VSD's real score (CFG) and CD's m-step solver Denoise^m (CFG)
       fake_score  θ_fake ← model (= the teacher, l. 4), updated every step
-      lrm         R^l_φ, :func:`~fewstep.rewards.latent.build_lrm` of the ``lrm`` key (only when
+      lrm         R^l_φ, ``build: {kind: lrm, …}`` (recipes/builders.py, App. 7.2) (only when
                   the ablation fits a latent reward model); updated every step, so that it tracks
                   the student's samples between student updates (Alg. 1 fits it once per
                   generator step; a fit is cheap next to a student step)
@@ -96,7 +96,6 @@ from ..errors import UserError
 from ..models.family import SamplingConfig
 from ..objectives.base import ObjectiveConfig, objective_class
 from ..objectives.student import StudentGenerator, step_times
-from ..rewards.latent import LatentRewardModelConfig, build_lrm
 from .base import DROP_OBJECTIVE, PipelineRecipe, RecipeConfig, map_stage_objectives, register_recipe
 
 Ablation = Literal["vsd", "vsd_cd", "vsd_lrm", "vsd_cd_lrm", "vsd_ddpo"]
@@ -131,8 +130,6 @@ class DollarKeys(StrictModel):
     parameterization: Literal["native", "x0"] = Field(
         "native", description="CD's x_θ: native = homogeneous (Eq. 8), x0 = heterogeneous")
     reward: str = Field("jpeg", description="pixel reward R of lrm_fit / ddpo (fewstep.rewards name)")
-    lrm: LatentRewardModelConfig = Field(default_factory=LatentRewardModelConfig,
-                                         description="architecture of the lrm role (DOLLAR App. 7.2)")
 
     @field_validator("reward")
     @classmethod
@@ -226,7 +223,6 @@ class Dollar(PipelineRecipe):
 
     name = "dollar"
     Config = DollarConfig
-    buildable_roles = (*PipelineRecipe.buildable_roles, "lrm")
 
     @classmethod
     def check(cls, config: DollarConfig) -> None:
@@ -243,13 +239,6 @@ class Dollar(PipelineRecipe):
                 if obj.kind == "cd" and obj.m > (n := len(step_times(obj.grid, FlowMatching()))):
                     raise UserError(f"config key 'm': {obj.m} teacher steps exceed the {n} steps of {key}.grid "
                                     f"({obj.grid!r})")
-
-    def build_modules(self):
-        modules = super().build_modules()  # student / teacher / fake_score: copies of the model's denoiser
-        if "lrm" in self.config.roles:
-            pipe = self.pipeline
-            modules["lrm"] = build_lrm(self.config.lrm, pipe.latent_shape(1)[1], pipe.text_dim)
-        return modules
 
     def student_pipeline(self):
         """The exported model samples with the run's generator: its sampler, times + t = 0 and CFG."""
