@@ -224,3 +224,28 @@ def test_missing_store_is_one_line_exit_2(teacher_dir, tmp_path, capsys):
     rc, _, err = cli(capsys, "distill", "--recipe", "accvideo", "--out", tmp_path / "run",
                      *accvideo_sets(teacher_dir, tmp_path / "nowhere"))
     assert rc == 2 and "no manifest.json" in err and err.count("\n") == 1, err
+
+
+def test_dollar_lrm_on_accvideo_trajectories_is_a_config_change(teacher_dir, stores, tmp_path, capsys):
+    """DOLLAR's latent reward model (an ``lrm`` role from the builder registry, lrm_fit + lrm_finetune)
+    added to AccVideo's trajectories and heads by a second --config: it trains, and every student
+    sample comes from AccVideo's 5-step Euler generator, the one the student is exported with."""
+    overlay = tmp_path / "lrm.yaml"
+    overlay.write_text(yaml.safe_dump({
+        "roles": {"lrm": {"build": {"kind": "lrm", "width": 16, "groups": 4, "kernel_size": 3, "stride": 1},
+                          "optim": {"lr": 1e-3}}},
+        "stages": {"accvideo": {"objectives": {
+            "lrm": {"kind": "lrm_fit", "role": "lrm", "reward": "sharpness", "generated_from": "sample"},
+            "ft": {"kind": "lrm_finetune", "role": "student", "weight": 0.25}}}},
+    }))
+    run = tmp_path / "run"
+    rc, _, err = cli(capsys, "distill", "--recipe", "accvideo", "--config", overlay, "--out", run,
+                     *accvideo_sets(teacher_dir, stores["keys"], "train.steps=3"))
+    assert rc == 0, err
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["generator"] == {"sampler": "euler", "times": "accvideo_keys", "cfg_scale": None}
+    record = losses(run)[3]
+    for key in ("loss/lrm/lrm/mse", "loss/student/ft/ft", "loss/student/traj/traj", "loss/discriminator/adv_d/adv"):
+        assert np.isfinite(record[key]), key
+    student = VideoPipeline.load(run / "student")
+    assert student.config.sampling.sampler == "euler" and student.config.sampling.times == KEYS
