@@ -16,7 +16,7 @@ import time
 import pytest
 
 from fewstep.engine.checkpoint import list_checkpoints, read_checkpoint
-from fewstep.engine.rundir import describe_student, student_record, student_step
+from fewstep.engine.rundir import describe_student, student_record
 from fewstep.engine.trainer import SIGNAL_ENV, Trainer, TrainingInterrupted
 from helpers import RUN, STEPS, assert_same_end, cli, cli_subprocess, losses, sets, trainer_state
 
@@ -149,7 +149,7 @@ def test_torchrun_ranks_stop_at_the_same_step(teacher_dir, tmp_path):
 
 def test_run_json_records_the_students_step(teacher_dir, tmp_path, capsys, monkeypatch):
     run, other = tmp_path / "run", tmp_path / "other"
-    seen = []  # what run.json / student_step say when each step starts
+    seen = []  # what run.json / student_record say when each step starts
     step = Trainer.train_step
 
     def spy(self, batch=None):
@@ -163,9 +163,9 @@ def test_run_json_records_the_students_step(teacher_dir, tmp_path, capsys, monke
     # exported at the start (step 0), then with every checkpoint
     assert seen == [(0, {"step": 0, "of": 4}), (1, {"step": 0, "of": 4}), (2, {"step": 2, "of": 4}),
                     (3, {"step": 2, "of": 4})]
-    assert student_of(run) == {"step": 4, "of": 4} and student_step(run / "student") == 4
+    assert student_of(run) == {"step": 4, "of": 4} and student_record(run / "student")["step"] == 4
     assert f"student: {run / 'student'} holds step 4 of 4 (fully trained)" in out
-    assert student_step(teacher_dir) is None  # not a run's student
+    assert student_record(teacher_dir) is None  # not a run's student
     assert describe_student({"step": 0, "of": 400}) == "step 0 of 400 (untrained: the initial weights)"
 
     # resuming in place keeps the record; a longer run updates "of", then the step

@@ -19,7 +19,7 @@ from fewstep.models.backbones import Backbone
 from fewstep.models.denoiser import Denoiser
 from fewstep.objectives.distribution_matching import VSD, FakeScoreLoss, dmd_gradient, stop_gradient_mse
 from fewstep.objectives.student import GeneratorConfig, StudentGenerator, step_times, student_sample
-from helpers import F64, FakeRole, GaussianX0, const_cond, engine_config, make_batch, make_ctx, tiny_setup
+from helpers import F64, FakeRole, GaussianX0, engine_config, make_batch, make_ctx, tiny_setup
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -16,7 +16,7 @@ from fewstep.errors import UserError
 from fewstep.models.denoiser import Denoiser
 from fewstep.objectives.ddpo import DDPO, normalize_advantages
 from fewstep.objectives.reward import LRMFinetune, LRMFit
-from fewstep.objectives.student import step_times, student_sample
+from fewstep.objectives.student import student_sample
 from fewstep.rewards.base import Reward
 from fewstep.rewards.latent import ImageLRM, LatentRewardModelConfig, build_lrm
 from helpers import F64, FakeRole, GaussianX0, engine_config, make_batch, make_ctx, tiny_setup

@@ -297,3 +297,14 @@ def test_synth_overwrite_replaces_only_the_store(reference_store, teacher_dir, t
     assert rc == 0 and "3 trajectories (1 shards" in stdout, err
     assert (out / "README.txt").read_text() == "mine"
     assert sorted(p.name for p in out.glob("shard_*")) == ["shard_00000.safetensors"]
+
+
+def test_a_directory_that_is_not_a_store_is_refused_before_the_teacher_loads(teacher_dir, tmp_path, capsys,
+                                                                               monkeypatch):
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    monkeypatch.setattr(synth_module, "load_model", lambda *a, **k: pytest.fail("the teacher was loaded"))
+    rc, _, err = cli(capsys, "synth", "--teacher", teacher_dir, "--num", 2, "--steps", 5, "--out", out)
+    assert rc == 2 and "is not a trajectory store" in err and err.count("\n") == 1, err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]

@@ -130,6 +130,9 @@ def synthesize(teacher: str | Path, out: str | Path, num: int, *, prompts: str =
         raise UserError(f"--keep must be 'keys' or 'all', got {keep!r}")
     out = Path(out)
     check_writable(out)
+    if not (out / MANIFEST).is_file() and out.exists() and any(out.iterdir()):  # before the teacher loads
+        raise UserError(f"--out {out} exists and is not a trajectory store (no {MANIFEST}); choose an empty or new "
+                        f"directory")
     grid = solver_grid(steps)  # (steps + 1,) decreasing, contains KEY_TIMES
     source = PromptSource(prompts)
     pipe = load_model(teacher, device)
@@ -154,9 +157,6 @@ def synthesize(teacher: str | Path, out: str | Path, num: int, *, prompts: str =
     if (out / MANIFEST).is_file():
         store = TrajectoryStore.resume(out)
         _check_same(store.settings, settings, out)
-    elif not replaced and out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"--out {out} exists and is not a trajectory store (no {MANIFEST}); choose an empty or new "
-                        f"directory")
     else:
         store = TrajectoryStore.create(out, settings)
     for leftover in out.glob(".*.tmp"):

@@ -15,19 +15,19 @@ Every check here runs before anything is written, so a refused command changes n
 
 ``RUN/student`` is exported at step 0 (so it is loadable from the start) and with every
 checkpoint; a model directory carries no training state of its own, so ``run.json`` is where a
-reader learns whether a student is trained: :func:`student_step` / :func:`student_record` read
+reader learns whether a student is trained: :func:`student_record` reads
 it for a model directory, :func:`describe_student` words it ("step 0 of 400 (untrained …)").
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 from .. import __version__
 from ..errors import UserError
+from ..utils.io import write_text_atomic
 from .checkpoint import latest_checkpoint, remove_partial
 
 
@@ -83,8 +83,8 @@ def init_run_dir(out: Path, recipe: str, config_yaml: str, *, overwrite: bool, r
     run = {"recipe": recipe, "fewstep": __version__}
     if resuming_here and (old := read_run(out)) is not None and "student" in old:
         run["student"] = old["student"]  # RUN/student is still the one exported before
-    _write_atomic(out / "run.json", json.dumps(run) + "\n")
-    _write_atomic(out / "config.yaml", config_yaml)
+    write_text_atomic(out / "run.json", json.dumps(run) + "\n")
+    write_text_atomic(out / "config.yaml", config_yaml)
 
 
 def update_run(run_dir: Path, **fields) -> dict:
@@ -94,7 +94,7 @@ def update_run(run_dir: Path, **fields) -> dict:
     if run is None:
         raise UserError(f"{run_dir} is not a fewstep run directory (no run.json)")
     run.update(fields)
-    _write_atomic(run_dir / "run.json", json.dumps(run) + "\n")
+    write_text_atomic(run_dir / "run.json", json.dumps(run) + "\n")
     return run
 
 
@@ -119,12 +119,6 @@ def student_record(model_dir: Path | str) -> dict | None:
     return record
 
 
-def student_step(model_dir: Path | str) -> int | None:
-    """The engine step whose weights ``model_dir`` (a ``RUN/student``) holds, or None if unknown."""
-    record = student_record(model_dir)
-    return None if record is None else record["step"]
-
-
 def describe_student(record: dict) -> str:
     """``step 0 of 400 (untrained: the initial weights)``, ``step 120 of 400 (partly trained)``,
     ``step 400 of 400 (fully trained)`` for a :func:`student_record`."""
@@ -135,12 +129,3 @@ def describe_student(record: dict) -> str:
     if isinstance(of, int) and step < of:
         return f"{text} (partly trained)"
     return f"{text} (fully trained)" if isinstance(of, int) else text
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)

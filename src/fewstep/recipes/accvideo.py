@@ -70,7 +70,7 @@ from ..config import StrictModel, format_validation_error
 from ..data.trajectories import TrajectoryStore, read_manifest
 from ..errors import UserError
 from ..models.family import SamplingConfig
-from ..objectives.trajectory import KEY_GRIDS, KeyGrid, KeySource, key_grid
+from ..objectives.trajectory import KeyGrid, KeySource, key_grid
 from .base import DROP_OBJECTIVE, PipelineRecipe, RecipeConfig, map_stage_objectives, register_recipe
 from .sources import TrajectoryStoreData
 

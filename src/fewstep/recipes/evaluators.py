@@ -25,7 +25,6 @@ from ..data.toyworld import EVAL_PROMPTS, eval_suite, render_clip
 from ..engine.config import TrainConfig
 from ..engine.evaluation import EvalResult, Evaluator
 from ..engine.health import HealthMonitor
-from ..errors import UserError
 from ..eval.analysers import aggregate, score_clips
 from ..models.family import VideoModel
 

@@ -245,15 +245,14 @@ class OutputDir:
         self._checked = True
         out, what = self.out, self.what
         check_writable(out, what)
-        entries = user_entries(out)
-        if not entries:
+        if not user_entries(out):
             return
+        owner = read_owner(out)
         if not self.overwrite:
-            owner = read_owner(out)
             whose = f"the output of a fewstep {owner.get('command')!r}" if owner else "files fewstep did not write"
             raise UserError(f"{what} {out} is not empty (it holds {whose}); pass --overwrite to write into it "
                             f"(files fewstep did not write are kept) or choose another {what}")
-        ours = set((read_owner(out) or {}).get("files", []))
+        ours = set(owner["files"]) if owner else set()
         for name in self.names:
             target = out / name
             if (target.is_file() or target.is_symlink()) and name not in ours:
