@@ -37,7 +37,8 @@ from fewstep.engine.distributed import DistEnv
 from fewstep.engine.trainer import Trainer
 from fewstep.models.pipeline import ToyPipelineConfig, VideoPipeline
 from fewstep.models.text_encoder import ToyTextEncoderConfig
-from fewstep.recipes.finetune import Finetune
+from fewstep.recipes.base import recipe_class
+Finetune = recipe_class("finetune")
 
 
 def main() -> None:

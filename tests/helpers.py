@@ -127,9 +127,10 @@ class FakeRole:
         return self.ema if self.ema is not None else self.module
 
 
-def make_ctx(batch_size, role="student", step=0, seed=0, times="dollar4", sampler="consistency"):
-    """A step context whose student generator samples on ``times`` (the ``generator:`` block)."""
-    student = StudentGenerator(GeneratorConfig(times=times, sampler=sampler))
+def make_ctx(batch_size, role="student", step=0, seed=0, times="dollar4", sampler="consistency", stored=None):
+    """A step context whose student generator samples on ``times`` (the ``generator:`` block), snapped to
+    ``stored`` times when given."""
+    student = StudentGenerator(GeneratorConfig(times=times, sampler=sampler, snap_to_data=stored is not None), stored)
     return StepContext(step=step, stage=0, stage_step=step, role=role, seed=seed, device=torch.device("cpu"),
                        sample_ids=torch.arange(batch_size), generator=torch.Generator().manual_seed(0),
                        student=student)

@@ -15,7 +15,7 @@ from helpers import cli, make_tiny_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY_DEMO = ["student_steps=2", "train.steps=6", "train.batch_size=2", "train.log_every=1",
+TINY_DEMO = ["preset=steps2", "train.steps=6", "train.batch_size=2", "train.log_every=1",
              "train.checkpoint_every=0", "train.tensorboard=false", "roles.student.every=2"]
 
 

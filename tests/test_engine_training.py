@@ -16,7 +16,8 @@ from fewstep.engine.checkpoint import capture_rng, flatten_optimizer_state, rest
 from fewstep.engine.distributed import DistEnv, full_optimizer_state
 from fewstep.engine.trainer import Trainer
 from fewstep.objectives.base import Objective, ObjectiveConfig, register_objective
-from fewstep.recipes.finetune import Finetune
+from fewstep.recipes.base import recipe_class
+Finetune = recipe_class("finetune")
 from helpers import TINY, cli, losses, sets, tensors, trainer_state
 
 

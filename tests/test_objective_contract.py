@@ -27,7 +27,7 @@ from torch import nn
 import fewstep.objectives as objectives_package
 from fewstep.objectives.adversarial import TimestepHeads
 from fewstep.objectives.base import OBJECTIVES, Batch, Objective
-from fewstep.objectives.trajectory import KEY_GRIDS
+from fewstep.diffusion.schedules import TIME_GRIDS
 from fewstep.rewards.latent import LatentRewardModelConfig, build_lrm
 from helpers import FakeRole, make_ctx, make_tiny_pipeline, make_wan
 
@@ -54,7 +54,7 @@ def key_trajectories(latents):
     """Batch extras of a trajectory store: random paths at AccVideo's key times (decreasing)."""
     g = torch.Generator().manual_seed(7)
     b = latents.shape[0]
-    times = torch.tensor(KEY_GRIDS["keys"], dtype=torch.float64)  # (K,)
+    times = torch.tensor(TIME_GRIDS["accvideo_keys"], dtype=torch.float64)  # (K,)
     path = torch.randn(b, len(times), *latents.shape[1:], generator=g)  # (B, K, C, T, H, W)
     return {"trajectory": path, "key_times": times.expand(b, -1)}
 
@@ -64,10 +64,11 @@ class Extras:
     config: dict[str, Any] = field(default_factory=dict)  # overrides of the kind's config defaults
     decoder: bool = False  # assign the stand-in decoder (objectives that decode latents)
     batch: Callable[[torch.Tensor], dict[str, torch.Tensor]] | None = None  # latents -> batch.extra
+    generator: dict[str, Any] = field(default_factory=dict)  # the run's generator: block (make_ctx keys)
 
 
 PIXEL_REWARD = Extras(config={"reward": "sharpness"}, decoder=True)
-STORE = Extras(batch=key_trajectories)
+STORE = Extras(batch=key_trajectories, generator={"sampler": "euler", "times": "accvideo_keys"})
 EXTRAS: dict[str, Extras] = {
     "lrm_fit": PIXEL_REWARD,
     "ddpo": PIXEL_REWARD,
@@ -95,7 +96,7 @@ FAMILIES = {"toy": Family(lambda: make_tiny_pipeline().denoiser, latent=(4, 4, 4
 def build_role(name: str, teacher: nn.Module, family: Family) -> FakeRole:
     if name == "discriminator":
         torch.manual_seed(1)
-        module = TimestepHeads(channels=family.hidden, timesteps=len(KEY_GRIDS["keys"]) - 1, width=8)
+        module = TimestepHeads(channels=family.hidden, timesteps=len(TIME_GRIDS["accvideo_keys"]) - 1, width=8)
     elif name == "lrm":
         torch.manual_seed(2)
         module = build_lrm(LatentRewardModelConfig(width=8, groups=4, kernel_size=3, stride=1), in_channels=4,
@@ -137,7 +138,7 @@ def objective_for(cls, config, extras: Extras) -> Objective:
 # ---------------------------------------------------------------------------------------------
 
 def run(objective: Objective, roles, batch):
-    ctx = make_ctx(len(batch), role=objective.role, seed=3)
+    ctx = make_ctx(len(batch), role=objective.role, seed=3, **EXTRAS.get(objective.config.kind, Extras()).generator)
     try:
         return objective(batch, roles, ctx)
     except Exception as err:  # a new kind that needs more than the defaults

@@ -18,8 +18,18 @@ from fewstep.models.denoiser import Denoiser
 from fewstep.objectives.adversarial import (FeatureConfig, LatentQueues, QueueGANDiscriminator, QueueGANGenerator,
                                             TimestepHeads, teacher_features)
 from fewstep.objectives.base import Batch
-from fewstep.objectives.trajectory import KEY_GRIDS, TrajectoryGuidance, key_grid, select_times
-from helpers import F64, FakeRole, const_cond, make_ctx, make_tiny_pipeline, make_wan, model_time
+from fewstep.diffusion.schedules import TIME_GRIDS
+from fewstep.objectives.student import select_times
+from fewstep.objectives.trajectory import TrajectoryGuidance, key_grid
+from helpers import F64, FakeRole, const_cond, make_tiny_pipeline, make_wan, model_time
+import helpers
+
+KEY_GRIDS = {"keys": TIME_GRIDS["accvideo_keys"], "uniform": TIME_GRIDS["accvideo_uniform"]}
+
+
+def make_ctx(*args, **kwargs):
+    """A step context with AccVideo's generator: Euler on the key times (``times`` to change them)."""
+    return helpers.make_ctx(*args, **{"times": "accvideo_keys", "sampler": "euler", **kwargs})
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -86,8 +96,8 @@ def test_forward_source_is_flow_matching_at_the_key_times():
     sched = FlowMatching(shift=3.0)
     x0 = torch.randn(5, *SHAPE, generator=torch.Generator().manual_seed(1), dtype=F64)
     batch = Batch(x0, const_cond(5, 0.0, F64), const_cond(5, 0.0, F64), ["x"] * 5, torch.arange(5))
-    ctx = make_ctx(5)
-    objective = TrajectoryGuidance(TrajectoryGuidance.Config(source="forward", times="uniform"), "traj")
+    ctx = make_ctx(5, times="accvideo_uniform")
+    objective = TrajectoryGuidance(TrajectoryGuidance.Config(source="forward"), "traj")
     roles = {"student": FakeRole("student", Denoiser(Zero(), sched, "flow"))}
     loss = objective(batch, roles, ctx).losses["traj"]
     eps = ctx.randn(SHAPE, "traj/eps", dtype=F64)
@@ -100,15 +110,18 @@ def test_uniform_grid_selects_the_nearest_stored_times():
     from fewstep.data.trajectories import solver_grid
 
     stored = solver_grid(50)  # a --keep all store
-    grid, index = key_grid("uniform", stored)
+    snapped = make_ctx(6, times="accvideo_uniform", stored=stored)  # generator.snap_to_data: true
+    grid, index = key_grid(snapped, FlowMatching(), stored)
     assert torch.equal(stored[index], grid) and float((grid - torch.tensor(KEY_GRIDS["uniform"], dtype=F64))
                                                       .abs().max()) < 0.011
-    assert torch.equal(key_grid("keys", stored)[0], KEYS)
+    assert torch.equal(key_grid(make_ctx(1, stored=stored), FlowMatching(), stored)[0], KEYS)
     with pytest.raises(UserError, match=r"no stored latent near t=0\.4.*--keep all"):
         select_times(KEYS, torch.tensor(KEY_GRIDS["uniform"], dtype=F64))  # a key-times-only store
+    with pytest.raises(UserError, match="not all in the trajectory store.*snap_to_data"):  # unsnapped: refused
+        key_grid(make_ctx(1, times="accvideo_uniform"), FlowMatching(), stored)
     batch = trajectory_batch(times=stored)
-    out = TrajectoryGuidance(TrajectoryGuidance.Config(times="uniform"), "traj")(
-        batch, {"student": FakeRole("student", Denoiser(Zero(), FlowMatching(), "flow"))}, make_ctx(6))
+    out = TrajectoryGuidance(TrajectoryGuidance.Config(), "traj")(
+        batch, {"student": FakeRole("student", Denoiser(Zero(), FlowMatching(), "flow"))}, snapped)
     assert torch.isfinite(out.losses["traj"]).all()
 
 
@@ -289,11 +302,10 @@ def test_forward_source_needs_no_store():
     x0 = torch.randn(pipe.latent_shape(2), generator=torch.Generator().manual_seed(3))
     batch = Batch(x0, pipe.encode_prompts(["a red circle moves left"] * 2), pipe.null_condition(2), ["p"] * 2,
                   torch.arange(2))
-    config = dict(source="forward", times="uniform")
-    disc = QueueGANDiscriminator(QueueGANDiscriminator.Config(**config), "adv_d")
-    gen = QueueGANGenerator(QueueGANGenerator.Config(**config), "adv_g")
+    disc = QueueGANDiscriminator(QueueGANDiscriminator.Config(source="forward"), "adv_d")
+    gen = QueueGANGenerator(QueueGANGenerator.Config(source="forward"), "adv_g")
     for step in range(6):  # a whole cycle and the start of the next
         for objective, role in ((gen, "student"), (disc, "discriminator")):
-            out = objective(batch, roles, make_ctx(2, role=role, step=step))
+            out = objective(batch, roles, make_ctx(2, role=role, step=step, times="accvideo_uniform"))
             assert torch.isfinite(out.losses["adv"]).all()
     assert disc.queues.size(0) == 2

@@ -236,7 +236,8 @@ def test_objectives_train_in_the_engine_with_pipeline_roles(teacher_dir, tmp_pat
     """vsd + cd + ddpo on the student, fake_score on its own role, listed by kind in a stage."""
     from fewstep.engine.distributed import DistEnv
     from fewstep.engine.trainer import Trainer
-    from fewstep.recipes.finetune import Finetune
+    from fewstep.recipes.base import recipe_class
+    Finetune = recipe_class("finetune")
 
     times = [999, 499]
     base = {

@@ -313,7 +313,8 @@ def test_lrm_objectives_train_in_the_engine(teacher_dir, tmp_path):
     """What a DOLLAR recipe adds to PipelineRecipe: an ``lrm`` role built with build_lrm."""
     from fewstep.engine.distributed import DistEnv
     from fewstep.engine.trainer import Trainer
-    from fewstep.recipes.finetune import Finetune
+    from fewstep.recipes.base import recipe_class
+    Finetune = recipe_class("finetune")
 
     class WithLRM(Finetune):  # any recipe builds an lrm role from its `build:` (recipes/builders.py)
         pass

@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from fewstep.diffusion.parameterization import PREDICTION_TYPES, Prediction, from_x0_eps, to_x0_eps
+from fewstep.diffusion.parameterization import PREDICTION_TYPES, Prediction, from_x0_eps
 from fewstep.diffusion.schedules import FlowMatching, VPDiscrete
 
 SCHEDULES = {"flow": FlowMatching(shift=3.0), "vp": VPDiscrete(zero_terminal_snr=False)}

@@ -14,8 +14,9 @@ import yaml
 from fewstep.engine.distributed import DistEnv
 from fewstep.engine.trainer import Trainer
 from fewstep.models.pipeline import VideoPipeline
-from fewstep.objectives.trajectory import KEY_GRIDS
-from fewstep.recipes.accvideo import AccVideo
+from fewstep.diffusion.schedules import TIME_GRIDS
+from fewstep.recipes.base import recipe_class
+AccVideo = recipe_class("accvideo")
 from fewstep.recipes.sources import ToyWorldSource
 from fewstep.synth import synthesize
 from helpers import cli, losses, make_tiny_pipeline, tensors
@@ -24,9 +25,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 #: A tiny run: batch 4, every step logged, no evaluation; learning rates raised for 20 steps.
 TINY = ["train.batch_size=4", "train.log_every=1", "train.eval_every=0", "train.checkpoint_every=0",
-        "train.tensorboard=false", "roles.student.optim.lr=3e-3", "roles.student.optim.warmup_steps=0",
-        "roles.discriminator.optim.lr=1e-3"]
-KEYS = list(KEY_GRIDS["keys"])
+        "train.tensorboard=false", "roles.student.optim.lr=3e-3", "roles.student.optim.warmup_steps=0"]
+KEYS = list(TIME_GRIDS["accvideo_keys"])
+UNIFORM = list(TIME_GRIDS["accvideo_uniform"])
 
 
 @pytest.fixture(scope="module")
@@ -67,59 +68,63 @@ def overrides(teacher, data, *extra) -> list[str]:
 # ------------------------------------------------------------------------------------ the config
 def test_dry_run_prints_the_resolved_config(teacher_dir, stores, tmp_path, capsys):
     cfg = dry_run(capsys, teacher_dir, stores["keys"], tmp_path)
-    assert (cfg["adversarial"], cfg["single_head"], cfg["times"], cfg["source"]) == (True, False, "keys", "trajectory")
+    assert cfg["preset"] == [] and cfg["data"] == {"kind": "trajectory_store", "path": str(stores["keys"])}
+    assert cfg["generator"] == {"sampler": "euler", "times": "accvideo_keys", "cfg_scale": None, "snap_to_data": True}
     assert list(cfg["roles"]) == ["student", "teacher", "discriminator"] and cfg["roles"]["teacher"]["optim"] is None
+    assert cfg["roles"]["discriminator"]["build"]["single_head"] is False
     objectives = cfg["stages"]["accvideo"]["objectives"]
     assert {name: (o["kind"], o["role"], o["weight"]) for name, o in objectives.items()} == {
         "traj": ("trajectory_guidance", "student", 1.0), "adv_g": ("queue_gan_generator", "student", 0.1),
         "adv_d": ("queue_gan_discriminator", "discriminator", 0.1)}  # λ_adv = 0.1
-    assert {(o["times"], o["source"]) for o in objectives.values()} == {("keys", "trajectory")}
+    assert {o["source"] for o in objectives.values()} == {"trajectory"}
+    assert not any("times" in o for o in objectives.values())  # the key times are the generator's
     assert objectives["adv_g"]["features"] == {"role": "teacher", "block": -1, "clean_block": None}
-    assert cfg["train"]["eval_steps"] == [5]
+    assert cfg["train"]["eval_steps"] is None
     # the resolved config is a fixed point (what --resume re-reads from RUN/config.yaml)
     again = AccVideo.load_config(None, [], base=cfg)
     assert yaml.safe_load(yaml.safe_dump(again.model_dump(mode="json"))) == cfg
 
 
-@pytest.mark.parametrize("switch,store,objectives,fields", [
-    ("adversarial=false", "keys", ["traj"], {"times": "keys", "source": "trajectory"}),
-    ("single_head=true", "keys", ["traj", "adv_g", "adv_d"], {"times": "keys", "source": "trajectory"}),
-    ("times=uniform", "all", ["traj", "adv_g", "adv_d"], {"times": "uniform", "source": "trajectory"}),
-    ("source=forward", None, ["traj", "adv_g", "adv_d"], {"times": "keys", "source": "forward"}),
+@pytest.mark.parametrize("preset,store,objectives,source", [
+    ("traj_only", "keys", ["traj"], "trajectory"),
+    ("single_head", "keys", ["traj", "adv_g", "adv_d"], "trajectory"),
+    ("uniform_times", "all", ["traj", "adv_g", "adv_d"], "trajectory"),
+    ("forward", None, ["traj", "adv_g", "adv_d"], "forward"),
 ])
-def test_switches_reach_the_objectives(teacher_dir, stores, tmp_path, capsys, switch, store, objectives, fields):
-    cfg = dry_run(capsys, teacher_dir, stores[store] if store else None, tmp_path, switch)
-    name, value = switch.split("=")
-    assert cfg[name] == yaml.safe_load(value)
+def test_presets_reach_the_objectives(teacher_dir, stores, tmp_path, capsys, preset, store, objectives, source):
+    cfg = dry_run(capsys, teacher_dir, stores[store] if store else None, tmp_path, f"preset={preset}")
     stage = cfg["stages"]["accvideo"]["objectives"]
-    assert list(stage) == objectives
-    assert all({k: o[k] for k in fields} == fields for o in stage.values())
-    assert ("discriminator" in cfg["roles"]) == (switch != "adversarial=false")
+    assert list(stage) == objectives and {o["source"] for o in stage.values()} == {source}
+    assert ("discriminator" in cfg["roles"]) == (preset != "traj_only")
+    assert cfg["generator"]["times"] == ("accvideo_uniform" if preset == "uniform_times" else "accvideo_keys")
+    assert cfg["data"]["kind"] == ("toy_world" if preset == "forward" else "trajectory_store")
 
 
 # ------------------------------------------------------------------------------------ the ablations
-@pytest.mark.parametrize("switch", ["adversarial=false", "single_head=true", "times=uniform", "source=forward"])
-def test_ablations_build_and_train(teacher_dir, stores, tmp_path, switch):
-    store = {"times=uniform": stores["all"], "source=forward": None}.get(switch, stores["keys"])
-    recipe = AccVideo(AccVideo.load_config(None, overrides(teacher_dir, store, switch, "train.steps=1")))
+@pytest.mark.parametrize("preset", ["traj_only", "single_head", "uniform_times", "forward"])
+def test_ablations_build_and_train(teacher_dir, stores, tmp_path, preset):
+    store = {"uniform_times": stores["all"], "forward": None}.get(preset, stores["keys"])
+    recipe = AccVideo(AccVideo.load_config(None, overrides(teacher_dir, store, f"preset={preset}", "train.steps=1")))
     trainer = Trainer(recipe, tmp_path / "run", DistEnv())
     (stage,) = trainer.stages
     record = trainer.train_step()
     assert np.isfinite(record["loss/student/traj/traj"])
-    if switch == "adversarial=false":
+    if preset == "traj_only":
         assert [o.kind for o in stage.objectives] == ["trajectory_guidance"] and "discriminator" not in trainer.roles
         return
     assert stage.order == ["student", "discriminator"]  # Alg. 1: s_β, then H_k
     assert np.isfinite(record["loss/discriminator/adv_d/adv"]) and np.isfinite(record["loss/student/adv_g/adv"])
     heads = trainer.roles["discriminator"].module
-    assert len(heads.heads) == (1 if switch == "single_head=true" else 5)
+    assert len(heads.heads) == (1 if preset == "single_head" else 5)
     grid = recipe.student_pipeline().config.sampling.times
-    if switch == "times=uniform":  # the nearest stored times of the 10-step path: "selected from our trajectories"
+    trained = [*trainer.student.step_times(recipe.pipeline.denoiser.schedule).tolist(), 0.0]
+    assert grid == trained  # the exported sampler is the generator the objectives trained
+    if preset == "uniform_times":  # the nearest stored times of the 10-step path: "selected from our trajectories"
         assert grid[0] == 1.0 and grid[-1] == 0.0 and grid != KEYS
-        assert max(abs(a - b) for a, b in zip(grid, KEY_GRIDS["uniform"])) < 0.05
+        assert max(abs(a - b) for a, b in zip(grid, UNIFORM)) < 0.05
     else:
         assert grid == KEYS
-    assert isinstance(trainer.source, ToyWorldSource) == (switch == "source=forward")
+    assert isinstance(trainer.source, ToyWorldSource) == (preset == "forward")
 
 
 # ------------------------------------------------------------------------------------ training
@@ -201,20 +206,26 @@ def test_stop_and_resume_is_exact(smoke_run, teacher_dir, stores, tmp_path, caps
 
 # ------------------------------------------------------------------------------------ bad input
 @pytest.mark.parametrize("store,override,message", [
-    (None, "times=keys", "config key 'data': give the trajectory store"),
-    ("keys", "times=uniform", "config key 'times': 'uniform' on store"),
-    ("keys", "times=linear", "config key 'times': Input should be 'keys' or 'uniform'"),
-    ("keys", "single_head=maybe", "config key 'single_head'"),
-    ("keys", "stages.accvideo.objectives.traj.times=uniform",
-     "'stages.accvideo.objectives.traj.times': 'uniform' disagrees with times='keys'; set times instead"),
+    (None, "train.steps=5", "config key 'data': this recipe trains on data you give"),
+    ("keys", "preset=uniform_times", "config key 'generator.times': 'accvideo_uniform' on trajectory_store data: "
+                                     "no stored latent near t=0.4"),
+    ("keys", "generator.times=linear", "config key 'generator.times': Value error, unknown timestep grid 'linear'"),
+    ("keys", "generator.sampler=consistency", "objective 'trajectory_guidance' trains the student's Euler steps"),
+    ("keys", "generator.snap_to_data=false", None),  # the keys store holds the key times exactly: fine
+    ("keys", "roles.discriminator.build.single_head=maybe", "config key 'roles.discriminator.build.single_head'"),
+    ("keys", "stages.accvideo.objectives.traj.times=uniform", "unknown config key 'stages.accvideo.objectives.traj.times'"),
     ("keys", "stages.accvideo.objectives.adv_g.loss=wasserstein", "config key 'stages.accvideo.objectives.adv_g.loss'"),
     ("keys", "roles.lrm.optim.lr=1e-4", "role 'lrm' has an optimizer but no objective updates it"),
     ("keys", "roles.discriminator.optim=null", "objective 'queue_gan_discriminator' updates role 'discriminator', "
                                                "which is frozen"),
+    ("keys", "data={kind: toy_world}", "objective 'trajectory_guidance' needs batches with 'trajectory'"),
 ])
 def test_bad_config_is_one_line_exit_2(teacher_dir, stores, tmp_path, capsys, store, override, message):
-    rc, _, err = cli(capsys, "distill", "--recipe", "accvideo", "--out", tmp_path / "run",
-                     *accvideo_sets(teacher_dir, stores[store] if store else None, override))
+    args = ["distill", "--recipe", "accvideo", "--out", tmp_path / "run", *(["--dry-run"] if message is None else [])]
+    rc, _, err = cli(capsys, *args, *accvideo_sets(teacher_dir, stores[store] if store else None, override))
+    if message is None:
+        assert rc == 0, err
+        return
     assert rc == 2
     assert message in err and err.startswith("error: ") and err.count("\n") == 1, err
     assert not (tmp_path / "run").exists()
@@ -243,7 +254,7 @@ def test_dollar_lrm_on_accvideo_trajectories_is_a_config_change(teacher_dir, sto
                      *accvideo_sets(teacher_dir, stores["keys"], "train.steps=3"))
     assert rc == 0, err
     config = yaml.safe_load((run / "config.yaml").read_text())
-    assert config["generator"] == {"sampler": "euler", "times": "accvideo_keys", "cfg_scale": None}
+    assert config["generator"] == {"sampler": "euler", "times": "accvideo_keys", "cfg_scale": None, "snap_to_data": True}
     record = losses(run)[3]
     for key in ("loss/lrm/lrm/mse", "loss/student/ft/ft", "loss/student/traj/traj", "loss/discriminator/adv_d/adv"):
         assert np.isfinite(record[key]), key

@@ -14,7 +14,8 @@ from fewstep.engine.distributed import DistEnv
 from fewstep.engine.trainer import Trainer
 from fewstep.models.pipeline import VideoPipeline
 from fewstep.objectives.student import step_times
-from fewstep.recipes.dollar import Dollar
+from fewstep.recipes.base import recipe_class
+Dollar = recipe_class("dollar")
 from helpers import cli, losses, tensors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -43,49 +44,66 @@ def dry_run(capsys, teacher, tmp_path, *extra) -> dict:
 # ------------------------------------------------------------------------------------ the config
 def test_dry_run_prints_the_resolved_config(teacher_dir, tmp_path, capsys):
     cfg = dry_run(capsys, teacher_dir, tmp_path)
-    assert cfg["ablation"] == "vsd_cd" and cfg["student_steps"] == 4 and cfg["m"] == 5
+    assert list(cfg)[:5] == ["model", "preset", "data", "evaluator", "generator"] and cfg["preset"] == []
+    assert "presets" not in cfg  # the overlays never reach the validated config
     roles = cfg["roles"]
-    assert list(roles) == ["student", "teacher", "fake_score"]  # no lrm without an LRM objective
+    assert list(roles) == ["student", "teacher", "fake_score"]  # no lrm without the lrm preset
     assert roles["student"]["every"] == 5 and roles["student"]["ema"] == 0.95
     assert roles["fake_score"]["every"] == 1 and roles["teacher"]["optim"] is None
     objectives = cfg["stages"]["dollar"]["objectives"]
     assert {name: (o["kind"], o["role"], o["weight"]) for name, o in objectives.items()} == {
         "vsd": ("vsd", "student", 1.0), "cd": ("cd", "student", 0.5), "fake": ("fake_score", "fake_score", 1.0)}
-    assert cfg["generator"] == {"sampler": "consistency", "times": "dollar4", "cfg_scale": None}
+    assert cfg["generator"] == {"sampler": "consistency", "times": "dollar4", "cfg_scale": None,
+                                "snap_to_data": False}
     assert not any("student_times" in o for o in objectives.values())  # one generator, read by all
     assert objectives["cd"]["m"] == 5 and objectives["cd"]["parameterization"] == "native"
-    assert cfg["train"]["eval_steps"] == [4]
+    assert cfg["train"]["eval_steps"] is None  # the evaluation samples the student as exported
     # the resolved config is a fixed point (what --resume re-reads from RUN/config.yaml)
     again = Dollar.load_config(None, [], base=cfg)
     assert yaml.safe_load(yaml.safe_dump(again.model_dump(mode="json"))) == cfg
 
 
-def test_switches_are_set_once(teacher_dir, tmp_path, capsys):
-    cfg = dry_run(capsys, teacher_dir, tmp_path, "ablation=vsd_cd_lrm", "student_steps=2", "m=1",
-                  "parameterization=x0", "reward=sharpness")
+def test_presets_overlay_in_order_and_explicit_keys_win(teacher_dir, tmp_path, capsys):
+    cfg = dry_run(capsys, teacher_dir, tmp_path, "preset=[lrm, steps2, m1, x0]",
+                  "stages.dollar.objectives.lrm.reward=sharpness")
+    assert cfg["preset"] == ["lrm", "steps2", "m1", "x0"]
     objectives = cfg["stages"]["dollar"]["objectives"]
     assert list(objectives) == ["vsd", "cd", "fake", "lrm", "ft"]  # Alg. 1's order
     assert cfg["generator"]["times"] == "dollar2"
     assert objectives["cd"]["m"] == 1 and objectives["cd"]["parameterization"] == "x0"
-    assert objectives["lrm"]["reward"] == "sharpness" and objectives["lrm"]["decoder"] == str(teacher_dir)
-    assert "lrm" in cfg["roles"] and cfg["train"]["eval_steps"] == [2]
-    # an objective key given the value its switch sets is fine
-    dry_run(capsys, teacher_dir, tmp_path, "student_steps=2", "generator.times=dollar2")
+    assert objectives["lrm"]["reward"] == "sharpness" and objectives["lrm"]["decoder"] is None  # the model's codec
+    assert list(cfg["roles"]) == ["student", "teacher", "fake_score", "lrm"]
+    # --set beats a preset whatever the order on the command line; vsd removes cd
+    cfg = dry_run(capsys, teacher_dir, tmp_path, "stages.dollar.objectives.cd.m=3", "preset=m1")
+    assert cfg["stages"]["dollar"]["objectives"]["cd"]["m"] == 3
+    cfg = dry_run(capsys, teacher_dir, tmp_path, "preset=vsd")
+    assert list(cfg["stages"]["dollar"]["objectives"]) == ["vsd", "fake"]
+
+
+def test_presets_are_listed_and_fixed_at_the_start(teacher_dir, tmp_path, capsys):
+    rc, out, _ = cli(capsys, "recipes", "dollar")
+    assert rc == 0 and all(f"--preset {name}" in out for name in ("vsd", "lrm", "ddpo", "steps2", "m1", "x0"))
+    rc, out, _ = cli(capsys, "recipes")
+    assert rc == 0 and {line.split()[0] for line in out.splitlines()} >= {"dollar", "accvideo", "finetune"}
+    cfg = Dollar.load_config(None, [f"model={teacher_dir}", "preset=lrm"]).model_dump(mode="json")
+    assert Dollar.load_config(None, ["train.steps=10"], base=cfg).preset == ["lrm"]  # resume: not re-applied
+    with pytest.raises(Exception, match="presets are applied when a run starts"):
+        Dollar.load_config(None, ["preset=[lrm, m1]"], base=cfg)
 
 
 #: The loss term each objective kind logs.
 TERM = {"vsd": "vsd", "cd": "cd", "fake_score": "mse", "lrm_fit": "mse", "lrm_finetune": "ft", "ddpo": "ddpo"}
 
 
-@pytest.mark.parametrize("ablation,kinds,roles", [
+@pytest.mark.parametrize("presets,kinds,roles", [  # DOLLAR Tab. 3 and 5 rows
     ("vsd", ["vsd", "fake_score"], ["student", "fake_score"]),
-    ("vsd_cd", ["vsd", "cd", "fake_score"], ["student", "fake_score"]),
-    ("vsd_lrm", ["vsd", "fake_score", "lrm_fit", "lrm_finetune"], ["student", "fake_score", "lrm"]),
-    ("vsd_cd_lrm", ["vsd", "cd", "fake_score", "lrm_fit", "lrm_finetune"], ["student", "fake_score", "lrm"]),
-    ("vsd_ddpo", ["vsd", "fake_score", "ddpo"], ["student", "fake_score"]),
+    ("", ["vsd", "cd", "fake_score"], ["student", "fake_score"]),
+    ("vsd,lrm", ["vsd", "fake_score", "lrm_fit", "lrm_finetune"], ["student", "fake_score", "lrm"]),
+    ("lrm", ["vsd", "cd", "fake_score", "lrm_fit", "lrm_finetune"], ["student", "fake_score", "lrm"]),
+    ("vsd,ddpo", ["vsd", "fake_score", "ddpo"], ["student", "fake_score"]),
 ])
-def test_ablation_presets_build_their_objectives(teacher_dir, tmp_path, ablation, kinds, roles):
-    overrides = [f"model={teacher_dir}", *TINY, f"ablation={ablation}", "student_steps=2", "train.steps=1",
+def test_ablation_presets_build_their_objectives(teacher_dir, tmp_path, presets, kinds, roles):
+    overrides = [f"model={teacher_dir}", *TINY, f"preset={presets},steps2", "train.steps=1",
                  "roles.student.every=1"]
     trainer = Trainer(Dollar(Dollar.load_config(None, overrides)), tmp_path / "run", DistEnv())
     (stage,) = trainer.stages
@@ -153,8 +171,9 @@ def test_resume_continues_the_expanded_config(smoke_run, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("steps", [1, 2, 4])
-def test_student_export_uses_student_steps(teacher_dir, tmp_path, steps):
-    recipe = Dollar(Dollar.load_config(None, [f"model={teacher_dir}", f"student_steps={steps}"]))
+def test_student_export_uses_the_generator(teacher_dir, tmp_path, steps):
+    preset = {1: "steps1", 2: "steps2", 4: ""}[steps]
+    recipe = Dollar(Dollar.load_config(None, [f"model={teacher_dir}", f"preset={preset}"]))
     recipe.student_pipeline().save(tmp_path / "student")
     student = VideoPipeline.load(tmp_path / "student")
     _, result = student.generate(["a red circle moves right"], seed=0)
@@ -165,20 +184,17 @@ def test_student_export_uses_student_steps(teacher_dir, tmp_path, steps):
 
 # ------------------------------------------------------------------------------------ bad input
 @pytest.mark.parametrize("override,message", [
-    ("ablation=vsd_gan", "config key 'ablation': Input should be 'vsd', 'vsd_cd'"),
+    ("preset=vsd_gan", "config key 'preset': unknown preset 'vsd_gan' of recipe 'dollar'; known: vsd, lrm"),
     ("ablatoin=vsd", "unknown config key 'ablatoin'"),
-    ("student_steps=3", "config key 'student_steps'"),
-    ("m=0", "config key 'm': Input should be greater than or equal to 1"),
-    ("m=60", "config key 'm': 60 teacher steps exceed the 50 steps"),
-    ("parameterization=homogeneous", "config key 'parameterization'"),
-    ("reward=pickscore", "unknown reward 'pickscore'"),
-    ("generator.times=dollar2", "'generator.times': 'dollar2' disagrees with student_steps=4"),
+    ("generator.times=dollar3", "config key 'generator.times': Value error, unknown timestep grid 'dollar3'"),
+    ("stages.dollar.objectives.cd.m=0", "config key 'stages.dollar.objectives.cd.m': Input should be greater"),
+    ("stages.dollar.objectives.cd.m=60", "m = 60 teacher steps exceed the 50 steps of grid 'ddim50'"),
+    ("stages.dollar.objectives.cd.parameterization=homogeneous", "'stages.dollar.objectives.cd.parameterization'"),
     ("stages.dollar.objectives.vsd.student_times=dollar2",
      "unknown config key 'stages.dollar.objectives.vsd.student_times'"),
-    ("stages.dollar.objectives.cd.m=1", "set m instead"),
-    ("stages.dollar.objectives.ddpo.etaa=1", "unknown config key 'stages.dollar.objectives.ddpo.etaa'"),
-    ("stages.dollar.objectives.cd=null", "'vsd_cd' needs an objective of kind 'cd'"),
+    ("stages.dollar.objectives.ddpo.etaa=1", "missing config key 'stages.dollar.objectives.ddpo.kind'"),
     ("roles.discriminator.optim.lr=1e-4", "role 'discriminator' has an optimizer but no objective updates it"),
+    ("generator=null", "objective 'vsd' samples the student, which needs a generator: block"),
 ])
 def test_bad_config_is_one_line_exit_2(teacher_dir, tmp_path, capsys, override, message):
     rc, _, err = cli(capsys, "distill", "--recipe", "dollar", "--out", tmp_path / "run",
@@ -188,7 +204,17 @@ def test_bad_config_is_one_line_exit_2(teacher_dir, tmp_path, capsys, override, 
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("override,message", [
+    ("stages.dollar.objectives.lrm.reward=pickscore", "unknown reward 'pickscore'"),
+    ("stages.dollar.objectives.ddpo.etaa=1", "unknown config key 'stages.dollar.objectives.ddpo.etaa'"),
+])
+def test_bad_keys_of_preset_objectives(teacher_dir, tmp_path, capsys, override, message):
+    rc, _, err = cli(capsys, "distill", "--recipe", "dollar", "--out", tmp_path / "run", "--preset", "lrm",
+                     "--preset", "ddpo", *dollar_sets(teacher_dir, override))
+    assert rc == 2 and message in err and err.count("\n") == 1, err
+
+
 def test_ddpo_needs_two_student_steps(teacher_dir, tmp_path, capsys):
     rc, _, err = cli(capsys, "distill", "--recipe", "dollar", "--out", tmp_path / "run",
-                     *dollar_sets(teacher_dir, "ablation=vsd_ddpo", "student_steps=1"))
-    assert rc == 2 and "config key 'student_steps'" in err and "ddpo" in err and err.count("\n") == 1, err
+                     *dollar_sets(teacher_dir, "preset=vsd,ddpo,steps1"))
+    assert rc == 2 and "objectives.ddpo" in err and "at least 2 student steps" in err and err.count("\n") == 1, err

@@ -7,7 +7,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from fewstep.errors import UserError
 from fewstep.models.codec import ToyCodec, ToyCodecConfig, frames_to_video, psnr, video_to_frames
 from fewstep.models.text_encoder import ToyTextEncoder, ToyTextEncoderConfig, WordTokenizer
-from fewstep.models.toy_dit import ToyDiT, ToyDiTConfig
+from fewstep.models.toy_dit import ToyDiT
 
 TINY_DIT = dict(hidden_dim=32, depth=3, num_heads=2, text_dim=16, latent_frames=4, latent_height=4, latent_width=4)
 

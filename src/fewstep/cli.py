@@ -303,6 +303,8 @@ def distill(
     recipe: str = typer.Option(None, "--recipe", help="Recipe name (finetune, …); optional with --resume."),
     config: Path = typer.Option(None, "--config", help="YAML file merged over the recipe's defaults."),
     overrides: list[str] = typer.Option([], "--set", help="Override a config key: --set train.steps=100 (repeatable)."),
+    presets: list[str] = typer.Option([], "--preset", help="Apply a preset of the recipe (repeatable, in order; "
+                                                             "`fewstep recipes NAME` lists them)."),
     out: Path = typer.Option(None, "--out", help="Run directory to write (default with --resume: that run)."),
     resume: Path = typer.Option(None, "--resume", help="Continue the run in this directory from its latest checkpoint."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config as YAML and exit."),
@@ -311,9 +313,29 @@ def distill(
     """Train a few-step student with a recipe (torchrun-aware); RUN/student is the exported model."""
     from .recipes.launch import distill as run_distill
 
+    if presets:
+        overrides = [*overrides, f"preset=[{', '.join(presets)}]"]
     text = run_distill(recipe, config, overrides, out, resume, dry_run, overwrite)
     if dry_run:
         typer.echo(text, nl=False)
+
+
+@app.command()
+def recipes(name: str = typer.Argument(None, help="A recipe: list its presets.")):
+    """List the recipes (or one recipe's presets, for `distill --preset`)."""
+    from .recipes.base import all_recipes, recipe_class
+    from .recipes.presets import describe
+
+    if name is None:
+        found = all_recipes()
+        width = max(map(len, found))
+        for key, cls in found.items():
+            typer.echo(f"{key:<{width}}  {(cls.__doc__ or '').strip().splitlines()[0] if cls.__doc__ else ''}")
+        return
+    cls = recipe_class(name)
+    lines = describe(cls.presets())
+    typer.echo(f"{name}: {cls.defaults_path()}")
+    typer.echo("\n".join(f"  --preset {line}" for line in lines) if lines else "  (no presets)")
 
 
 @app.command()

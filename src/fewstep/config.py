@@ -184,8 +184,12 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 
 def dump_config(cfg: BaseModel) -> str:
-    """The resolved config as YAML (what ``--dry-run`` prints and runs save as config.yaml)."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """The resolved config as YAML (what ``--dry-run`` prints and runs save as config.yaml); the keys a
+    model lists in its ``dump_first`` class attribute come first."""
+    data = cfg.model_dump(mode="json")
+    first = [k for k in getattr(cfg, "dump_first", ()) if k in data]
+    data = {**{k: data[k] for k in first}, **{k: v for k, v in data.items() if k not in first}}
+    return yaml.safe_dump(data, sort_keys=False)
 
 
 class KindRegistry(dict):

@@ -44,7 +44,8 @@ class TrainConfig(StrictModel):
     max_bad_steps: int = Field(10, ge=1, description="stop after this many non-finite steps in a row")
     stop_on_collapse: bool = Field(False, description="stop when a health check fails")
     eval_every: int = Field(0, ge=0, description="steps between evaluations (0 = never)")
-    eval_steps: list[int] = Field([4], min_length=1, description="sampler step counts evaluated")
+    eval_steps: list[int] | None = Field(None, min_length=1, description=(
+        "sampler step counts evaluated on the model's grid; null: the student as exported (its generator)"))
     eval_prompts: int = Field(2, ge=1, le=24, description="first N of the evaluator's prompts")
     eval_samples: int = Field(4, ge=2, description="samples per prompt (diversity needs >= 2)")
     log_every: int = Field(10, ge=1)
@@ -76,8 +77,9 @@ def _prefixed(message: str, prefix: str) -> str:
 
 class EngineConfig(StrictModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
-    generator: GeneratorConfig = Field(default_factory=GeneratorConfig, description=(
-        "how the student samples: every objective that draws student samples and the exported model use it"))
+    generator: GeneratorConfig | None = Field(default_factory=GeneratorConfig, description=(
+        "how the student samples: every objective that draws student samples, the periodic evaluation and the "
+        "exported model use it; null: the student is a full model that keeps the model's own sampler (fine-tuning)"))
     roles: dict[RoleName, RoleSpec] = Field(min_length=1)
     stages: dict[str, StageConfig] = Field(min_length=1)
 
@@ -114,6 +116,11 @@ class EngineConfig(StrictModel):
                     if role not in self.roles:
                         raise UserError(f"config key '{key}': objective {obj.kind!r} uses role {role!r}, which is "
                                         f"not declared under roles (declared: {declared})")
+                if obj.samples_student() and self.generator is None:
+                    raise UserError(f"config key '{key}': objective {obj.kind!r} samples the student, which needs a "
+                                    f"generator: block (generator is null)")
+                if self.generator is not None:
+                    obj.check_generator(self.generator, key)
                 if not self.roles[obj.role].trainable:
                     raise UserError(f"config key '{key}.role': objective {obj.kind!r} updates role {obj.role!r}, "
                                     f"which is frozen (give roles.{obj.role}.optim)")

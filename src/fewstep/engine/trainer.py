@@ -91,6 +91,7 @@ class Plan(Protocol):
     def data_source(self, device: torch.device) -> DataSource: ...
     def evaluator(self, monitor: HealthMonitor) -> Evaluator: ...  # periodic evaluation of the student
     def student_pipeline(self): ...  # a plain model (VideoModel) to load student weights into, or None
+    def student_generator(self) -> StudentGenerator: ...  # the one G_θ(ε) every objective samples
     def example_prompt(self) -> str: ...  # shown in the commands printed at the end of a run
     def start_stage(self, index: int, roles: Roles) -> None: ...
 
@@ -221,7 +222,7 @@ class Trainer:
         self.source = plan.data_source(env.device)
         self._prefetcher: Prefetcher | None = None  # started by the first step that reads the source
         self.flush_denormal = False  # set by train(): the data thread flushes denormals as the main thread does
-        self.student = StudentGenerator(cfg.generator)  # the one G_θ(ε) every objective samples
+        self.student = plan.student_generator()  # the one G_θ(ε) every objective samples (ctx.student)
         self.monitor = HealthMonitor(cfg.train.health)
         self.state = TrainState()
         self.logger: RunLogger | NullLogger = NullLogger()

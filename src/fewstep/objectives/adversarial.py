@@ -63,9 +63,9 @@ from ..config import StrictModel
 from ..diffusion.samplers import euler_step, sample_euler
 from ..models.backbones import Conditioning
 from ..models.features import depth, extract_features, token_grid
-from .base import Batch, Objective, ObjectiveConfig, ObjectiveOutput, RoleName, Roles, StepContext, register_objective
+from .base import Batch, Objective, ObjectiveOutput, RoleName, Roles, StepContext, register_objective
 from .gan import FrameHead, GANLoss, discriminator_loss, generator_loss
-from .trajectory import KEY_GRIDS, KeyGrid, KeySource, key_grid, key_latents, stored_times
+from .trajectory import KeyTimesConfig, key_grid, key_latents, stored_times
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,11 +185,9 @@ class LatentQueues:
 # AccVideo's objectives
 # ---------------------------------------------------------------------------------------------
 
-class QueueGANConfig(ObjectiveConfig):
-    """Keys both queue-GAN objectives have."""
+class QueueGANConfig(KeyTimesConfig):
+    """Keys both queue-GAN objectives have (the key times are the generator's, as for trajectory_guidance)."""
 
-    times: KeyGrid = Field("keys", description="key timesteps of the queues and heads (as trajectory_guidance)")
-    source: KeySource = Field("trajectory", description="real latents: stored trajectories or forward diffusion")
     loss: GANLoss = Field("non_saturating", description="GAN loss form (module doc)")
     features: FeatureConfig = Field(default_factory=FeatureConfig)
     queue_size: int = Field(64, ge=1, description="capacity of each latent queue Q_j")
@@ -228,9 +226,20 @@ class _QueueGAN(Objective):
     def __init__(self, config: QueueGANGeneratorConfig | QueueGANDiscriminatorConfig, name: str):
         super().__init__(config, name)
         self.student_role, self.heads_role = config.roles
-        self.m = len(KEY_GRIDS[config.times]) - 1
-        self.queues = LatentQueues(self.m, config.queue_size)
+        self.m = 0  # the generator's steps: known at the first call (queues built then)
+        self.queues: LatentQueues | None = None
+        self._pending: dict[str, Tensor] | None = None  # queue state loaded before the first call
         self.steps_seen, self.last_step = 0, -1  # engine steps this objective has run; the last one
+
+    def _start(self, m: int) -> None:
+        """Build ``Q_0 … Q_m`` for an m-step generator (and restore a checkpoint's queues)."""
+        if self.queues is None:
+            self.m, self.queues = m, LatentQueues(m, self.config.queue_size)
+            if self._pending is not None:
+                self.queues.load_state_dict(self._pending)
+                self._pending = None
+        elif m != self.m:
+            raise ValueError(f"the generator has {m} steps but the queues were built for {self.m}")
 
     # -- Alg. 1 ----------------------------------------------------------------------------------
     def segment(self, ctx: StepContext) -> int:
@@ -243,6 +252,7 @@ class _QueueGAN(Objective):
               grad: bool) -> tuple[Tensor, Conditioning, int]:
         """``(l^gen_{t'_k}, its captions, k)`` by Alg. 1 l. 11–17; ``times`` (m + 1,) increasing (t'_0 first)."""
         student = roles[self.student_role].module
+        self._start(len(times) - 1)
         k, B = self.segment(ctx), len(batch)
         shape, dtype = tuple(batch.latents.shape[1:]), batch.latents.dtype
         as_student = replace(ctx, role=self.student_role)  # both objectives draw the same z
@@ -279,11 +289,15 @@ class _QueueGAN(Objective):
 
     # -- persistent state --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Tensor]:
-        return {**self.queues.state_dict(),
-                "cycle": torch.tensor([self.steps_seen, self.last_step], dtype=torch.int64)}
+        queues = self.queues.state_dict() if self.queues is not None else (self._pending or {})
+        return {**queues, "cycle": torch.tensor([self.steps_seen, self.last_step], dtype=torch.int64)}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.queues.load_state_dict(state)
+        queues = {k: v for k, v in state.items() if k != "cycle"}
+        if self.queues is not None:
+            self.queues.load_state_dict(queues)
+        else:
+            self._pending = queues
         self.steps_seen, self.last_step = (int(v) for v in state["cycle"])
 
 
@@ -295,7 +309,7 @@ class QueueGANGenerator(_QueueGAN):
     Config = QueueGANGeneratorConfig
 
     def __call__(self, batch: Batch, roles: Roles, ctx: StepContext) -> ObjectiveOutput:
-        grid, _ = key_grid(self.config.times, stored_times(batch, self.config.source))
+        grid, _ = key_grid(ctx, roles[self.student_role].module.schedule, stored_times(batch, self.config.source))
         times = grid.flip(0).to(batch.latents.device)  # (m + 1,) increasing: t'_0 … t'_m
         l_gen, cond, k = self.fakes(batch, roles, ctx, times, grad=True)
         d_fake = self.logits(roles, l_gen, times[k], cond, k, detach_heads=True)  # (B,)
@@ -312,7 +326,7 @@ class QueueGANDiscriminator(_QueueGAN):
 
     def __call__(self, batch: Batch, roles: Roles, ctx: StepContext) -> ObjectiveOutput:
         student = roles[self.student_role].module
-        keys = key_latents(batch, self.config.times, self.config.source, ctx, student.schedule, "adv")
+        keys = key_latents(batch, self.config.source, ctx, student.schedule, "adv")
         with torch.no_grad():
             l_gen, cond, k = self.fakes(batch, roles, ctx, keys.times, grad=False)
         d_real = self.logits(roles, keys.latents[:, k], keys.times[k], batch.cond, k)  # (B,)

@@ -175,6 +175,19 @@ class ObjectiveConfig(StrictModel):
         """Roles this objective needs besides the one it updates (e.g. a frozen teacher)."""
         return set()
 
+    def samples_student(self) -> bool:
+        """Whether it draws samples ``G(ε)`` of the run's generator (``generator:``; refused when that is null)."""
+        return False
+
+    def needs(self) -> set[str]:
+        """What its batches must carry beyond latents and captions, from the data source (e.g.
+        ``trajectory``: stored teacher paths); checked against the recipe's ``data:`` before a run."""
+        return set()
+
+    def check_generator(self, generator, key: str) -> None:
+        """Refuse a ``generator:`` block (:class:`~fewstep.objectives.student.GeneratorConfig`) this
+        objective cannot train (one-line :class:`UserError` naming ``key``)."""
+
 
 class LogitNormalTimes(StrictModel):
     """t = sigmoid(mean + std·z), z ~ N(0, 1) (Esser et al. 2024)."""

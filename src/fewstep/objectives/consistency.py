@@ -37,10 +37,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor
 
 from ..diffusion.samplers import euler_step
+from ..diffusion.schedules import FlowMatching
 from ..errors import UserError
 from ..models.backbones import Conditioning
 from .base import Batch, Objective, ObjectiveConfig, ObjectiveOutput, RoleName, Roles, StepContext, register_objective
@@ -67,6 +68,12 @@ class ConsistencyDistillationConfig(ObjectiveConfig):
 
     def reads(self) -> set[str]:
         return {self.teacher}
+
+    @model_validator(mode="after")
+    def _m_fits_grid(self) -> "ConsistencyDistillationConfig":
+        if self.m > (n := len(step_times(self.grid, FlowMatching()))):  # a grid's length is schedule-free
+            raise ValueError(f"m = {self.m} teacher steps exceed the {n} steps of grid {self.grid!r}")
+        return self
 
 
 @dataclass

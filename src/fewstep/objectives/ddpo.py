@@ -33,10 +33,11 @@ from pydantic import Field
 from torch import Tensor
 
 from ..diffusion.samplers import sample_ddim
+from ..diffusion.schedules import FlowMatching
 from ..errors import UserError
 from .base import Batch, ObjectiveOutput, Roles, StepContext, register_objective
 from .reward import PixelRewardConfig, PixelRewardObjective
-from .student import generator_noise, student_generator
+from .student import generator_noise, step_times, student_generator
 
 
 class DDPOConfig(PixelRewardConfig):
@@ -46,6 +47,14 @@ class DDPOConfig(PixelRewardConfig):
     advantage: Literal["per_prompt", "batch"] = Field("per_prompt", description="reward normalisation groups")
     advantage_clip: float = Field(5.0, gt=0, description="clip advantages to ±this (DDPO's adv_clip_max)")
     log_prob: Literal["mean", "sum"] = Field("mean", description="log p over dimensions: mean (DDPO code) or sum")
+
+    def samples_student(self) -> bool:
+        return True
+
+    def check_generator(self, generator, key: str) -> None:
+        if len(step_times(generator.times, FlowMatching())) < 2:
+            raise UserError(f"config key '{key}': objective 'ddpo' needs at least 2 student steps (a stochastic "
+                            f"transition), but generator.times is {generator.times!r}")
 
 
 @dataclass

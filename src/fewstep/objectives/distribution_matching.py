@@ -87,6 +87,9 @@ class VSDConfig(ObjectiveConfig):
     def reads(self) -> set[str]:
         return {self.teacher, self.fake_score}
 
+    def samples_student(self) -> bool:
+        return True
+
 
 @register_objective
 class VSD(Objective):
@@ -127,6 +130,9 @@ class FakeScoreLossConfig(ObjectiveConfig):
 
     def reads(self) -> set[str]:
         return {self.generator}
+
+    def samples_student(self) -> bool:
+        return True
 
 
 @register_objective

@@ -145,6 +145,9 @@ class LRMFitConfig(PixelRewardConfig):
     def reads(self) -> set[str]:
         return {self.generator} if self.generated else set()
 
+    def samples_student(self) -> bool:
+        return self.generated and self.generated_from == "sample"
+
 
 @register_objective
 class LRMFit(PixelRewardObjective):
@@ -212,6 +215,9 @@ class LRMFinetuneConfig(ObjectiveConfig):
                                                  "weight β_FT is in units of the reward's spread")
 
     lrm: RoleName = Field("lrm", description="the latent reward model role R^l_φ (frozen here)")
+
+    def samples_student(self) -> bool:
+        return True
 
     def reads(self) -> set[str]:
         return {self.lrm}

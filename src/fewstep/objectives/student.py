@@ -94,6 +94,9 @@ class GeneratorConfig(StrictModel):
     times: StepSchedule = Field("dollar4", description="the student's step times: a named grid (dollar4, "
                                                        "accvideo_keys, …) or integer timesteps [999, 749, …]")
     cfg_scale: float | None = Field(None, description="the student's own CFG w (null: none, as distilled students)")
+    snap_to_data: bool = Field(False, description=(
+        "move each time to the nearest one the data source stores (a trajectory store), as AccVideo's grids are "
+        "'selected from our synthetic trajectories'; an error when none lies within 0.05"))
 
 
 @dataclass
@@ -104,15 +107,46 @@ class StudentSample:
     times: Tensor  # (K,) float64 step times
 
 
-class StudentGenerator:
-    """``G_θ(ε)`` as the ``generator:`` block declares it; the engine puts one in ``ctx.student``."""
+#: How far a stored time may lie from the wanted one (AccVideo's §5.2 uniform grid is off by up to 0.026).
+TIME_TOLERANCE = 0.05
 
-    def __init__(self, config: GeneratorConfig | None = None):
+
+def select_times(stored: Tensor, wanted: Tensor) -> Tensor:
+    """Indices into ``stored`` (K,) of the times nearest to each of ``wanted`` (n,).
+
+    Each must lie within :data:`TIME_TOLERANCE` and all must be distinct; otherwise a one-line
+    error lists what the store holds.
+    """
+    distance = (stored[None, :].double() - wanted[:, None].double().to(stored.device)).abs()  # (n, K)
+    index = distance.argmin(dim=1)  # (n,)
+    far = distance.gather(1, index[:, None])[:, 0] > TIME_TOLERANCE
+    if bool(far.any()) or len(index.unique()) < len(index):
+        bad = float(wanted[far][0]) if bool(far.any()) else float(wanted[-1])
+        held = ", ".join(f"{t:.4g}" for t in stored.tolist()[:8]) + (", …" if len(stored) > 8 else "")
+        raise UserError(f"no stored latent near t={bad:.4g}: the trajectory store holds t = {held} (synthesize it "
+                        f"with --keep all for other grids)")
+    return index
+
+
+class StudentGenerator:
+    """``G_θ(ε)`` as the ``generator:`` block declares it; the engine puts one in ``ctx.student``.
+
+    ``stored_times``: the times the data source stores (float64, any order), which the step times
+    snap to when ``snap_to_data`` is set (None: the data stores no times).
+    """
+
+    def __init__(self, config: GeneratorConfig | None = None, stored_times: Sequence[float] | Tensor | None = None):
         self.config = config or GeneratorConfig()
+        self.stored = None
+        if self.config.snap_to_data and stored_times is not None:
+            self.stored = torch.as_tensor(stored_times, dtype=torch.float64)
 
     def step_times(self, schedule: Schedule) -> Tensor:
-        """``(K,)`` float64 times of the K network calls (all > 0)."""
-        return step_times(self.config.times, schedule)
+        """``(K,)`` float64 times of the K network calls (all > 0), snapped to the stored times if asked."""
+        times = step_times(self.config.times, schedule)
+        if self.stored is None:
+            return times
+        return self.stored[select_times(self.stored, times)]
 
     def sampling_times(self, schedule: Schedule) -> list[float]:
         """The times an exported model's sampler visits: the step times, then 0."""

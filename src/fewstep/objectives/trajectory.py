@@ -30,12 +30,16 @@ seeded by ``ctx`` so a sample's k does not depend on the batching). Alg. 1 inste
 ``m−1`` down to 0 over consecutive updates; the adversarial term keeps that cycle because its
 latent queues need it (:mod:`fewstep.objectives.adversarial`), this term does not.
 
-**Switches.**
+**Key times** are the run's student generator's (``generator:``, an Euler sampler: AccVideo's
+student *is* its m Euler steps), so this term trains exactly the steps the exported student
+takes: ``times: accvideo_keys`` (§4.2) or ``accvideo_uniform`` — the §5.2 / Tab. 4 ablation
+``{1, 0.8, 0.6, 0.4, 0.2, 0}``. From a store, ``generator.snap_to_data: true`` moves them to the
+nearest *stored* times (the paper's uniform grid, ``{1000, 810.9, 605.7, 378.3, 225.8, 0}``, is
+likewise "selected from our synthetic trajectories"), which for the uniform grid needs a store
+synthesized with ``--keep all``.
 
-* ``times: keys`` (§4.2) or ``uniform`` — the §5.2 / Tab. 4 ablation ``{1, 0.8, 0.6, 0.4, 0.2, 0}``.
-  From a store, the nearest *stored* times are used (the paper's uniform grid, ``{1000, 810.9,
-  605.7, 378.3, 225.8, 0}``, is likewise "selected from our synthetic trajectories"), which needs a
-  store synthesized with ``--keep all``.
+**Source.**
+
 * ``source: trajectory`` (the batch's ``extra["trajectory"]``, from a
   :class:`~fewstep.recipes.sources.TrajectorySource`) or ``forward``: real data latents
   forward-diffused to the key times, ``l_{t'_k} = α(t'_k)·x0 + σ(t'_k)·ε`` with one fresh ``ε``
@@ -53,49 +57,31 @@ from pydantic import Field
 from torch import Tensor
 
 from ..diffusion.samplers import euler_step
-from ..diffusion.schedules import TIME_GRIDS
 from ..errors import UserError
 from .base import Batch, Objective, ObjectiveConfig, ObjectiveOutput, Roles, StepContext, register_objective
+from .student import GeneratorConfig, student_generator
 
-KeyGrid = Literal["keys", "uniform"]
 KeySource = Literal["trajectory", "forward"]
 
-#: The grids ``times:`` selects, in sampler order (t'_m = 1 first, t'_0 = 0 last).
-KEY_GRIDS: dict[str, tuple[float, ...]] = {
-    "keys": tuple(TIME_GRIDS["accvideo_keys"]),  # AccVideo §4.2
-    "uniform": tuple(TIME_GRIDS["accvideo_uniform"]),  # AccVideo §5.2, Tab. 4 (its ablation grid)
-}
-#: How far a stored time may lie from the wanted one (the §5.2 uniform grid is off by up to 0.026).
-TIME_TOLERANCE = 0.05
 
+def key_grid(ctx: StepContext, schedule, stored: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """``(grid, index)``: the key times ``(m + 1,)`` float64 in sampler order (decreasing, ending at 0).
 
-def select_times(stored: Tensor, wanted: Tensor) -> Tensor:
-    """Indices into ``stored`` (K,) of the times nearest to each of ``wanted`` (m + 1,).
-
-    Each must lie within :data:`TIME_TOLERANCE` and all must be distinct; otherwise a one-line
-    error lists what the store holds.
+    The key times are the run's generator's (``ctx.student``: its m step times, then 0), so the
+    student is trained on exactly the steps it samples with. With ``stored`` times (a trajectory
+    store) every key time must be one of them (``index``: where); a generator with
+    ``snap_to_data: true`` moves its times there.
     """
-    distance = (stored[None, :].double() - wanted[:, None].double()).abs()  # (m + 1, K)
-    index = distance.argmin(dim=1)  # (m + 1,)
-    far = distance.gather(1, index[:, None])[:, 0] > TIME_TOLERANCE
-    if bool(far.any()) or len(index.unique()) < len(index):
-        bad = float(wanted[far][0]) if bool(far.any()) else float(wanted[-1])
-        held = ", ".join(f"{t:.4g}" for t in stored.tolist()[:8]) + (", …" if len(stored) > 8 else "")
-        raise UserError(f"no stored latent near t={bad:.4g}: the trajectory store holds t = {held} (synthesize it "
-                        f"with --keep all for other grids)")
-    return index
-
-
-def key_grid(times: KeyGrid, stored: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-    """``(grid, index)``: the key times ``(m + 1,)`` float64 in sampler order (decreasing).
-
-    Without ``stored`` times the grid is ``KEY_GRIDS[times]`` itself (and ``index`` None); with
-    them, the nearest stored times and their indices into ``stored``.
-    """
-    wanted = torch.tensor(KEY_GRIDS[times], dtype=torch.float64)
+    grid = torch.tensor(student_generator(ctx).sampling_times(schedule), dtype=torch.float64)
     if stored is None:
-        return wanted, None
-    index = select_times(stored, wanted.to(stored.device))
+        return grid, None
+    stored = stored.double()
+    distance = (stored[None, :] - grid[:, None].to(stored.device)).abs()  # (m + 1, K)
+    index = distance.argmin(dim=1)
+    if bool((distance.gather(1, index[:, None]) > 1e-6).any()):
+        held = ", ".join(f"{t:.4g}" for t in stored.tolist()[:8]) + (", …" if len(stored) > 8 else "")
+        raise UserError(f"the generator's times {[round(t, 4) for t in grid.tolist()]} are not all in the trajectory "
+                        f"store (t = {held}): set generator.snap_to_data: true to use the nearest stored ones")
     return stored[index], index
 
 
@@ -121,10 +107,9 @@ class KeyLatents:
         return len(self.times) - 1
 
 
-def key_latents(batch: Batch, times: KeyGrid, source: KeySource, ctx: StepContext, schedule,
-                name: str) -> KeyLatents:
-    """The batch's key latents on grid ``times`` from ``source`` (module doc); ``name`` keys the fresh ε."""
-    grid, index = key_grid(times, stored_times(batch, source))  # (m + 1,) decreasing
+def key_latents(batch: Batch, source: KeySource, ctx: StepContext, schedule, name: str) -> KeyLatents:
+    """The batch's key latents on the generator's grid from ``source`` (module doc); ``name`` keys the fresh ε."""
+    grid, index = key_grid(ctx, schedule, stored_times(batch, source))  # (m + 1,) decreasing
     grid = grid.to(batch.latents.device)
     if index is not None:
         latents = batch.extra["trajectory"][:, index]  # (B, m + 1, C, T, H, W), decreasing times
@@ -135,11 +120,26 @@ def key_latents(batch: Batch, times: KeyGrid, source: KeySource, ctx: StepContex
     return KeyLatents(latents.flip(1), grid.flip(0))
 
 
-class TrajectoryGuidanceConfig(ObjectiveConfig):
-    kind: Literal["trajectory_guidance"] = "trajectory_guidance"
-    times: KeyGrid = Field("keys", description="keys: AccVideo §4.2's key timesteps; uniform: the Tab. 4 ablation")
+class KeyTimesConfig(ObjectiveConfig):
+    """Keys of the objectives that train the generator's Euler steps between key latents."""
+
     source: KeySource = Field("trajectory", description="trajectory: stored teacher paths; forward: data latents "
                                                         "forward-diffused with fresh noise (§3.2 ablation)")
+
+    def needs(self) -> set[str]:
+        return {"trajectory"} if self.source == "trajectory" else set()
+
+    def samples_student(self) -> bool:
+        return True
+
+    def check_generator(self, generator: GeneratorConfig, key: str) -> None:
+        if generator.sampler != "euler":
+            raise UserError(f"config key '{key}': objective {self.kind!r} trains the student's Euler steps between "
+                            f"key times, but generator.sampler is {generator.sampler!r}; set generator.sampler: euler")
+
+
+class TrajectoryGuidanceConfig(KeyTimesConfig):
+    kind: Literal["trajectory_guidance"] = "trajectory_guidance"
 
 
 @register_objective
@@ -151,7 +151,7 @@ class TrajectoryGuidance(Objective):
 
     def __call__(self, batch: Batch, roles: Roles, ctx: StepContext) -> ObjectiveOutput:
         student = roles[self.role].module
-        keys = key_latents(batch, self.config.times, self.config.source, ctx, student.schedule, "traj")
+        keys = key_latents(batch, self.config.source, ctx, student.schedule, "traj")
         B = len(batch)
         # 1. a segment k ∈ [0, m − 1] per sample: from t'_{k+1} down to t'_k
         k = (ctx.rand("traj/k") * keys.m).long().clamp(max=keys.m - 1)  # (B,)

@@ -54,23 +54,32 @@ import torch
 from pydantic import Field, SerializeAsAny, field_validator
 from torch import nn
 
-from ..config import load_config, load_yaml
+from ..config import apply_overrides, deep_merge, load_yaml, parse_config
 from ..engine.config import EngineConfig
 from ..engine.data import DataSource
 from ..engine.evaluation import Evaluator
 from ..engine.health import HealthMonitor
 from ..engine.roles import Roles
 from ..errors import UserError
-from ..models.family import load_model
+from ..diffusion.schedules import FlowMatching
+from ..models.family import SamplingConfig, load_model
+from ..objectives.student import StudentGenerator
 from .builders import parse_build
 from .evaluators import DEFAULT_EVALUATOR, EvaluatorConfig, parse_evaluator_config
+from .presets import Preset, apply_presets, parse_presets, preset_names
 from .sources import DEFAULT_DATA, DataConfig, parse_data_config
 
 
 class RecipeConfig(EngineConfig):
-    """Base of every recipe's config: ``train``, ``roles``, ``stages``, ``data``, ``evaluator`` plus the
-    recipe's keys."""
+    """Base of every recipe's config: ``model``, ``preset``, ``data``, ``evaluator``, and the engine's
+    ``train``, ``generator``, ``roles``, ``stages``."""
 
+    dump_first: ClassVar[tuple[str, ...]] = ("model", "preset", "data", "evaluator", "generator")
+
+    model: str = Field("toy-teacher", description="the model every role starts from (student, teacher, fake "
+                                                  "score, …): a shipped name or a model directory")
+    preset: list[str] = Field(default_factory=list, description=(
+        "presets applied when the run started, in order (the recipe YAML's presets:; recipes/presets.py)"))
     data: SerializeAsAny[DataConfig] = Field(
         default_factory=lambda: parse_data_config(DEFAULT_DATA),
         description="data source (recipes/sources.py): {kind: ..., ...}; a plain string is a trajectory store path")
@@ -81,6 +90,9 @@ class RecipeConfig(EngineConfig):
     @field_validator("data", mode="before")
     @classmethod
     def _data_kind(cls, value: Any) -> DataConfig:
+        if value is None:  # a recipe whose YAML leaves the data to the user (accvideo: the trajectory store)
+            raise UserError("config key 'data': this recipe trains on data you give: --set data=DIR (a trajectory "
+                            "store made by `fewstep synth --out DIR`) or data: {kind: ...} (recipes/sources.py)")
         return parse_data_config(value)
 
     @field_validator("evaluator", mode="before")
@@ -140,18 +152,62 @@ class Recipe:
     @classmethod
     def load_config(cls, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
                     base: dict[str, Any] | None = None) -> RecipeConfig:
-        """``base`` (the YAML defaults unless given) ← ``path`` ← ``overrides``, validated and checked."""
-        config = load_config(cls.Config, path, overrides, base=cls.defaults() if base is None else base)
+        """The YAML defaults ← the presets asked for ← ``path`` ← ``overrides``, validated and checked
+        (:mod:`fewstep.recipes.presets`). ``base``: a resumed run's resolved config, which replaces the
+        defaults and gets no preset again."""
+        user = load_yaml(path) if path is not None else {}
+        start = cls.defaults() if base is None else base
+        merged = apply_overrides(deep_merge(start, user), list(overrides))
+        names = preset_names(merged.get("preset"))
+        if base is not None:
+            applied = preset_names(base.get("preset"))
+            if names != applied:
+                raise UserError(f"config key 'preset': presets are applied when a run starts (this run started "
+                                f"with {applied or 'none'}); start a new run for {names or 'none'}")
+            data = merged
+        else:
+            presets = parse_presets(merged.get("presets"))
+            defaults = {k: v for k, v in start.items() if k != "presets"}
+            data = apply_presets(defaults, names, presets, cls.name)
+            data = apply_overrides(deep_merge(data, user), list(overrides))
+        data = {k: v for k, v in data.items() if k != "presets"}
+        data["preset"] = names
+        config = parse_config(cls.Config, data)
         cls.check(config)
         return config
 
     @classmethod
+    def presets(cls) -> dict[str, Preset]:
+        """The presets the recipe's YAML declares."""
+        return parse_presets(cls.defaults().get("presets"))
+
+    @classmethod
     def check(cls, config: RecipeConfig) -> None:
-        """Recipe-specific validation beyond the config types (runs on --dry-run too): every role's
-        ``build`` names a registered builder with valid keys."""
+        """Validation beyond the config types (runs on --dry-run too): every role's ``build`` names a
+        registered builder with valid keys; the data source gives every objective what its batches need;
+        a generator that snaps to stored times finds them."""
         for name, spec in config.roles.items():
             if spec.build is not None:
                 parse_build(spec.build, name)
+        provided = config.data.provides()
+        for sname, stage in config.stages.items():
+            for oname, obj in stage.objectives.items():
+                if missing := sorted(obj.needs() - provided):
+                    raise UserError(f"config key 'stages.{sname}.objectives.{oname}': objective {obj.kind!r} needs "
+                                    f"batches with {missing[0]!r}, which data kind {config.data.kind!r} does not give "
+                                    f"(a trajectory store does: --set data=DIR, made by `fewstep synth`)")
+        if config.generator is not None and config.generator.snap_to_data:
+            stored = config.data.stored_times()
+            try:
+                StudentGenerator(config.generator, stored).step_times(FlowMatching())
+            except UserError as err:
+                raise UserError(f"config key 'generator.times': {config.generator.times!r} on {config.data.kind} "
+                                f"data: {err}") from None
+
+    def student_generator(self) -> StudentGenerator:
+        """The run's one ``G_θ(ε)`` (the engine hands it to every objective as ``ctx.student``); its times
+        snapped to the data's stored ones when ``generator.snap_to_data`` is set."""
+        return StudentGenerator(self.config.generator, self.config.data.stored_times())
 
     # -- what the engine calls -----------------------------------------------------------------------
     def build_modules(self) -> dict[str, nn.Module]:
@@ -231,8 +287,17 @@ class PipelineRecipe(Recipe):
         return self.config.evaluator.build(self.config.train, monitor, self.pipeline, teacher)
 
     def student_pipeline(self):
+        """A copy of the model that samples as the run's generator does (its sampler, its times + t = 0,
+        its CFG), so ``fewstep generate`` and the periodic evaluation use the steps the student was trained
+        on; with ``generator: null`` (fine-tuning) the model's own sampler."""
         if self._export is None:
-            self._export = copy.deepcopy(self.pipeline).eval()
+            pipe = copy.deepcopy(self.pipeline).eval()
+            if self.config.generator is not None:
+                times = self.student_generator().sampling_times(pipe.denoiser.schedule)
+                gen = self.config.generator
+                pipe.sampling = SamplingConfig(sampler=gen.sampler, steps=len(times) - 1, times=times,
+                                               cfg_scale=gen.cfg_scale)
+            self._export = pipe
         return self._export
 
 
@@ -249,8 +314,41 @@ def register_recipe(cls: type[Recipe]) -> type[Recipe]:
     return cls
 
 
+def yaml_recipe(name: str, path: Path) -> type[Recipe]:
+    """A recipe that is its YAML alone: a :class:`PipelineRecipe` with the base config."""
+    return type(f"YamlRecipe_{name}", (PipelineRecipe,), {
+        "name": name, "Config": RecipeConfig, "__module__": __name__, "__doc__": recipe_summary(path),
+        "defaults_path": classmethod(lambda cls: path)})
+
+
+def recipe_summary(path: Path) -> str:
+    """The first comment line of a recipe's YAML (what ``fewstep recipes`` shows)."""
+    for line in path.read_text().splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
+def _discover() -> None:
+    """Register every recipe module and every YAML-only recipe (``<name>.yaml`` with no module)."""
+    from .. import recipes as package
+
+    for info in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{package.__name__}.{info.name}")
+    for path in sorted(Path(package.__path__[0]).glob("*.yaml")):
+        if path.stem not in RECIPES:
+            RECIPES[path.stem] = yaml_recipe(path.stem, path)
+
+
+def all_recipes() -> dict[str, type[Recipe]]:
+    """Every recipe by name (modules and YAML-only ones)."""
+    _discover()
+    return dict(sorted(RECIPES.items()))
+
+
 def recipe_class(name: str) -> type[Recipe]:
-    """The recipe registered as ``name`` (imports ``fewstep.recipes.<name>``, then all recipe modules)."""
+    """The recipe registered as ``name``: ``fewstep.recipes.<name>`` if that module exists, else
+    ``<name>.yaml`` alone; unknown names list the known ones."""
     from .. import recipes as package
 
     if name not in RECIPES:
@@ -259,8 +357,7 @@ def recipe_class(name: str) -> type[Recipe]:
         except ModuleNotFoundError:
             pass
     if name not in RECIPES:
-        for info in pkgutil.iter_modules(package.__path__):
-            importlib.import_module(f"{package.__name__}.{info.name}")
+        _discover()
     if name not in RECIPES:
         raise UserError(f"unknown recipe {name!r}; known recipes: {', '.join(sorted(RECIPES)) or 'none'}")
     return RECIPES[name]

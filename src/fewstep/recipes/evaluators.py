@@ -3,8 +3,9 @@ hands it to the engine (:class:`~fewstep.engine.evaluation.Evaluator`; the engin
 
 ``evaluator: {kind: toy_vbench}`` (the default) — every ``train.eval_every`` steps, the student
 samples the first ``train.eval_prompts`` of ``toyworld.EVAL_PROMPTS``, ``train.eval_samples``
-samples each with the fixed seeds of ``toyworld.eval_suite``, once per sampler step count in
-``train.eval_steps``. The clips are scored with the toy VBench analysers (``score_clips`` +
+samples each with the fixed seeds of ``toyworld.eval_suite``: with the student's own sampler
+(the run's ``generator:``, as exported) unless ``train.eval_steps`` lists step counts, one
+evaluation per count on the model's default grid. The clips are scored with the toy VBench analysers (``score_clips`` +
 ``aggregate``), checked against reference videos of the same prompts and seeds (diversity,
 static, constant; :mod:`fewstep.engine.health`) — the teacher's own samples when the recipe has
 a teacher, else toy-world clips — and logged.
@@ -106,7 +107,7 @@ def toy_world_reference(frames: int, size: int) -> ReferenceFn:
 
 class ToyVBench:
     def __init__(self, train: TrainConfig, monitor: HealthMonitor, reference: ReferenceFn):
-        self.steps = list(train.eval_steps)
+        self.steps = list(train.eval_steps) if train.eval_steps else [None]  # None: the model's own sampler
         self.monitor = monitor
         self.reference = reference
         self.suite = [(p, s) for p, s in eval_suite(train.eval_samples) if p in EVAL_PROMPTS[:train.eval_prompts]]
@@ -123,8 +124,9 @@ class ToyVBench:
         seeds = [s for _, s in self.suite]
         noise = seeded_noise(model, seeds)  # (N, C, T, H, W)
         results, issues, record = {}, [], {}
-        for n_steps in self.steps:
-            videos, _ = model.generate(prompts, steps=n_steps, noise=noise)  # (N, T, H, W, 3) uint8
+        for steps in self.steps:
+            n_steps = model.default_steps() if steps is None else steps
+            videos, _ = model.generate(prompts, steps=steps, noise=noise)  # (N, T, H, W, 3) uint8
             scores = score_clips(videos, prompts)
             scores.update(aggregate(scores))
             per_prompt = {}

@@ -23,7 +23,7 @@ from pydantic import Field
 
 from ..config import KindRegistry, StrictModel
 from ..data.toyworld import ToyWorld
-from ..data.trajectories import TrajectoryStore
+from ..data.trajectories import TrajectoryStore, read_manifest
 from ..engine.data import DataSource
 from ..errors import UserError
 from ..models.backbones import Conditioning
@@ -38,6 +38,14 @@ class DataConfig(StrictModel):
 
     def build(self, model: VideoModel, seed: int) -> DataSource:
         raise NotImplementedError
+
+    def provides(self) -> set[str]:
+        """What its batches carry beyond latents and captions (``Batch.extra``; objectives' ``needs()``)."""
+        return set()
+
+    def stored_times(self) -> list[float] | None:
+        """The diffusion times its samples are stored at (a generator may snap to them), or None."""
+        return None
 
 
 DATA_SOURCES = KindRegistry("data source")
@@ -107,6 +115,12 @@ class TrajectoryStoreData(DataConfig):
 
     def build(self, model: VideoModel, seed: int) -> DataSource:
         return TrajectorySource(self.path, model)
+
+    def provides(self) -> set[str]:
+        return {"trajectory"}
+
+    def stored_times(self) -> list[float]:
+        return list(read_manifest(Path(self.path)).settings.times)
 
 
 class TrajectorySource:
