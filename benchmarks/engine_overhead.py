@@ -38,6 +38,7 @@ from fewstep.engine.trainer import Trainer
 from fewstep.models.pipeline import ToyPipelineConfig, VideoPipeline
 from fewstep.models.text_encoder import ToyTextEncoderConfig
 from fewstep.recipes.base import recipe_class
+
 Finetune = recipe_class("finetune")
 
 

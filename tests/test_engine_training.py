@@ -17,8 +17,9 @@ from fewstep.engine.distributed import DistEnv, full_optimizer_state
 from fewstep.engine.trainer import Trainer
 from fewstep.objectives.base import Objective, ObjectiveConfig, register_objective
 from fewstep.recipes.base import recipe_class
-Finetune = recipe_class("finetune")
 from helpers import TINY, cli, losses, sets, tensors, trainer_state
+
+Finetune = recipe_class("finetune")
 
 
 class NaNLossConfig(ObjectiveConfig):

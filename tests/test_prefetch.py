@@ -14,9 +14,10 @@ from fewstep.engine.distributed import DistEnv
 from fewstep.engine.trainer import Trainer
 from fewstep.errors import UserError
 from fewstep.recipes.base import recipe_class
-Finetune = recipe_class("finetune")
 from fewstep.recipes.sources import ToyWorldSource
 from helpers import RUN, STEPS, TINY, assert_same_end, cli, make_tiny_pipeline, sets
+
+Finetune = recipe_class("finetune")
 
 CPU = torch.device("cpu")
 

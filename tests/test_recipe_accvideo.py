@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,10 +17,11 @@ from fewstep.engine.trainer import Trainer
 from fewstep.models.pipeline import VideoPipeline
 from fewstep.diffusion.schedules import TIME_GRIDS
 from fewstep.recipes.base import recipe_class
-AccVideo = recipe_class("accvideo")
 from fewstep.recipes.sources import ToyWorldSource
 from fewstep.synth import synthesize
 from helpers import cli, losses, make_tiny_pipeline, tensors
+
+AccVideo = recipe_class("accvideo")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -260,3 +262,42 @@ def test_dollar_lrm_on_accvideo_trajectories_is_a_config_change(teacher_dir, sto
         assert np.isfinite(record[key]), key
     student = VideoPipeline.load(run / "student")
     assert student.config.sampling.sampler == "euler" and student.config.sampling.times == KEYS
+
+
+def test_yaml_only_recipe_trains_dollar_lrm_on_accvideo_trajectories(teacher_dir, stores, tmp_path, capsys):
+    """``accvideo_lrm`` is its YAML alone (no Python module): DOLLAR's LRM fit + fine-tuning on AccVideo's
+    trajectories and heads. 20 steps train every term; the exported student samples with the generator
+    every term trained on (AccVideo's 5 Euler steps on the stored key times), and --dry-run shows it."""
+    from fewstep import recipes
+
+    assert (Path(recipes.__file__).parent / "accvideo_lrm.yaml").is_file()
+    assert not (Path(recipes.__file__).parent / "accvideo_lrm.py").exists()
+    sets = [f"model={teacher_dir}", f"data={stores['keys']}", "train.batch_size=4", "train.log_every=1",
+            "train.eval_every=0", "train.checkpoint_every=0", "train.tensorboard=false",
+            "roles.student.optim.lr=3e-3", "roles.student.optim.warmup_steps=0",
+            "roles.lrm.build.width=16", "roles.lrm.build.groups=4"]
+    args = [a for item in sets for a in ("--set", item)]
+    rc, out, err = cli(capsys, "distill", "--recipe", "accvideo_lrm", "--dry-run", *args)
+    assert rc == 0, err
+    cfg = yaml.safe_load(out)
+    assert cfg["generator"] == {"sampler": "euler", "times": "accvideo_keys", "cfg_scale": None, "snap_to_data": True}
+    assert {n: o["kind"] for n, o in cfg["stages"]["main"]["objectives"].items()} == {
+        "traj": "trajectory_guidance", "adv_g": "queue_gan_generator", "ft": "lrm_finetune",
+        "adv_d": "queue_gan_discriminator", "lrm": "lrm_fit"}
+    assert list(cfg["roles"]) == ["student", "teacher", "discriminator", "lrm"]
+
+    run = tmp_path / "run"
+    rc, _, err = cli(capsys, "distill", "--recipe", "accvideo_lrm", "--out", run, "--set", "train.steps=20", *args)
+    assert rc == 0, err
+    logged = losses(run)
+    terms = ("loss/student/traj/traj", "loss/student/adv_g/adv", "loss/student/ft/ft", "loss/discriminator/adv_d/adv",
+             "loss/lrm/lrm/mse")
+    assert sorted(logged) == list(range(1, 21))
+    assert all(np.isfinite(logged[s][t]) for s in logged for t in terms)
+    traj = [logged[s]["loss/student/traj/traj"] for s in range(1, 21)]
+    assert np.mean(traj[-5:]) < 0.7 * np.mean(traj[:5]), traj
+    student = VideoPipeline.load(run / "student")
+    sampling = student.config.sampling
+    assert (sampling.sampler, sampling.times, sampling.cfg_scale) == ("euler", KEYS, None)
+    _, result = student.generate(["a red circle moves right"], seed=0)
+    assert result.nfe == 5

@@ -15,8 +15,9 @@ from fewstep.engine.trainer import Trainer
 from fewstep.models.pipeline import VideoPipeline
 from fewstep.objectives.student import step_times
 from fewstep.recipes.base import recipe_class
-Dollar = recipe_class("dollar")
 from helpers import cli, losses, tensors
+
+Dollar = recipe_class("dollar")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

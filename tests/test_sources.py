@@ -10,10 +10,11 @@ from fewstep.data.toyworld import ToyWorld
 from fewstep.errors import UserError
 from fewstep.recipes.evaluators import ToyVBench, ToyVBenchConfig, parse_evaluator_config
 from fewstep.recipes.base import recipe_class
-Finetune = recipe_class("finetune")
 from fewstep.recipes.sources import (DATA_SOURCES, ToyWorldData, ToyWorldSource, TrajectoryStoreData,
                                      parse_data_config)
 from helpers import cli, make_tiny_pipeline
+
+Finetune = recipe_class("finetune")
 
 
 def test_data_config_kinds_and_shorthand():
