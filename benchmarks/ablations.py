@@ -4,7 +4,9 @@
     python benchmarks/ablations.py --recipe dollar --out runs/ablations/dollar --variants vsd,vsd_cd --seeds 0,1,2,3 --jobs 8
     python benchmarks/ablations.py --recipe accvideo --out runs/ablations/accvideo [--synth 512]
 
-Each variant is one ``fewstep distill`` run from the same teacher, seed and budget (for DOLLAR the
+Each variant (``benchmarks/ablations/<recipe>.yaml``: name → a YAML overlay of the recipe, its
+presets and keys, passed as the run's ``--config``) is one ``fewstep distill`` run from the same
+teacher, seed and budget (for DOLLAR the
 demo's, :data:`fewstep.demo.DEMO_SETTINGS`), followed by ``fewstep eval`` of its student at its
 own step count on the eval suite; the teacher is evaluated at 50 steps with its CFG and at 4
 steps. A finished variant (``OUT/<name>/eval/metrics.json``) is not rerun. Prints a Markdown
@@ -30,52 +32,24 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
+import yaml
+
+from fewstep.config import load_yaml
 from fewstep.demo import DEMO_SETTINGS
 from fewstep.eval.runner import evaluate_to_dir
 from fewstep.recipes.launch import distill
 
-#: name → the dollar switches it sets (papers/001: Tab. 3 rows VSD / VSD+CD / VSD+CD+LRM, Tab. 5
-#: VSD+DDPO, Tab. 7 m = 1, the heterogeneous parameterisation of §3.2).
-DOLLAR: dict[str, list[str]] = {
-    "vsd": ["ablation=vsd"],
-    "vsd_cd": ["ablation=vsd_cd"],
-    "vsd_cd_lrm_jpeg": ["ablation=vsd_cd_lrm", "reward=jpeg"],
-    "vsd_cd_lrm_jpeg_ft0.1": ["ablation=vsd_cd_lrm", "reward=jpeg", "stages.dollar.objectives.ft.weight=0.1"],
-    "vsd_cd_lrm_jpeg_ft0.25": ["ablation=vsd_cd_lrm", "reward=jpeg", "stages.dollar.objectives.ft.weight=0.25"],
-    "vsd_cd_lrm_jpeg_bcd2": ["ablation=vsd_cd_lrm", "reward=jpeg", "stages.dollar.objectives.cd.weight=2"],
-    "vsd_cd_lrm_jpeg_ft0.3": ["ablation=vsd_cd_lrm", "reward=jpeg", "stages.dollar.objectives.ft.weight=0.3"],
-    "vsd_cd_lrm_jpeg_ft0.2": ["ablation=vsd_cd_lrm", "reward=jpeg", "stages.dollar.objectives.ft.weight=0.2"],
-    "vsd_cd_lrm_jpeg_ft0.2_ema": ["ablation=vsd_cd_lrm", "reward=jpeg", "stages.dollar.objectives.ft.weight=0.2",
-                                  "roles.lrm.ema=0.99", "stages.dollar.objectives.ft.lrm_ema=true"],
-    "vsd_cd_lrm_jpeg_ft0.2_sample": ["ablation=vsd_cd_lrm", "reward=jpeg", "stages.dollar.objectives.ft.weight=0.2",
-                                     "stages.dollar.objectives.lrm.generated_from=sample"],
-    "vsd_cd_lrm_jpeg_ft0.3_last": ["ablation=vsd_cd_lrm", "reward=jpeg", "stages.dollar.objectives.ft.weight=0.3",
-                                   "stages.dollar.objectives.ft.backprop=last"],
-    "vsd_cd_lrm_jpeg_ft2_last": ["ablation=vsd_cd_lrm", "reward=jpeg", "stages.dollar.objectives.ft.weight=2",
-                                 "stages.dollar.objectives.ft.backprop=last"],
-    "vsd_cd_lrm_jpeg_ft1": ["ablation=vsd_cd_lrm", "reward=jpeg", "stages.dollar.objectives.ft.weight=1"],
-    # guidance: VSD's real score at CFG 4 (a mode-seeking regime: does CD restore diversity there?);
-    # CD's teacher at CFG 4 with VSD's at 2 (DOLLAR §4.1 guides CD harder: w 7.5 vs 3.5)
-    "vsd_realcfg4": ["ablation=vsd", "stages.dollar.objectives.vsd.real_cfg_scale=4"],
-    "vsd_cd_realcfg4": ["ablation=vsd_cd", "stages.dollar.objectives.vsd.real_cfg_scale=4"],
-    "vsd_cd_cdcfg4": ["ablation=vsd_cd", "stages.dollar.objectives.cd.cfg_scale=4"],
-    "vsd_cd_bcd2": ["ablation=vsd_cd", "stages.dollar.objectives.cd.weight=2"],  # β_CD 2 instead of 0.5
-    "vsd_cd_realcfg4_bcd2": ["ablation=vsd_cd", "stages.dollar.objectives.vsd.real_cfg_scale=4",
-                             "stages.dollar.objectives.cd.weight=2"],
-    "vsd_lrm_jpeg": ["ablation=vsd_lrm", "reward=jpeg"],
-    "vsd_ddpo_jpeg": ["ablation=vsd_ddpo", "reward=jpeg"],
-    "vsd_cd_m1": ["ablation=vsd_cd", "m=1"],
-    "vsd_cd_x0": ["ablation=vsd_cd", "parameterization=x0"],
-}
-#: name → the accvideo switches (papers/002: Tab. 3 data and loss rows, Tab. 4 timesteps).
-ACCVIDEO: dict[str, list[str]] = {
-    "synthetic": [],
-    "forward": ["source=forward"],
-    "no_adversarial": ["adversarial=false"],
-    "single_head": ["single_head=true"],
-    "uniform_times": ["times=uniform"],
-}
-RECIPES = {"dollar": (DOLLAR, "vsd,vsd_cd,vsd_cd_lrm_jpeg"), "accvideo": (ACCVIDEO, "synthetic,forward")}
+#: Each recipe's variants: ``benchmarks/ablations/<recipe>.yaml``, name → a YAML overlay of the recipe
+#: (its presets, then any keys), and the variants run when --variants is not given.
+VARIANT_DIR = Path(__file__).with_name("ablations")
+DEFAULTS = {"dollar": "vsd,vsd_cd,vsd_cd_lrm_jpeg", "accvideo": "synthetic,forward"}
+
+
+def variants(recipe: str) -> dict[str, dict]:
+    """``name → overlay`` of a recipe's ablation file."""
+    return load_yaml(VARIANT_DIR / f"{recipe}.yaml")
+
+
 COLUMNS = ("steps", "nfe", "total", "quality", "semantic", "sharpness", "fvd", "vendi_pixel", "vendi_feature",
            "jpeg")
 
@@ -108,14 +82,19 @@ def run_name(variant: str, seed: int) -> str:
     return variant if seed == 0 else f"{variant}_s{seed}"
 
 
-def train_and_eval(recipe: str, overrides: list[str], run_dir: Path, num: int, threads: int | None) -> None:
-    """One variant: ``fewstep distill`` into ``run_dir``, then ``fewstep eval`` into ``run_dir/eval``."""
+def train_and_eval(recipe: str, overlay: dict, overrides: list[str], run_dir: Path, num: int,
+                   threads: int | None) -> None:
+    """One variant: ``fewstep distill --config overlay`` into ``run_dir``, then ``fewstep eval`` into
+    ``run_dir/eval``. The overlay is kept beside the run (``run_dir.overlay.yaml``)."""
     import torch
 
     if threads:
         torch.set_num_threads(threads)
+    config = run_dir.with_name(run_dir.name + ".overlay.yaml")
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text(yaml.safe_dump(overlay, sort_keys=False))
     start = time.monotonic()
-    distill(recipe, None, overrides, run_dir, overwrite=True)
+    distill(recipe, config, overrides, run_dir, overwrite=True)
     seconds = time.monotonic() - start
     eval_dir = run_dir / "eval"
     evaluate_to_dir(str(run_dir / "student"), eval_dir, num=num)
@@ -124,7 +103,7 @@ def train_and_eval(recipe: str, overrides: list[str], run_dir: Path, num: int, t
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", choices=sorted(RECIPES), default="dollar")
+    parser.add_argument("--recipe", choices=sorted(DEFAULTS), default="dollar")
     parser.add_argument("--out", type=Path, default=Path("runs/ablations"))
     parser.add_argument("--model", default="toy-teacher")
     parser.add_argument("--steps", type=int, default=None, help="train.steps (default: the demo's)")
@@ -136,7 +115,7 @@ def main() -> None:
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
 
-    variants, default = RECIPES[args.recipe]
+    known, default = variants(args.recipe), DEFAULTS[args.recipe]
     base = [f"model={args.model}", *DEMO_SETTINGS] + ([f"train.steps={args.steps}"] if args.steps else [])
     if args.recipe == "accvideo":
         from fewstep.synth import synthesize
@@ -153,14 +132,14 @@ def main() -> None:
         lines.append(row(label, json.loads(metrics_path.read_text()), None))
         print(lines[-1], flush=True)
     names = (args.variants or default).split(",")
-    unknown = [n for n in names if n not in variants]
+    unknown = [n for n in names if n not in known]
     if unknown:
-        parser.error(f"unknown variant {unknown[0]!r}; known: {', '.join(variants)}")
+        parser.error(f"unknown variant {unknown[0]!r}; known: {', '.join(known)}")
     todo = [(name, seed) for name in names for seed in seeds
             if not (args.out / run_name(name, seed) / "eval" / "metrics.json").is_file()]
     jobs = max(1, min(args.jobs, len(todo)))
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
-    work = [(args.recipe, [*base, *variants[name], f"train.seed={seed}"], args.out / run_name(name, seed), args.num,
+    work = [(args.recipe, known[name], [*base, f"train.seed={seed}"], args.out / run_name(name, seed), args.num,
              threads) for name, seed in todo]
     if jobs == 1:
         for item in work:

@@ -301,3 +301,14 @@ def test_yaml_only_recipe_trains_dollar_lrm_on_accvideo_trajectories(teacher_dir
     assert (sampling.sampler, sampling.times, sampling.cfg_scale) == ("euler", KEYS, None)
     _, result = student.generate(["a red circle moves right"], seed=0)
     assert result.nfe == 5
+
+
+def test_every_ablation_variant_is_a_valid_overlay(teacher_dir, stores, tmp_path):
+    """benchmarks/ablations/accvideo.yaml: each variant is a YAML overlay (--config) the recipe validates."""
+    variants = yaml.safe_load((Path(__file__).parents[1] / "benchmarks" / "ablations" / "accvideo.yaml").read_text())
+    assert set(variants) == {"synthetic", "forward", "no_adversarial", "single_head", "uniform_times"}
+    for name, overlay in variants.items():
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(overlay))
+        cfg = AccVideo.load_config(path, [f"model={teacher_dir}", f"data={stores['all']}"])
+        assert cfg.preset == overlay.get("preset", []), name

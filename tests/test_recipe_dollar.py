@@ -219,3 +219,16 @@ def test_ddpo_needs_two_student_steps(teacher_dir, tmp_path, capsys):
     rc, _, err = cli(capsys, "distill", "--recipe", "dollar", "--out", tmp_path / "run",
                      *dollar_sets(teacher_dir, "preset=vsd,ddpo,steps1"))
     assert rc == 2 and "objectives.ddpo" in err and "at least 2 student steps" in err and err.count("\n") == 1, err
+
+
+def test_every_ablation_variant_is_a_valid_overlay(teacher_dir, tmp_path):
+    """benchmarks/ablations/dollar.yaml: each variant is a YAML overlay (--config) the recipe validates."""
+    from pathlib import Path
+
+    variants = yaml.safe_load((Path(__file__).parents[1] / "benchmarks" / "ablations" / "dollar.yaml").read_text())
+    assert {"vsd", "vsd_cd", "vsd_cd_lrm_jpeg", "vsd_lrm_jpeg", "vsd_ddpo_jpeg", "vsd_cd_m1", "vsd_cd_x0"} <= set(variants)
+    for name, overlay in variants.items():
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(overlay))
+        cfg = Dollar.load_config(path, [f"model={teacher_dir}"])
+        assert cfg.preset == overlay.get("preset", []), name

@@ -39,7 +39,7 @@ DEMO_SETTINGS: list[str] = [
 #: Loss series drawn in the report: ``loss/<role>/<objective>/<term>`` of ``RUN/metrics.jsonl``.
 LOSS_PREFIX = "loss/"
 
-#: Readable names of the objectives of the shipped recipes (recipes/*.yaml and recipes/dollar.py),
+#: Readable names of the objectives of the shipped recipes (recipes/*.yaml),
 #: by objective name (the key under a stage's ``objectives:``) and by objective ``kind``.
 OBJECTIVE_LABELS: dict[str, str] = {
     "vsd": "VSD / DMD (generator)", "dmd": "VSD / DMD (generator)",
