@@ -1,45 +1,41 @@
-"""Recipes: named training plans in a registry (STYLE §7). A recipe is config + a few builders.
+"""Recipes: named training plans in a registry (STYLE §7). A recipe is its YAML, at most plus a short
+Python class for what YAML cannot say.
 
-A recipe declares *which roles exist* and *which objectives update them, how often, in which
-stages* — in its YAML defaults, validated by its pydantic config — and builds the modules for
-its roles. The engine (:mod:`fewstep.engine.trainer`) does everything else. A new method is a
-subclass like this one::
-
-    class MyConfig(RecipeConfig):            # train / roles / stages come from EngineConfig
-        model: str = "toy-teacher"
-        my_knob: float = 0.5                 # method keys, typed, next to the code
-
-    @register_recipe
-    class MyRecipe(PipelineRecipe):
-        name = "my_recipe"                   # fewstep distill --recipe my_recipe
-        Config = MyConfig                    # defaults: my_recipe.yaml next to this file
-
-with ``my_recipe.yaml`` (every role is a copy of ``model``'s denoiser unless it says
-``build: {kind: …}``, a registered builder of recipes/builders.py)::
+A recipe's YAML (``recipes/<name>.yaml``; ``fewstep recipes`` lists them) declares the model every role
+starts from, the data source, the student's generator, *which roles exist* and *which objectives
+update them, how often, in which stages*; :class:`RecipeConfig` validates it. A YAML file with no
+module of the same name is a :class:`PipelineRecipe` as it stands (``dollar``, ``accvideo``,
+``accvideo_lrm``, ``finetune``)::
 
     model: toy-teacher
+    data: {kind: toy_world}                  # recipes/sources.py
+    generator: {sampler: consistency, times: dollar4, cfg_scale: null}   # how the student samples
     train: {steps: 2000, batch_size: 8, eval_every: 500}
     roles:
       student:       {optim: {lr: 1.0e-5, warmup_steps: 100}, every: 5, ema: 0.999}
       fake_score:    {optim: {lr: 1.0e-5}}
-      discriminator: {build: {kind: timestep_heads, heads: 5}, optim: {lr: 1.0e-4, betas: [0.0, 0.99]}}
+      discriminator: {build: {kind: timestep_heads, heads: 4}, optim: {lr: 1.0e-4, betas: [0.0, 0.99]}}
       teacher:       {}
     stages:
       main:
         objectives:
-          vsd:   {kind: vsd, role: student, cfg_scale: 4.5}
-          gan_g: {kind: gan_generator, role: student, weight: 0.01}
-          fake:  {kind: flow_matching, role: fake_score}
-          gan_d: {kind: gan_discriminator, role: discriminator}
+          vsd:   {kind: vsd, role: student, real_cfg_scale: 4.5}
+          fake:  {kind: fake_score, role: fake_score}
+    presets:                                 # named overlays (recipes/presets.py): --preset no_vsd
+      no_vsd: {about: "...", remove: [stages.main.objectives.vsd]}
 
-Objectives are looked up by ``kind`` in :data:`fewstep.objectives.base.OBJECTIVES`, so a
-recipe may use any registered objective; several stages run in sequence, each with its own
-objectives, ``steps`` and ``every`` overrides; :meth:`Recipe.start_stage` can adjust roles when
-a stage begins (e.g. add LoRA adapters).
+Every role is a copy of the model's denoiser unless it says ``build: {kind: …}`` (a registered
+builder of recipes/builders.py); objectives are looked up by ``kind`` in
+:data:`fewstep.objectives.base.OBJECTIVES` and name the roles they use by key. Several stages run
+in sequence, each with its own objectives, ``steps`` and ``every`` overrides. A Python recipe
+subclasses :class:`PipelineRecipe` (``name``, ``Config``: a :class:`RecipeConfig` subclass with its
+own typed keys) for what YAML cannot say, e.g. :meth:`Recipe.start_stage` adding LoRA adapters when
+a stage begins; its defaults are the YAML file of the same name next to its module.
 
-Every recipe config also has ``data:`` (the data source, :mod:`fewstep.recipes.sources`; default
-``{kind: toy_world}``) and ``evaluator:`` (the periodic evaluation, :mod:`fewstep.recipes.evaluators`;
-default ``{kind: toy_vbench}``): the recipe builds both and hands them to the engine.
+``check`` (run on ``--dry-run`` too) refuses, in one line, what the types cannot: a role builder's
+keys, an objective whose batches need what the data source does not give (``needs``/``provides``),
+an objective that cannot train the generator (``check_generator``), a generator that cannot snap to
+the stored times.
 """
 
 from __future__ import annotations
@@ -99,33 +95,6 @@ class RecipeConfig(EngineConfig):
     @classmethod
     def _evaluator_kind(cls, value: Any) -> EvaluatorConfig:
         return parse_evaluator_config(value)
-
-
-#: Returned by a :func:`map_stage_objectives` rewrite to remove the objective.
-DROP_OBJECTIVE = object()
-
-
-def map_stage_objectives(data: dict[str, Any], fn) -> None:
-    """Rewrite every objective of a raw config mapping in place (recipe switches, before validation).
-
-    ``fn(key, raw)`` gets the dotted key (``stages.S.objectives.O``) and the objective as a mapping
-    (an :class:`ObjectiveConfig` built in code becomes the mapping of the keys it was given) and
-    returns the new value, or :data:`DROP_OBJECTIVE` to remove the objective. Stages or
-    objective sections that are not mappings are left for the engine's own validation to report.
-    """
-    from ..objectives.base import ObjectiveConfig
-
-    for sname, stage in data["stages"].items():
-        if not isinstance(stage, dict) or not isinstance(stage.get("objectives"), dict):
-            continue
-        objectives = {}
-        for oname, raw in stage["objectives"].items():
-            if isinstance(raw, ObjectiveConfig):  # built in code: keep only the keys it was given
-                raw = {**raw.model_dump(mode="json", exclude_unset=True), "kind": raw.kind}
-            value = fn(f"stages.{sname}.objectives.{oname}", raw)
-            if value is not DROP_OBJECTIVE:
-                objectives[oname] = value
-        stage["objectives"] = objectives
 
 
 class Recipe:
@@ -237,10 +206,10 @@ class PipelineRecipe(Recipe):
     """A recipe whose networks start from one model (:func:`~fewstep.models.family.load_model`).
 
     ``config.model`` (a shipped name or a model directory, of any family) is loaded once. Every
-    declared role among ``student``, ``teacher``, ``fake_score`` and ``reference`` starts as a copy
-    of its denoiser (trainable or frozen per the role's ``optim``); its frozen encoders feed the
-    ``data`` source; its decoder is handed to objectives that score decoded samples; the student is
-    exported as a copy of the model. The evaluator's health references are the model's own samples
+    declared role without a ``build`` starts as a copy of its denoiser (trainable or frozen per the
+    role's ``optim``); its frozen encoders feed the ``data`` source; its decoder is handed to
+    objectives that score decoded samples; the student is exported as a copy of the model that
+    samples with the run's generator. The evaluator's health references are the model's own samples
     when there is a teacher role.
     """
 
