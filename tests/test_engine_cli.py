@@ -109,10 +109,12 @@ def test_out_holding_another_run(base_run, teacher_dir, tmp_path, capsys):
                      *sets(teacher_dir))
     assert rc == 2 and "not a fewstep run" in err
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+    (run / "my_plot.png").write_bytes(b"mine")  # the user's file in a run directory survives --overwrite
     rc, _, _ = cli(capsys, "distill", "--recipe", "finetune", "--out", run, "--overwrite",
                    *sets(teacher_dir, "train.steps=1"))
     assert rc == 0 and sorted(losses(run)) == [1]
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_000001"]
+    assert (run / "my_plot.png").read_bytes() == b"mine"
 
 
 def test_resume_from_another_recipes_run(base_run, tmp_path, capsys):

@@ -12,6 +12,8 @@
       student/          always a loadable model: ``load_model(RUN/student)``
 
 Every check here runs before anything is written, so a refused command changes nothing.
+``--overwrite`` replaces a run by deleting only the entries above (:data:`RUN_ENTRIES`); anything
+else a user put in the directory (notes, plots) stays.
 
 ``RUN/student`` is exported at step 0 (so it is loadable from the start) and with every
 checkpoint; a model directory carries no training state of its own, so ``run.json`` is where a
@@ -73,11 +75,26 @@ def check_out(out: Path, overwrite: bool, resuming_here: bool) -> None:
                         f"it or --overwrite to replace it")
 
 
+#: What a run writes in its directory (all that ``--overwrite`` deletes).
+RUN_ENTRIES = ("run.json", "config.yaml", "metrics.jsonl", "tb", "evals", "checkpoints", "student")
+
+
+def clear_run(out: Path) -> None:
+    """Delete what a run wrote in ``out`` (:data:`RUN_ENTRIES`); run.json last, so an interrupted
+    clear still reads as a run and can be cleared again."""
+    for name in (*RUN_ENTRIES[1:], RUN_ENTRIES[0]):
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
 def init_run_dir(out: Path, recipe: str, config_yaml: str, *, overwrite: bool, resuming_here: bool) -> None:
     """Create (or, with ``overwrite``, recreate) ``out`` as a run of ``recipe`` and save its config."""
     out = Path(out)
     if overwrite and not resuming_here and read_run(out) is not None:
-        shutil.rmtree(out)
+        clear_run(out)
     out.mkdir(parents=True, exist_ok=True)
     remove_partial(out)
     run = {"recipe": recipe, "fewstep": __version__}
