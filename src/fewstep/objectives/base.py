@@ -175,9 +175,12 @@ class ObjectiveConfig(StrictModel):
         """Roles this objective needs besides the one it updates (e.g. a frozen teacher)."""
         return set()
 
+    #: whether the kind draws samples ``G(ε)`` of the run's generator (``generator:``; refused when null)
+    SAMPLES_STUDENT: ClassVar[bool] = False
+
     def samples_student(self) -> bool:
-        """Whether it draws samples ``G(ε)`` of the run's generator (``generator:``; refused when that is null)."""
-        return False
+        """Whether this objective draws samples of the run's generator (:attr:`SAMPLES_STUDENT`)."""
+        return self.SAMPLES_STUDENT
 
     def needs(self) -> set[str]:
         """What its batches must carry beyond latents and captions, from the data source (e.g.

@@ -26,7 +26,7 @@ The reward ``R(Dec(x̂0))`` is the pixel reward of :class:`~fewstep.objectives.r
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -42,14 +42,12 @@ from .student import generator_noise, step_times, student_generator
 
 class DDPOConfig(PixelRewardConfig):
     kind: Literal["ddpo"] = "ddpo"
+    SAMPLES_STUDENT: ClassVar[bool] = True
     eta: float = Field(1.0, gt=0, le=1, description="DDIM stochasticity (1 = DDPM posterior, DOLLAR Eq. 27)")
     truncation: int = Field(2, ge=1, description="the last N stochastic transitions carry log-prob gradients")
     advantage: Literal["per_prompt", "batch"] = Field("per_prompt", description="reward normalisation groups")
     advantage_clip: float = Field(5.0, gt=0, description="clip advantages to ±this (DDPO's adv_clip_max)")
     log_prob: Literal["mean", "sum"] = Field("mean", description="log p over dimensions: mean (DDPO code) or sum")
-
-    def samples_student(self) -> bool:
-        return True
 
     def check_generator(self, generator, key: str) -> None:
         if len(step_times(generator.times, FlowMatching())) < 2:

@@ -36,7 +36,7 @@ score on the same range).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -75,6 +75,7 @@ def stop_gradient_mse(x_hat: Tensor, grad: Tensor) -> Tensor:
 
 class VSDConfig(ObjectiveConfig):
     kind: Literal["vsd"] = "vsd"
+    SAMPLES_STUDENT: ClassVar[bool] = True
     backprop: Backprop = Field("all", description="'all': through every generator step; 'last': last call only")
     timesteps: TimestepsConfig = Field(default_factory=_vsd_times,
                                        description="distribution of the diffusion time t (DOLLAR: U[0.02, 0.98])")
@@ -86,9 +87,6 @@ class VSDConfig(ObjectiveConfig):
 
     def reads(self) -> set[str]:
         return {self.teacher, self.fake_score}
-
-    def samples_student(self) -> bool:
-        return True
 
 
 @register_objective
@@ -124,15 +122,13 @@ class VSD(Objective):
 
 class FakeScoreLossConfig(ObjectiveConfig):
     kind: Literal["fake_score"] = "fake_score"
+    SAMPLES_STUDENT: ClassVar[bool] = True
     role: RoleName = Field("fake_score", description="the fake score model being trained")
     generator: RoleName = Field("student", description="the role whose samples G(ε) the fake score models")
     timesteps: TimestepsConfig = Field(default_factory=_vsd_times, description="training-time distribution of t")
 
     def reads(self) -> set[str]:
         return {self.generator}
-
-    def samples_student(self) -> bool:
-        return True
 
 
 @register_objective

@@ -55,7 +55,7 @@ assigns it (``Plan.prepare_objective``: the frozen ``decode`` of the model the c
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import torch
 from pydantic import Field, field_validator
@@ -209,15 +209,13 @@ class LRMFit(PixelRewardObjective):
 
 class LRMFinetuneConfig(ObjectiveConfig):
     kind: Literal["lrm_finetune"] = "lrm_finetune"
+    SAMPLES_STUDENT: ClassVar[bool] = True
     backprop: Backprop = Field("all", description="'all': through every generator step; 'last': last call only")
     lrm_ema: bool = Field(False, description="score with the lrm role's EMA copy (if any) instead of the live LRM")
     standardized: bool = Field(True, description="maximise the standardised reward (R^l − μ)/σ, so that the "
                                                  "weight β_FT is in units of the reward's spread")
 
     lrm: RoleName = Field("lrm", description="the latent reward model role R^l_φ (frozen here)")
-
-    def samples_student(self) -> bool:
-        return True
 
     def reads(self) -> set[str]:
         return {self.lrm}

@@ -50,7 +50,7 @@ synthesized with ``--keep all``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -123,14 +123,13 @@ def key_latents(batch: Batch, source: KeySource, ctx: StepContext, schedule, nam
 class KeyTimesConfig(ObjectiveConfig):
     """Keys of the objectives that train the generator's Euler steps between key latents."""
 
+    SAMPLES_STUDENT: ClassVar[bool] = True
+
     source: KeySource = Field("trajectory", description="trajectory: stored teacher paths; forward: data latents "
                                                         "forward-diffused with fresh noise (§3.2 ablation)")
 
     def needs(self) -> set[str]:
         return {"trajectory"} if self.source == "trajectory" else set()
-
-    def samples_student(self) -> bool:
-        return True
 
     def check_generator(self, generator: GeneratorConfig, key: str) -> None:
         if generator.sampler != "euler":
