@@ -234,6 +234,8 @@ class Objective:
     def __init__(self, config: ObjectiveConfig, name: str):
         self.config = config
         self.name = name  # the key under the stage's ``objectives:``; names the logged losses
+        timesteps = getattr(config, "timesteps", None)  # a config's training-time distribution of t
+        self.distribution: TimestepDistribution | None = timesteps.build() if timesteps is not None else None
 
     @property
     def role(self) -> str:

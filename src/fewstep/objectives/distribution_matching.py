@@ -96,10 +96,6 @@ class VSD(Objective):
     kind = "vsd"
     Config = VSDConfig
 
-    def __init__(self, config: VSDConfig, name: str):
-        super().__init__(config, name)
-        self.distribution = config.timesteps.build()
-
     def gradient(self, x_hat: Tensor, batch: Batch, roles: Roles, ctx: StepContext) -> tuple[Tensor, Tensor]:
         """``(grad, t)``: the detached VSD gradient at ``x̂`` (B, C, T, H, W) and the times used (B,)."""
         teacher, fake = roles[self.config.teacher].module, roles[self.config.fake_score].module
@@ -137,10 +133,6 @@ class FakeScoreLoss(Objective):
 
     kind = "fake_score"
     Config = FakeScoreLossConfig
-
-    def __init__(self, config: FakeScoreLossConfig, name: str):
-        super().__init__(config, name)
-        self.distribution = config.timesteps.build()
 
     def __call__(self, batch: Batch, roles: Roles, ctx: StepContext) -> ObjectiveOutput:
         fake, student = roles[self.role].module, roles[self.config.generator].module

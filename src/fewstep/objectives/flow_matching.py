@@ -66,10 +66,6 @@ class FlowMatchingLoss(Objective):
     kind = "flow_matching"
     Config = FlowMatchingLossConfig
 
-    def __init__(self, config: FlowMatchingLossConfig, name: str):
-        super().__init__(config, name)
-        self.distribution = config.timesteps.build()
-
     def __call__(self, batch: Batch, roles: Roles, ctx: StepContext) -> ObjectiveOutput:
         denoiser = roles[self.role].module
         x0 = batch.latents  # (B, C, T, H, W)

@@ -160,7 +160,6 @@ class LRMFit(PixelRewardObjective):
         super().__init__(config, name)
         if not (config.real or config.generated):
             raise UserError(f"objective {name!r}: lrm_fit needs real and/or generated latents")
-        self.distribution = config.timesteps.build()
 
     def one_step_x0(self, batch: Batch, roles: Roles, ctx: StepContext) -> Tensor:
         """X': the generator's x̂0 at ``x_t = α·x0 + σ·ε`` (DOLLAR Eq. 8), detached. (B, C, T, H, W)."""
