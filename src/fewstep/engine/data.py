@@ -58,7 +58,7 @@ class Prefetcher:
       same thread settings, so where a run resumes changes no number. A prefetched batch is used
       only for exactly the positions it was started for; any other request (the first step, a step
       after resume) waits for it and is computed next. The source never runs twice at once. (A
-      source whose results do not depend on the intra-op thread count, as the toy world's, gives
+      source whose results do not depend on the intra-op thread count (the default data source) gives
       the same batches with and without a prefetcher: tests/test_prefetch.py.)
     * **Errors** raised while preparing a batch are raised by the :meth:`batch` call that needs it
       (a batch nobody asks for is dropped, errors included).

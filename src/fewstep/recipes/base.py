@@ -7,8 +7,8 @@ update them, how often, in which stages*; :class:`RecipeConfig` validates it. A 
 module of the same name is a :class:`PipelineRecipe` as it stands (``dollar``, ``accvideo``,
 ``accvideo_lrm``, ``finetune``)::
 
-    model: toy-teacher
-    data: {kind: toy_world}                  # recipes/sources.py
+    model: models/my-teacher                 # a shipped model name or a model directory
+    data: runs/synvid                        # recipes/sources.py: a trajectory store, or {kind: ...}
     generator: {sampler: consistency, times: dollar4, cfg_scale: null}   # how the student samples
     train: {steps: 2000, batch_size: 8, eval_every: 500}
     roles:
@@ -72,8 +72,8 @@ class RecipeConfig(EngineConfig):
 
     dump_first: ClassVar[tuple[str, ...]] = ("model", "preset", "data", "evaluator", "generator")
 
-    model: str = Field("toy-teacher", description="the model every role starts from (student, teacher, fake "
-                                                  "score, …): a shipped name or a model directory")
+    model: str = Field(description="the model every role starts from (student, teacher, fake score, …): a "
+                                   "shipped name or a model directory")
     preset: list[str] = Field(default_factory=list, description=(
         "presets applied when the run started, in order (the recipe YAML's presets:; recipes/presets.py)"))
     data: SerializeAsAny[DataConfig] = Field(
