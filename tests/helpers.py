@@ -236,3 +236,49 @@ def assert_same_end(run, reference):
             assert torch.equal(got[k], want[k]), f"{stem}:{k}"
     assert trainer_state(run, STEPS)["roles"] == trainer_state(reference, STEPS)["roles"]
     assert losses(run) == losses(reference)  # every logged loss, grad norm and LR, bit for bit
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny random diffusers pipelines, built here (nothing downloaded)
+# ---------------------------------------------------------------------------------------------
+
+#: Words of the tiny tokenizers: the toy world's vocabulary and a few more.
+TINY_WORDS = ("a red green blue yellow white magenta circle square triangle cross moves left right up down "
+              "quickly slowly on dark light background stays still cat dog runs in the park blurry").split()
+
+
+def tiny_t5_tokenizer():
+    """A T5/UMT5 tokenizer built in memory from :data:`TINY_WORDS` (transformers 5: no sentencepiece file)."""
+    from transformers import T5Tokenizer
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("▁" + w, -float(i)) for i, w in enumerate(TINY_WORDS)]
+    return T5Tokenizer(vocab=vocab, extra_ids=0)
+
+
+def make_tiny_wan_pipeline(directory, *, frames=9, size=32, seed=0, max_sequence_length=16, cfg_scale=5.0):
+    """Save a tiny random ``WanPipeline`` (UMT5, AutoencoderKLWan with non-trivial latents_mean/std, a
+    2-block Wan transformer, FlowMatchEuler with shift 3) and fewstep's settings for a small clip."""
+    import json
+
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_t5_tokenizer()
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=16, d_kv=4, d_ff=32, num_layers=1,
+                                               num_heads=4, relative_attention_num_buckets=8))
+    vae = AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True], latents_mean=[0.1, -0.2, 0.05, 0.0],
+                           latents_std=[1.5, 0.8, 1.2, 2.0])
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
+                                        in_channels=4, out_channels=4, text_dim=16, freq_dim=32, ffn_dim=32,
+                                        num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                        rope_max_seq_len=32)
+    perturb(transformer, seed=seed)
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+    pipe.save_pretrained(directory)
+    settings = {"frames": frames, "height": size, "width": size, "max_sequence_length": max_sequence_length,
+                "sampling": {"sampler": "euler", "steps": 4, "cfg_scale": cfg_scale, "spacing": "diffusers"}}
+    (Path(directory) / "fewstep_model.json").write_text(json.dumps(settings))
+    return Path(directory)

@@ -68,7 +68,8 @@ def test_unknown_directory_is_one_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     for where in (tmp_path / "empty", tmp_path / "missing"):
         with pytest.raises(UserError, match=r"not a shipped model \(toy-teacher\) nor a model directory "
-                                            r"\(expected model.json with \"kind\": \"toy\" \(toy\)\)"):
+                                            r"\(expected model.json with \"kind\": \"toy\" \(toy\) or model_index.json of a "
+                                            r"diffusers pipeline \(WanPipeline.*\) \(diffusers\)\)"):
             load_model(where)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "model.json").write_text(json.dumps({"kind": "sora"}))
@@ -86,7 +87,7 @@ def test_a_registered_family_is_chosen_by_its_own_detect(fake_family, tiny_pipel
     assert model_family(tmp_path / "fake") is fake_family
     tiny_pipeline.save(tmp_path / "toy")  # the toy family still gets its own directories
     assert type(load_model(tmp_path / "toy")) is VideoPipeline
-    with pytest.raises(UserError, match=r"\(toy\) or fake.json \(fake\)"):  # the error names every family
+    with pytest.raises(UserError, match=r"\(toy\) or .*\(diffusers\) or fake.json \(fake\)"):  # the error names every family
         load_model(tmp_path / "nothing")
 
 

@@ -162,13 +162,18 @@ def _warn_if_untrained(model: str) -> None:
 @app.command()
 def generate(
     model: str = typer.Option(..., help="A shipped model name (toy-teacher) or a model directory."),
-    prompt: list[str] = typer.Option(..., help="Caption in the toy world's grammar (repeatable)."),
+    prompt: list[str] = typer.Option(..., help="Caption (repeatable); a toy model takes the toy world's grammar."),
     out: str = typer.Option(..., help="Output directory: one mp4 per video + samples.npz."),
     steps: int = typer.Option(None, help="Sampler steps (default: the model's own)."),
     cfg: float = typer.Option(None, help="CFG scale w in uncond + w·(cond − uncond) (default: the model's own)."),
     num: int = typer.Option(1, help="Videos per prompt."),
     seed: int = typer.Option(0, help="Seed of the initial noise."),
     scale: int = typer.Option(8, help="Nearest-neighbour upscaling of the mp4s (samples.npz keeps the original)."),
+    frames: int = typer.Option(None, help="Frames per clip (default: the model's own; a diffusers model takes 4k + 1)."),
+    height: int = typer.Option(None, help="Clip height in pixels (default: the model's own)."),
+    width: int = typer.Option(None, help="Clip width in pixels (default: the model's own)."),
+    negative_prompt: str = typer.Option(None, "--negative-prompt", help="Caption of CFG's unconditional branch "
+                                        "(default: the model's own, usually empty)."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty --out (replacing what fewstep "
                                    "wrote there; other files are kept)."),
@@ -183,7 +188,8 @@ def generate(
     _warn_if_untrained(model)
     with StageProgress(every_seconds=5.0) as progress:
         target = generate_to_dir(model, prompt, out, steps=steps, cfg_scale=cfg, num=num, seed=seed, scale=scale,
-                                 device=device, overwrite=overwrite,
+                                 device=device, overwrite=overwrite, frames=frames, height=height, width=width,
+                                 negative_prompt=negative_prompt,
                                  progress=lambda done, total: progress("generate", done, total, {}))
     typer.echo(f"wrote {len(prompt) * num} videos to {target}")
 
@@ -198,6 +204,9 @@ def eval_(
     seed: int = typer.Option(0, help="Seed of the initial noise."),
     features: str = typer.Option("toy-features", help="Fréchet feature net: shipped name or directory."),
     batch_size: int = typer.Option(32, help="Videos generated per batch."),
+    frames: int = typer.Option(None, help="Frames per clip (default: the model's own; a diffusers model takes 4k + 1)."),
+    height: int = typer.Option(None, help="Clip height in pixels (default: the model's own)."),
+    width: int = typer.Option(None, help="Clip width in pixels (default: the model's own)."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty --out (replacing what fewstep "
                                    "wrote there; other files are kept)."),
@@ -212,7 +221,8 @@ def eval_(
     _warn_if_untrained(model)
     with StageProgress(every_seconds=5.0) as progress:
         metrics = evaluate_to_dir(model, out, steps=steps, cfg_scale=cfg, num=num, seed=seed, features=features,
-                                  batch_size=batch_size, device=device, overwrite=overwrite,
+                                  batch_size=batch_size, device=device, overwrite=overwrite, frames=frames,
+                                  height=height, width=width,
                                   progress=lambda done, total: progress("eval", done, total, {}))
     summary = {k: metrics[k] for k in ("total", "quality", "semantic", "fvd", "vendi_pixel", "vendi_feature",
                                        "nfe", "seconds_per_video", "steps", "grid")}

@@ -37,7 +37,7 @@ import torch
 from fewstep.data.toyworld import EVAL_PROMPTS, parse_prompt
 from fewstep.errors import UserError, warn
 from fewstep.models.denoiser import cfg_active
-from fewstep.models.family import load_model
+from fewstep.models.family import load_model, model_family
 from fewstep.utils.frames import to_unit
 
 from .analysers import aggregate, score_clips
@@ -92,24 +92,38 @@ def check_sampling(pipe, steps: int | None, cfg_scale: float | None) -> None:
              f"what it was trained for")
 
 
-def check_prompts(prompts) -> list[str]:
-    """Parse every prompt (a UserError names the first bad word); the captions as given."""
+def set_geometry(pipe, frames: int | None, height: int | None, width: int | None) -> None:
+    """Apply ``--frames/--height/--width`` (each None: the model's own); a size the model cannot take is a
+    one-line error."""
+    if frames is None and height is None and width is None:
+        return
+    for flag, value in (("frames", frames), ("height", height), ("width", width)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise UserError(f"--{flag} {value!r} is invalid; expected an integer >= 1")
+    pipe.set_geometry(frames, height, width)
+
+
+def check_prompts(prompts, grammar: str | None = "toy") -> list[str]:
+    """The captions as given; with the toy grammar (a toy model's ``prompt_grammar``) every prompt is
+    parsed first (a UserError names the first bad word). Other models take any text."""
     if isinstance(prompts, str) or not prompts:
         raise UserError("prompts must be a non-empty list of captions")
-    for prompt in prompts:
-        parse_prompt(prompt)
+    if grammar == "toy":
+        for prompt in prompts:
+            parse_prompt(prompt)
     return list(prompts)
 
 
 def generate_videos(pipe, prompts: list[str], *, steps: int | None = None, cfg_scale: float | None = None,
-                    seed: int = 0, batch_size: int = 32, warmup: bool = True, progress=None) -> Generated:
+                    seed: int = 0, batch_size: int = 32, warmup: bool = True, progress=None,
+                    negative_prompt: str | None = None) -> Generated:
     """Sample ``prompts`` with ``pipe`` in batches; ``steps``/``cfg_scale`` default to the model's own.
 
     Phases: validate → draw all initial noise in order → (warm-up call, untimed) → timed batches.
     ``progress(done, total)`` is called after every batch.
     """
     check_steps(steps)
-    prompts = check_prompts(prompts)
+    prompts = check_prompts(prompts, getattr(pipe, "prompt_grammar", None))
     if cfg_scale is not None and not math.isfinite(cfg_scale):
         raise UserError(f"cfg_scale={cfg_scale!r} is invalid; expected a finite number")
     if batch_size < 1:
@@ -126,8 +140,9 @@ def generate_videos(pipe, prompts: list[str], *, steps: int | None = None, cfg_s
         progress(0, n)  # starts the clock of the ETA
     for lo in range(0, n, batch_size):
         start = time.perf_counter()
+        extra = {} if negative_prompt is None else {"negative_prompt": negative_prompt}
         frames, result = pipe.generate(prompts[lo: lo + batch_size], steps=steps, cfg_scale=cfg_scale,
-                                       seed=seed + lo, noise=noise[lo: lo + batch_size])
+                                       seed=seed + lo, noise=noise[lo: lo + batch_size], **extra)
         seconds += time.perf_counter() - start
         chunks.append(frames)
         nfe = result.nfe
@@ -226,23 +241,25 @@ def _slug(prompt: str) -> str:
 def generate_to_dir(model: str, prompts: list[str], out: str | Path, *, steps: int | None = None,
                     cfg_scale: float | None = None, num: int = 1, seed: int = 0, fps: int = 8,
                     scale: int = 8, batch_size: int = 32, device: str = "cpu", overwrite: bool = False,
-                    progress=None) -> Path:
+                    progress=None, frames: int | None = None, height: int | None = None, width: int | None = None,
+                    negative_prompt: str | None = None) -> Path:
     """``fewstep generate``: ``num`` videos per prompt → ``out/NNN_<prompt>.mp4`` (×``scale``,
     nearest neighbour) and ``out/samples.npz`` (``frames (K, T, H, W, 3)`` uint8 at the model's
     resolution, ``prompts (K,)``), prompt-major. ``out`` is checked before anything is generated."""
     if not isinstance(num, int) or num < 1:
         raise UserError(f"--num {num!r} is invalid; expected an integer >= 1")
     check_steps(steps)
-    prompts = check_prompts(prompts)
+    prompts = check_prompts(prompts, "toy" if model_family(model).name == "toy" else None)
     suite = [p for p in prompts for _ in range(num)]
     names = [f"{i:03d}_{_slug(p)}.mp4" for i, p in enumerate(suite)] + ["samples.npz"]
     output = OutputDir(out, "generate", overwrite, names)
     output.check()
     pipe = load_model(model, device)
+    set_geometry(pipe, frames, height, width)
     check_sampling(pipe, steps, cfg_scale)
     with output as stage:
         gen = generate_videos(pipe, suite, steps=steps, cfg_scale=cfg_scale, seed=seed, batch_size=batch_size,
-                              warmup=False, progress=progress)
+                              warmup=False, progress=progress, negative_prompt=negative_prompt)
         for name, video in zip(names, gen.frames):
             write_mp4(stage / name, video, fps=fps, scale=scale)
         np.savez(stage / "samples.npz", frames=gen.frames, prompts=np.array(suite, dtype=str))
@@ -252,7 +269,8 @@ def generate_to_dir(model: str, prompts: list[str], out: str | Path, *, steps: i
 def evaluate_to_dir(model: str, out: str | Path, *, steps: int | None = None, cfg_scale: float | None = None,
                     num: int = 4, seed: int = 0, features: str = "toy-features", batch_size: int = 32,
                     label: str | None = None, device: str = "cpu", overwrite: bool = False,
-                    progress=None) -> dict:
+                    progress=None, frames: int | None = None, height: int | None = None,
+                    width: int | None = None) -> dict:
     """``fewstep eval``: ``out/metrics.json`` and ``out/report.html`` (+ ``out/gifs/``); ``out`` is
     checked before anything is generated."""
     if not isinstance(num, int) or num < 1:
@@ -261,6 +279,7 @@ def evaluate_to_dir(model: str, out: str | Path, *, steps: int | None = None, cf
     output = OutputDir(out, "eval", overwrite, ["metrics.json", "report.html", "gifs"])
     output.check()
     pipe = load_model(model, device)
+    set_geometry(pipe, frames, height, width)
     check_sampling(pipe, steps, cfg_scale)
     feature_net = VideoFeatureNet.load(features)
     with output as stage:

@@ -5,8 +5,8 @@ What ``--model M`` names everywhere (``fewstep generate/eval/distill/synth/bench
 *family* recognises by what it holds. :func:`load_model` picks the family::
 
     family   detect(directory)                           class
-    toy      model.json with "kind": "toy"               fewstep.models.pipeline.VideoPipeline
-    (next)   model_index.json of a diffusers pipeline    …
+    toy        model.json with "kind": "toy"               fewstep.models.pipeline.VideoPipeline
+    diffusers  model_index.json of a diffusers pipeline    fewstep.models.diffusers_family.DiffusersVideoModel
 
 Objectives, recipes, the engine and the evaluators only use the protocol; none of them asks
 which family it got. A family registers itself with :func:`register_family` when its module is
@@ -35,7 +35,7 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 #: Models shipped inside the package, loadable by name.
 SHIPPED = {"toy-teacher": ASSETS / "toy-teacher"}
 #: Modules that register the built-in families (imported on the first lookup).
-FAMILY_MODULES = ("fewstep.models.pipeline",)
+FAMILY_MODULES = ("fewstep.models.pipeline", "fewstep.models.diffusers_family")
 
 
 class SamplingConfig(StrictModel):
@@ -74,6 +74,8 @@ class VideoModel(Protocol):
     # -- what objectives and recipes read --------------------------------------------------------
     @property
     def geometry(self) -> Geometry: ...  # decoded clip size
+    def set_geometry(self, frames: int | None = None, height: int | None = None,
+                     width: int | None = None) -> None: ...  # another clip size, or a one-line error
     @property
     def text_dim(self) -> int: ...  # width D of the caption tokens (B, L, D)
     @property
@@ -93,7 +95,7 @@ class VideoModel(Protocol):
     def default_steps(self) -> int: ...
     def sample_latents(self, prompts: list[str], *, steps: int | None = None, cfg_scale: float | None = None,
                        sampler: str | None = None, seed: int | None = None, noise: Tensor | None = None,
-                       return_trajectory: bool = False) -> SampleResult: ...
+                       return_trajectory: bool = False, negative_prompt: str | None = None) -> SampleResult: ...
     def generate(self, prompts: list[str], **kwargs) -> tuple[np.ndarray, SampleResult]: ...
 
     # -- persistence -------------------------------------------------------------------------------

@@ -59,6 +59,8 @@ class VideoPipeline(nn.Module):
     """The toy :class:`~fewstep.models.family.VideoModel`: prompts → latents (by the denoiser's
     sampler) → frames (by the codec's decoder)."""
 
+    prompt_grammar = "toy"  # captions follow the toy world's grammar (eval/runner.check_prompts)
+
     def __init__(self, config: ToyPipelineConfig):
         super().__init__()
         self.config = config
@@ -78,6 +80,14 @@ class VideoPipeline(nn.Module):
     @property
     def geometry(self) -> Geometry:
         return Geometry(self.config.frames, self.config.size, self.config.size)
+
+    def set_geometry(self, frames: int | None = None, height: int | None = None, width: int | None = None) -> None:
+        """A toy model renders one clip size only: any other is a one-line error."""
+        own = self.geometry
+        asked = Geometry(frames or own.frames, height or own.height, width or own.width)
+        if asked != own:
+            raise UserError(f"this toy model makes {own.frames}×{own.height}×{own.width} clips (frames × height × "
+                            f"width) only; got {asked.frames}×{asked.height}×{asked.width}")
 
     @property
     def text_dim(self) -> int:
@@ -125,8 +135,9 @@ class VideoPipeline(nn.Module):
     @torch.no_grad()
     def sample_latents(self, prompts: list[str], *, steps: int | None = None, cfg_scale: float | None = None,
                        sampler: str | None = None, seed: int | None = None, noise: Tensor | None = None,
-                       return_trajectory: bool = False) -> SampleResult:
-        """Sample latents for ``prompts``. ``cfg_scale`` defaults to the model's own; 1 or None = no CFG."""
+                       return_trajectory: bool = False, negative_prompt: str | None = None) -> SampleResult:
+        """Sample latents for ``prompts``. ``cfg_scale`` defaults to the model's own; 1 or None = no CFG;
+        ``negative_prompt`` replaces the empty caption of CFG's unconditional branch."""
         sampling = self.config.sampling
         sampler = sampler or sampling.sampler
         if sampler not in SAMPLERS:
@@ -138,7 +149,9 @@ class VideoPipeline(nn.Module):
             noise = torch.randn(self.latent_shape(len(prompts)), generator=generator)
         noise = noise.to(device)
         cond = self.encode_prompts(prompts)
-        uncond = self.null_condition(len(prompts)) if cfg_active(cfg_scale) else None  # only when it is used
+        uncond = None
+        if cfg_active(cfg_scale):  # only when it is used
+            uncond = self.encode_prompts([negative_prompt or ""] * len(prompts))
         kwargs = {"cfg_scale": cfg_scale, "uncond": uncond,
                   "return_trajectory": return_trajectory}
         if sampler == "consistency":
