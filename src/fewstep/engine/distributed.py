@@ -169,12 +169,12 @@ def full_model_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(module, options=FULL)
 
 
-def load_model_state(module: nn.Module, state: dict[str, torch.Tensor], env: DistEnv) -> None:
-    """Load a full state dict (every rank passes the whole dict)."""
+def load_model_state(module: nn.Module, state: dict[str, torch.Tensor], env: DistEnv, strict: bool = True) -> None:
+    """Load a full state dict (every rank passes the whole dict); ``strict=False``: a part of it (adapters)."""
     if env.distributed and env.mode == "fsdp":
-        set_model_state_dict(module, dict(state), options=StateDictOptions(full_state_dict=True, strict=True))
+        set_model_state_dict(module, dict(state), options=StateDictOptions(full_state_dict=True, strict=strict))
     else:
-        module.load_state_dict(state, strict=True)
+        module.load_state_dict(state, strict=strict)
 
 
 def full_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict:

@@ -1,6 +1,7 @@
 """Exponential moving average of a module's weights.
 
-``EMA(module, decay)`` keeps a frozen copy of ``module`` (made *before* the live module is
+``EMA(module, decay)`` keeps a frozen copy of ``module``'s trainable weights (its frozen parameters
+are shared with ``module``, not copied) (made *before* the live module is
 wrapped for DDP/FSDP) and after every optimizer step moves it towards the live weights::
 
     θ_ema ← decay · θ_ema + (1 − decay) · θ          (torch._foreach_lerp_, one fused call)
@@ -23,7 +24,9 @@ class EMA:
     def __init__(self, module: nn.Module, decay: float):
         assert 0.0 < decay < 1.0, decay
         self.decay = decay
-        self.module = copy.deepcopy(module).eval().requires_grad_(False)
+        # frozen tensors never move, so the copy shares them (a LoRA role's EMA costs its adapters only)
+        memo = {id(p): p for p in module.parameters() if not p.requires_grad}
+        self.module = copy.deepcopy(module, memo).eval().requires_grad_(False)
         self._pairs: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
 
     def pairs(self, live: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

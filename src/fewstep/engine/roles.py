@@ -13,6 +13,9 @@ Any identifier is a role name (``lrm``, ``discriminator_spatial``, …); ``teach
 fifth step of the every-step roles, as in DMD2's 5 critic updates per generator update); a stage
 may override a role's cadence. ``ema: d`` keeps an EMA copy with decay ``d``.
 
+``lora: {rank: r, alpha: α}`` trains low-rank adapters on the role's frozen base instead of the
+base itself (:mod:`fewstep.engine.lora`; the recipe gives the role a base that shares its weights).
+
 At run time each declared role becomes a :class:`Role`: the module the recipe built for it
 (wrapped in place for DDP/FSDP by :mod:`fewstep.engine.distributed`), a fused AdamW optimizer
 if it is trainable, its EMA, and the number of optimizer updates it has taken (which drives the
@@ -25,12 +28,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from ..config import StrictModel
 from ..errors import UserError
 from .ema import EMA
+from .lora import LoraConfig, adapter_names, adapter_state, add_lora
 
 FROZEN_ROLES = ("teacher", "reference")
 
@@ -54,6 +58,15 @@ class RoleSpec(StrictModel):
     optim: OptimConfig | None = Field(None, description="null = frozen")
     every: int = Field(1, ge=1, description="update on every k-th step of a stage")
     ema: float | None = Field(None, gt=0, lt=1, description="EMA decay; null = no EMA")
+    lora: LoraConfig | None = Field(None, description=(
+        "{rank, alpha, targets}: train LoRA adapters on a frozen base shared with the other roles (engine/lora.py); "
+        "null = every parameter the recipe leaves trainable"))
+
+    @model_validator(mode="after")
+    def _lora_trains(self):
+        if self.lora is not None and self.optim is None:
+            raise ValueError("lora needs optim: a frozen role has no adapters to train")
+        return self
 
     @property
     def trainable(self) -> bool:
@@ -83,9 +96,33 @@ class Role:
         return self.optimizer is not None
 
     @property
+    def adapters_only(self) -> bool:
+        """A LoRA role: its optimiser, EMA and checkpoints cover the adapters only."""
+        return self.spec.lora is not None
+
+    @property
     def ema_module(self) -> nn.Module:
         """The EMA copy if this role has one, else the live module."""
         return self.ema.module if self.ema is not None else self.module
+
+    def weights(self, ema: bool = False) -> dict[str, torch.Tensor]:
+        """The live (or EMA) full state dict on rank 0 — adapters only for a LoRA role (collective)."""
+        from .distributed import full_model_state
+
+        state = full_model_state(self.ema.module if ema else self.module)
+        return adapter_state(state) if self.adapters_only else state
+
+    def load_weights(self, state: dict[str, torch.Tensor], env, ema: bool = False) -> None:
+        """Load what :meth:`weights` gave (every rank passes the whole dict); a LoRA role's base stays."""
+        from .distributed import load_model_state
+
+        module = self.ema.module if ema else self.module
+        if self.adapters_only:
+            want = set(adapter_names(module))
+            if set(state) != want:
+                missing = sorted(want - set(state)) or sorted(set(state) - want)
+                raise KeyError(f"role {self.name!r} adapters differ from the checkpoint's (e.g. {missing[0]})")
+        load_model_state(module, state, env, strict=not self.adapters_only)
 
     def set_lr(self) -> float:
         """Apply the warm-up for the next update; returns the LR used."""
@@ -139,6 +176,8 @@ def build_roles(modules: dict[str, nn.Module], specs: dict[str, RoleSpec], env, 
     roles = Roles()
     for name, spec in specs.items():
         module = modules[name].to(env.device)
+        if spec.lora is not None:
+            add_lora(module, spec.lora)
         if spec.trainable:
             module.train()  # which parameters train is the recipe's choice (e.g. LoRA adapters only)
             if gradient_checkpointing:

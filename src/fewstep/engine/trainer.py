@@ -67,8 +67,8 @@ from ..objectives.student import StudentGenerator
 from . import checkpoint as ckpt
 from .config import EngineConfig
 from .data import DataSource, Prefetcher, spare_cores
-from .distributed import (DistEnv, clip_grad_norm, full_model_state, full_optimizer_state, init_distributed,
-                          load_model_state, load_optimizer_state, set_gradient_sync)
+from .distributed import (DistEnv, clip_grad_norm, full_optimizer_state, init_distributed, load_optimizer_state,
+                          set_gradient_sync)
 from .evaluation import Evaluator, run_evaluation
 from .health import HealthIssue, HealthMonitor
 from .logging import NullLogger, RunLogger
@@ -91,6 +91,7 @@ class Plan(Protocol):
     def data_source(self, device: torch.device) -> DataSource: ...
     def evaluator(self, monitor: HealthMonitor) -> Evaluator: ...  # periodic evaluation of the student
     def student_pipeline(self): ...  # a plain model (VideoModel) to load student weights into, or None
+    def load_student(self, pipe, weights: dict[str, torch.Tensor]) -> None: ...  # the student role's weights
     def student_generator(self) -> StudentGenerator: ...  # the one G_θ(ε) every objective samples
     def example_prompt(self) -> str: ...  # shown in the commands printed at the end of a run
     def start_stage(self, index: int, roles: Roles) -> None: ...
@@ -509,14 +510,14 @@ class Trainer:
     def student_state(self) -> dict[str, torch.Tensor]:
         """The student's (EMA if configured) full weights on rank 0 — collective under FSDP."""
         role = self.roles["student"]
-        return full_model_state(role.ema.module if role.ema is not None else role.module)
+        return role.weights(ema=role.ema is not None)
 
     def evaluate(self, evaluator: Evaluator) -> None:
         weights = self.student_state()
         issues = []
         if self.env.is_main:
             pipe = self.plan.student_pipeline()
-            pipe.denoiser.load_state_dict(weights)
+            self.plan.load_student(pipe, weights)
             result = run_evaluation(evaluator, pipe, self.state.step, self.logger, self.run_dir)
             issues = result.issues
             self.logger.log(self.state.step, {"stage": self.stages[self.state.stage].name, **result.record})
@@ -535,9 +536,9 @@ class Trainer:
             "roles": {r.name: {"updates": r.updates} for r in self.roles.values()},
             "health": self.monitor.state_dict()})
         for role in self.roles.trainable():
-            data.tensors[f"roles/{role.name}"] = full_model_state(role.module)
+            data.tensors[f"roles/{role.name}"] = role.weights()
             if role.ema is not None:
-                data.tensors[f"ema/{role.name}"] = full_model_state(role.ema.module)
+                data.tensors[f"ema/{role.name}"] = role.weights(ema=True)
             if role.updates > 0:  # an unstepped optimizer has no state (and must not be faked)
                 state = full_optimizer_state(role.module, role.optimizer)
                 if env.is_main:
@@ -561,7 +562,7 @@ class Trainer:
             return
         weights = self.student_state() if weights is None else weights
         if self.env.is_main and (pipe := self.plan.student_pipeline()) is not None:
-            pipe.denoiser.load_state_dict(weights)
+            self.plan.load_student(pipe, weights)
             pipe.save(self.run_dir / "student")
             # after the model is in place: run.json never claims a step the directory lacks
             record_student(self.run_dir, self.state.step, self.cfg.train.steps)
@@ -575,7 +576,7 @@ class Trainer:
         if self.env.is_main and "student" in self.roles:
             record = student_record(self.run_dir / "student")
             current = (record is not None and record["step"] == self.state.step
-                       and (self.run_dir / "student" / "model.json").is_file())
+                       and (self.run_dir / "student").is_dir())  # written atomically: complete if there
             if current:
                 self._student_step = self.state.step
         return bool(self.env.broadcast_object(current))
@@ -587,9 +588,9 @@ class Trainer:
             self.plan.start_stage(index, self.roles)
         try:
             for role in self.roles.trainable():
-                load_model_state(role.module, data.tensors[f"roles/{role.name}"], env)
+                role.load_weights(data.tensors[f"roles/{role.name}"], env)
                 if role.ema is not None:
-                    load_model_state(role.ema.module, data.tensors[f"ema/{role.name}"], env)
+                    role.load_weights(data.tensors[f"ema/{role.name}"], env, ema=True)
                 role.updates = t["roles"][role.name]["updates"]
                 if f"optim/{role.name}" in data.json:
                     state = ckpt.unflatten_optimizer_state(data.tensors.get(f"optim/{role.name}", {}),

@@ -55,6 +55,7 @@ from ..engine.config import EngineConfig
 from ..engine.data import DataSource
 from ..engine.evaluation import Evaluator
 from ..engine.health import HealthMonitor
+from ..engine.lora import merge_adapters, shared_copy
 from ..engine.roles import Roles
 from ..errors import UserError
 from ..diffusion.schedules import FlowMatching
@@ -195,6 +196,10 @@ class Recipe:
         """A plain (unwrapped) model whose ``denoiser`` takes the student's weights, or None."""
         return None
 
+    def load_student(self, pipe, weights: dict[str, torch.Tensor]) -> None:
+        """Put the student role's (EMA) weights into ``student_pipeline()``'s denoiser."""
+        pipe.denoiser.load_state_dict(weights)
+
     def example_prompt(self) -> str:
         return self.config.evaluator.example_prompt()
 
@@ -207,7 +212,7 @@ class PipelineRecipe(Recipe):
 
     ``config.model`` (a shipped name or a model directory, of any family) is loaded once. Every
     declared role without a ``build`` starts as a copy of its denoiser (trainable or frozen per the
-    role's ``optim``); its frozen encoders feed the ``data`` source; its decoder is handed to
+    role's ``optim``; frozen and LoRA roles share its weights, :meth:`shares_base`); its frozen encoders feed the ``data`` source; its decoder is handed to
     objectives that score decoded samples; the student is exported as a copy of the model that
     samples with the run's generator. The evaluator's health references are the model's own samples
     when there is a teacher role.
@@ -233,9 +238,24 @@ class PipelineRecipe(Recipe):
         for name, spec in self.config.roles.items():
             if spec.build is not None:
                 modules[name] = parse_build(spec.build, name).build(self.pipeline)
+            elif self.shares_base(spec):
+                modules[name] = shared_copy(self.pipeline.denoiser)  # frozen, or LoRA adapters added by the engine
             else:
                 modules[name] = copy.deepcopy(self.pipeline.denoiser).requires_grad_(spec.trainable)
         return modules
+
+    def shares_base(self, spec) -> bool:
+        """Frozen and LoRA roles share the model's weights (one copy in memory) in one process and under
+        DDP; under FSDP each role shards a copy of its own (the sharding replaces a module's parameters)."""
+        return (not spec.trainable or spec.lora is not None) and self.config.train.distributed != "fsdp"
+
+    def load_student(self, pipe, weights: dict[str, torch.Tensor]) -> None:
+        """The student's weights into ``pipe``; a LoRA student's adapters merged into the model's base,
+        ``W' = W + (α / r)·B A`` (engine/lora.py)."""
+        lora = self.config.roles["student"].lora
+        if lora is not None:
+            weights = merge_adapters(self.pipeline.denoiser.state_dict(), weights, lora.scale)
+        pipe.denoiser.load_state_dict(weights)
 
     def prepare_objective(self, objective, device: torch.device) -> None:
         """Objectives that score decoded samples (``R(Dec(x))``: ``lrm_fit``, ``ddpo``) get the frozen

@@ -1,0 +1,180 @@
+"""Distillation on a real (diffusers) teacher by config alone: DOLLAR and AccVideo on a tiny random
+WanPipeline built here, with and without LoRA roles, stopped and resumed bit for bit; a LoRA role
+trains adapters only, shares the teacher's base weights, checkpoints adapters only, and RUN/student
+is the base with the adapters merged."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fewstep.engine.lora import LoraConfig, add_lora, merge_adapters, shared_copy
+from fewstep.models.backbones import Conditioning
+from fewstep.models.family import load_model
+from helpers import cli, losses, make_tiny_wan_pipeline, tensors, trainer_state
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+STEPS = 10
+LORA = ["roles.student.lora.rank=4", "roles.student.lora.alpha=8", "roles.fake_score.lora.rank=4"]
+
+
+@pytest.fixture(scope="module")
+def wan_dir(tmp_path_factory):
+    return make_tiny_wan_pipeline(tmp_path_factory.mktemp("wan") / "wan")
+
+
+@pytest.fixture(scope="module")
+def store(wan_dir, tmp_path_factory):
+    where = tmp_path_factory.mktemp("store")
+    (where / "prompts.txt").write_text("a cat runs in the park\na red circle moves left\n")
+    from fewstep.cli import main
+
+    assert main(["synth", "--teacher", str(wan_dir), "--prompts", str(where / "prompts.txt"), "--out",
+                 str(where / "store"), "--num", "4", "--steps", "10", "--batch-size", "4"]) == 0
+    return where / "store"
+
+
+def run_args(recipe, model, out, *extra):
+    sets = [f"model={model}", f"train.steps={STEPS}", "train.batch_size=2", "train.eval_every=0",
+            "train.checkpoint_every=5", "train.log_every=1", "train.tensorboard=false", *extra]
+    return ["distill", "--recipe", recipe, "--out", out, *[a for s in sets for a in ("--set", s)]]
+
+
+def trainable_stems(run):
+    where = run / "checkpoints" / f"step_{STEPS:06d}"
+    stems = sorted(str(p.relative_to(where).with_suffix("")) for p in where.glob("*/*.safetensors"))
+    assert {"roles/student", "optim/student"} <= set(stems), stems
+    return stems
+
+
+def assert_same(run, reference):
+    for stem in trainable_stems(reference):
+        got, want = tensors(run, STEPS, stem), tensors(reference, STEPS, stem)
+        assert got.keys() == want.keys(), stem
+        for k in want:
+            assert torch.equal(got[k], want[k]), f"{stem}:{k}"
+    assert trainer_state(run, STEPS)["roles"] == trainer_state(reference, STEPS)["roles"]
+    assert losses(run) == losses(reference)
+
+
+CASES = {
+    "dollar": ("dollar", []),
+    "dollar-lora": ("dollar", LORA),
+    "accvideo-lora": ("accvideo", ["roles.student.lora.rank=4", "roles.student.lora.alpha=8"]),
+}
+
+
+@pytest.fixture(scope="module")
+def reference_runs(wan_dir, store, tmp_path_factory):
+    """The uninterrupted 10-step runs (on one thread, as the tests: a thread count changes float sums)."""
+    from fewstep.cli import main
+
+    runs, threads = {}, torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for name, (recipe, extra) in CASES.items():
+            runs[name] = tmp_path_factory.mktemp("ref") / name
+            data = [f"data={store}"] if recipe == "accvideo" else []
+            assert main(run_args(recipe, wan_dir, runs[name], *extra, *data)) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return runs
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_resume_on_a_real_teacher_is_exact(name, reference_runs, wan_dir, store, tmp_path, capsys):
+    recipe, extra = CASES[name]
+    data = [f"data={store}"] if recipe == "accvideo" else []
+    run = tmp_path / "run"
+    rc, _, err = cli(capsys, *run_args(recipe, wan_dir, run, *extra, *data, "train.steps=5"))
+    assert rc == 0, err
+    rc, _, err = cli(capsys, "distill", "--resume", run, "--set", f"train.steps={STEPS}")
+    assert rc == 0, err
+    assert_same(run, reference_runs[name])
+    losses_seen = losses(run)
+    assert sorted(losses_seen) == list(range(1, STEPS + 1))
+    assert all(torch.isfinite(torch.tensor(v)).all() for rec in losses_seen.values() for v in rec.values())
+
+
+def test_a_lora_run_checkpoints_adapters_and_exports_them_merged(reference_runs, wan_dir):
+    run = reference_runs["dollar-lora"]
+    for stem in ("roles/student", "ema/student", "roles/fake_score"):
+        keys = tensors(run, STEPS, stem).keys()
+        assert keys and all(".lora_A." in k or ".lora_B." in k for k in keys), stem
+    assert all(".lora_" in k.split("::")[0] for k in tensors(run, STEPS, "optim/student"))
+    ema = tensors(run, STEPS, "ema/student")
+    assert any(k.endswith("lora_B.default.weight") and v.abs().max() > 0 for k, v in ema.items())  # it trained
+    # the teacher's directory is untouched; RUN/student is base + (α/r)·B A of the EMA adapters
+    teacher, student = load_model(wan_dir), load_model(run / "student")
+    base = teacher.denoiser.state_dict()
+    want = merge_adapters(base, ema, scale=8 / 4)
+    got = student.denoiser.state_dict()
+    assert got.keys() == base.keys()
+    changed = [k for k in base if not torch.equal(got[k], base[k])]
+    assert changed and all(".attn" in k or ".ffn" in k for k in changed)
+    for k in base:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6)
+    assert json.loads((run / "student" / "fewstep_model.json").read_text())["sampling"]["sampler"] == "consistency"
+
+
+def test_a_full_student_run_on_wan_changes_the_transformer(reference_runs, wan_dir):
+    run = reference_runs["dollar"]
+    keys = tensors(run, STEPS, "roles/student").keys()
+    assert not any(".lora_" in k for k in keys) and any(k.startswith("backbone.model.blocks.0") for k in keys)
+    student = load_model(run / "student")
+    assert student.default_steps() == 4 and student.sampling.cfg_scale is None
+
+
+# ---------------------------------------------------------------------------------------------
+# engine/lora.py on its own
+# ---------------------------------------------------------------------------------------------
+
+def test_shared_copy_shares_every_tensor_and_lora_starts_at_the_base(wan_dir):
+    model = load_model(wan_dir)
+    base = model.denoiser
+    copy = shared_copy(base)
+    assert copy is not base and copy.backbone is not base.backbone
+    assert all(a is b for a, b in zip(copy.parameters(), base.parameters()))
+    torch.manual_seed(0)
+    add_lora(copy, LoraConfig(rank=2, alpha=4))
+    trainable = [n for n, p in copy.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in n for n in trainable)
+    assert not any(p.requires_grad for p in base.parameters())  # the shared base stays frozen
+    x = torch.randn(model.latent_shape(2))
+    cond = Conditioning(torch.randn(2, 16, 16), torch.ones(2, 16, dtype=torch.bool))
+    t = torch.tensor([0.7, 0.3], dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(copy(x, t, cond), base(x, t, cond), rtol=0, atol=0)  # B = 0
+
+
+def test_merged_weights_equal_the_lora_forward(wan_dir):
+    """merge_adapters(W, A, B) = W + (α/r)·B A: the merged plain model computes what peft's LoRA layers do."""
+    model = load_model(wan_dir)
+    base = model.denoiser
+    lora = shared_copy(base)
+    torch.manual_seed(0)
+    add_lora(lora, LoraConfig(rank=2, alpha=6, targets=["to_q", "to_v", "ffn.net.0.proj"]))
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(0, 0.3)
+    adapters = {n: p.detach().clone() for n, p in lora.named_parameters() if ".lora_" in n}
+    assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in adapters} >= {"to_q", "to_v"}
+    merged = load_model(wan_dir).denoiser
+    merged.load_state_dict(merge_adapters(base.state_dict(), adapters, scale=3.0))
+    x = torch.randn(model.latent_shape(1))
+    cond = Conditioning(torch.randn(1, 16, 16), torch.ones(1, 16, dtype=torch.bool))
+    t = torch.tensor([0.5], dtype=torch.float64)
+    with torch.no_grad():
+        out_lora, out_merged, out_base = lora(x, t, cond), merged(x, t, cond), base(x, t, cond)
+    torch.testing.assert_close(out_merged, out_lora, rtol=1e-5, atol=1e-5)
+    assert (out_lora - out_base).abs().max() > 1e-3  # the adapters do something
+
+
+def test_lora_on_a_frozen_role_is_a_config_error(wan_dir, tmp_path, capsys):
+    rc, _, err = cli(capsys, *run_args("dollar", wan_dir, tmp_path / "run", "roles.teacher.lora.rank=4"))
+    assert rc == 2 and err.count("\n") == 1 and "lora needs optim" in err, err
+    assert not (tmp_path / "run").exists()
