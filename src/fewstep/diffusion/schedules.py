@@ -16,6 +16,9 @@ and ``model_timestep(t)``, the number the backbone was trained to receive.
   ``t = (k + 1)/1000``, so ``k = 999`` is ``t = 1`` and ``t = 0`` is the clean sample (ᾱ = 1,
   DDIM's ``final_alpha_cumprod`` with ``set_alpha_to_one``). Between grid points ᾱ is linearly
   interpolated, which keeps ``alpha(t)``/``sigma(t)`` differentiable in ``t`` for JVPs.
+  CogVideoX's options (its diffusers schedulers ``CogVideoXDDIMScheduler``/``CogVideoXDPMScheduler``):
+  the SNR shift ``ᾱ ← ᾱ / (s + (1 − s)·ᾱ)`` (SNR divided by ``s``, ``snr_shift_scale``) and then the
+  zero-terminal-SNR rescale.
 
 Named grids of integer timesteps (DOLLAR's ``[999, 749, 499, 249]``, the 50-step DDIM grid
 ``[999, 979, …, 19]``) are turned into continuous times by :meth:`Schedule.t_from_index`, the
@@ -158,17 +161,39 @@ def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
     return 1 - alphas
 
 
+def shift_snr(betas: Tensor, scale: float) -> Tensor:
+    """CogVideoX's SNR shift (its SAT code's ``ZeroSNRDDPMDiscretization``; diffusers' CogVideoX schedulers).
+
+    ``ᾱ' = ᾱ / (s + (1 − s)·ᾱ)``, i.e. ``SNR' = ᾱ'/(1 − ᾱ') = SNR / s`` at every step; returns the betas
+    of ``ᾱ'``.
+    """
+    abar = torch.cumprod(1 - betas, dim=0)
+    abar = abar / (scale + (1 - scale) * abar)
+    alphas = torch.cat([abar[:1], abar[1:] / abar[:-1]])
+    return 1 - alphas
+
+
 class VPDiscrete(Schedule):
-    """DDPM's discrete VP schedule (DOLLAR Eq. 1) on continuous time, ``k = 1000·t − 1``."""
+    """DDPM's discrete VP schedule (DOLLAR Eq. 1) on continuous time, ``k = 1000·t − 1``.
+
+    ``snr_shift_scale`` ``s ≠ 1`` divides every SNR by ``s`` (:func:`shift_snr`, CogVideoX) before the
+    optional zero-terminal-SNR rescale, in the order of diffusers' CogVideoX schedulers.
+    """
 
     name = "vp"
 
     def __init__(self, betas: str = "scaled_linear", beta_start: float = 0.00085, beta_end: float = 0.012,
-                 zero_terminal_snr: bool = False, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS):
+                 zero_terminal_snr: bool = False, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
+                 snr_shift_scale: float = 1.0):
+        if not snr_shift_scale > 0:
+            raise UserError(f"schedule.snr_shift_scale must be > 0, got {snr_shift_scale}")
         self.betas_kind, self.beta_start, self.beta_end = betas, beta_start, beta_end
         self.zero_terminal_snr = zero_terminal_snr
         self.num_train_timesteps = num_train_timesteps
+        self.snr_shift_scale = float(snr_shift_scale)
         b = make_betas(betas, num_train_timesteps, beta_start, beta_end)
+        if snr_shift_scale != 1.0:
+            b = shift_snr(b, self.snr_shift_scale)
         if zero_terminal_snr:
             b = rescale_zero_terminal_snr(b)
         self.betas = b  # (N,) float64
@@ -207,7 +232,8 @@ class VPDiscrete(Schedule):
 
     def describe(self) -> dict:
         return {"name": self.name, "betas": self.betas_kind, "beta_start": self.beta_start,
-                "beta_end": self.beta_end, "zero_terminal_snr": self.zero_terminal_snr}
+                "beta_end": self.beta_end, "zero_terminal_snr": self.zero_terminal_snr,
+                "snr_shift_scale": self.snr_shift_scale}
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,6 +256,11 @@ TIME_GRIDS: dict[str, list[float]] = {
     "accvideo_keys": [1.0, 0.9651, 0.9130, 0.8235, 0.6363, 0.0],
     # AccVideo §5.2, Tab. 4: the uniform grid of its timestep ablation
     "accvideo_uniform": [1.0, 0.8, 0.6, 0.4, 0.2, 0.0],
+    # N equal steps from t = 1: on a flow teacher the grids a stock diffusers scheduler visits exactly
+    # (fewstep export); dollarN's 999 starts at t = 0.999 there (σ off by ~3e-4)
+    "uniform1": [1.0, 0.0],
+    "uniform2": [1.0, 0.5, 0.0],
+    "uniform4": [1.0, 0.75, 0.5, 0.25, 0.0],
 }
 
 
@@ -347,10 +378,11 @@ class VPConfig(StrictModel):
     beta_start: float = Field(0.00085, gt=0, lt=1)
     beta_end: float = Field(0.012, gt=0, lt=1)
     zero_terminal_snr: bool = False
+    snr_shift_scale: float = Field(1.0, gt=0, description="CogVideoX's SNR shift: every SNR divided by this")
 
     def build(self) -> VPDiscrete:
         return VPDiscrete(betas=self.betas, beta_start=self.beta_start, beta_end=self.beta_end,
-                          zero_terminal_snr=self.zero_terminal_snr)
+                          zero_terminal_snr=self.zero_terminal_snr, snr_shift_scale=self.snr_shift_scale)
 
 
 def _schedule_kind(value: Any) -> str:

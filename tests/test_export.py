@@ -1,0 +1,146 @@
+"""``fewstep export``: a run on a tiny random WanPipeline becomes a diffusers pipeline directory that
+diffusers' own WanPipeline loads and samples in the student's steps, giving exactly what
+``fewstep generate --model RUN/student`` gives from the same initial noise; ``--lora-only`` writes
+adapters ``load_lora_weights`` accepts; bad input is one line with exit 2."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fewstep.export import fit_flow_scheduler, stock_sigmas
+from fewstep.models.family import load_model
+from helpers import cli, make_tiny_wan_pipeline
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PROMPT = "a cat runs in the park"
+
+
+@pytest.fixture(scope="module")
+def wan_dir(tmp_path_factory):
+    return make_tiny_wan_pipeline(tmp_path_factory.mktemp("wan") / "wan")
+
+
+def train(recipe, model, out, *extra):
+    from fewstep.cli import main
+
+    sets = [f"model={model}", "train.steps=3", "train.batch_size=2", "train.eval_every=0", "train.log_every=3",
+            "train.tensorboard=false", *extra]
+    assert main(["distill", "--recipe", recipe, "--out", str(out), *[a for s in sets for a in ("--set", s)]]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(wan_dir, tmp_path_factory):
+    where = tmp_path_factory.mktemp("runs")
+    return {
+        # a LoRA consistency student on the exportable uniform4 grid (1, 0.75, 0.5, 0.25)
+        "lora": train("dollar", wan_dir, where / "lora", "generator.times=uniform4", "roles.student.lora.rank=4",
+                      "roles.student.lora.alpha=8", "roles.fake_score.lora.rank=4", "roles.student.every=1"),
+        # an Euler student (AccVideo's sampler) on its uniform grid, on data latents forward-diffused (no store)
+        "euler": train("accvideo", wan_dir, where / "euler", "preset=[forward]", "generator.times=accvideo_uniform"),
+    }
+
+
+def diffusers_latents(directory, noise, steps, seed, **kwargs):
+    from diffusers import WanPipeline
+
+    pipe = WanPipeline.from_pretrained(directory, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    torch.manual_seed(seed)  # WanPipeline's scheduler.step draws consistency noise from the global generator
+    return pipe(PROMPT, height=32, width=32, num_frames=9, num_inference_steps=steps, guidance_scale=1.0,
+                latents=noise.clone(), max_sequence_length=16, **kwargs).frames
+
+
+@pytest.mark.parametrize("name,steps", [("lora", 4), ("euler", 5)])
+def test_export_samples_in_diffusers_as_fewstep_generate(name, steps, runs, tmp_path, capsys):
+    run, out = runs[name], tmp_path / "export"
+    rc, stdout, err = cli(capsys, "export", run, "--out", out)
+    assert rc == 0, err
+    assert f"num_inference_steps={steps}, guidance_scale=1.0" in stdout and "note:" not in stdout
+    record = json.loads((out / "export.json").read_text())
+    assert record["exact"] and record["max_sigma_gap"] < 1e-5  # float32 round-off
+    assert record["sampler"] == ("consistency" if name == "lora" else "euler")
+    student = load_model(run / "student")
+    noise = torch.randn(student.latent_shape(1), generator=torch.Generator().manual_seed(3))
+    ours = student.sample_latents([PROMPT], noise=noise, seed=7).x
+    theirs = diffusers_latents(out, noise, steps, seed=7, output_type="latent")
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)  # the grids agree to float32 round-off
+    assert float((ours - noise).abs().mean()) > 0.05
+    video = diffusers_latents(out, noise, steps, seed=7, output_type="np")  # (1, T, H, W, 3) in [0, 1]
+    with torch.no_grad():
+        frames = student.decode(ours)
+    np.testing.assert_allclose((frames.numpy() + 1) / 2, video, atol=2e-3)
+    # fewstep reads the export too, sampling the same grid
+    exported = load_model(out)
+    torch.testing.assert_close(exported.sample_latents([PROMPT], noise=noise, seed=7).x, ours, rtol=1e-4, atol=1e-4)
+
+
+def test_lora_only_export_loads_into_the_teacher_pipeline(runs, wan_dir, tmp_path, capsys):
+    from diffusers import WanPipeline
+
+    rc, _, err = cli(capsys, "export", runs["lora"], "--out", tmp_path / "full")
+    assert rc == 0, err
+    rc, stdout, err = cli(capsys, "export", runs["lora"], "--out", tmp_path / "lora", "--lora-only")
+    assert rc == 0 and "load_lora_weights" in stdout, err
+    pipe = WanPipeline.from_pretrained(wan_dir, local_files_only=True)
+    before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    pipe.load_lora_weights(tmp_path / "lora")
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    fused = pipe.transformer.state_dict()
+    exported = WanPipeline.from_pretrained(tmp_path / "full", local_files_only=True).transformer.state_dict()
+    changed = 0
+    for key, want in exported.items():
+        torch.testing.assert_close(fused[key], want, rtol=0, atol=1e-6)
+        changed += not torch.equal(want, before[key])
+    assert changed > 0
+
+
+def test_a_grid_no_stock_scheduler_visits_is_exported_with_the_nearest_and_a_note(wan_dir, tmp_path, capsys):
+    # dollar4 = [999, 749, 499, 249] starts at t = 0.999 on a flow teacher: σ_0 < 1, which no stock grid has
+    run = train("dollar", wan_dir, tmp_path / "dollar4", "roles.student.every=1")
+    rc, stdout, err = cli(capsys, "export", run, "--out", tmp_path / "out")
+    assert rc == 0, err
+    record = json.loads((tmp_path / "out" / "export.json").read_text())
+    assert not record["exact"] and 1e-4 < record["max_sigma_gap"] < 1e-3
+    assert "note: no stock FlowMatchEulerDiscreteScheduler" in stdout
+
+
+def test_fit_reproduces_uniform_grids_and_finds_the_nearest_otherwise():
+    from fewstep.diffusion.schedules import FlowMatching
+
+    schedule = FlowMatching(shift=3.0)
+    for n in (1, 2, 3, 4, 8):
+        t = torch.linspace(1, 0, n + 1, dtype=torch.float64)[:-1]
+        sigmas = schedule.sigma(t).numpy()
+        grid, gap = fit_flow_scheduler(sigmas)
+        assert gap < 1e-6, (n, gap)
+        np.testing.assert_allclose(stock_sigmas(n, grid["shift"], grid["shift_terminal"]), sigmas, atol=1e-6)
+    keys = schedule.sigma(torch.tensor([1.0, 0.9651, 0.9130, 0.8235, 0.6363], dtype=torch.float64)).numpy()
+    grid, gap = fit_flow_scheduler(keys)
+    assert 1e-4 < gap < 0.05
+    assert gap <= np.abs(stock_sigmas(5, 3.0, float(keys[-1])) - keys).max() + 1e-12  # no worse than the teacher's shift
+
+
+def test_bad_exports_are_one_line(runs, wan_dir, tmp_path, capsys):
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    cases = [
+        (["export", empty, "--out", tmp_path / "a"], "has no checkpoint to export"),
+        (["export", tmp_path / "missing", "--out", tmp_path / "a"], "does not exist"),
+        (["export", runs["euler"], "--out", tmp_path / "a", "--lora-only"], "is not a LoRA role"),
+    ]
+    for argv, message in cases:
+        rc, _, err = cli(capsys, *argv)
+        assert rc == 2 and err.count("\n") == 1 and message in err, err
+        assert not (tmp_path / "a").exists()
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "mine.txt").write_text("x")
+    rc, _, err = cli(capsys, "export", runs["euler"], "--out", keep)
+    assert rc == 2 and "exists and is not empty" in err and (keep / "mine.txt").read_text() == "x"
