@@ -331,6 +331,32 @@ def distill(
 
 
 @app.command()
+def export(
+    run: Path = typer.Argument(..., help="A run directory (fewstep distill --out) on a diffusers teacher."),
+    out: Path = typer.Option(..., "--out", help="Directory to write: a diffusers pipeline (or, with --lora-only, "
+                                                "a LoRA file)."),
+    lora_only: bool = typer.Option(False, "--lora-only", help="Write only the student's LoRA adapters "
+                                                              "(pipeline.load_lora_weights reads them)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
+):
+    """Export a run's student (latest checkpoint, EMA, LoRA merged) as a diffusers pipeline directory."""
+    from .export import export_run
+
+    record = export_run(run, out, lora_only=lora_only, overwrite=overwrite)
+    if lora_only:
+        typer.echo(f"LoRA adapters of {run}'s student ({record['checkpoint']}) in {out}: "
+                   f"pipe.load_lora_weights('{out}') on the teacher's pipeline")
+        return
+    call = record["call"]
+    typer.echo(f"{record['pipeline']} with {run}'s student ({record['checkpoint']}) in {out}: "
+               f"{record['pipeline']}.from_pretrained('{out}')(prompt, num_inference_steps={call['num_inference_steps']}, "
+               f"guidance_scale={call['guidance_scale']}, height={call['height']}, width={call['width']}, "
+               f"num_frames={call['num_frames']})")
+    if "note" in record:
+        typer.echo(f"note: {record['note']}")
+
+
+@app.command()
 def recipes(name: str = typer.Argument(None, help="A recipe: list its presets.")):
     """List the recipes (or one recipe's presets, for `distill --preset`)."""
     from .recipes.base import all_recipes, recipe_class
