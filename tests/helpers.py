@@ -282,3 +282,119 @@ def make_tiny_wan_pipeline(directory, *, frames=9, size=32, seed=0, max_sequence
                 "sampling": {"sampler": "euler", "steps": 4, "cfg_scale": cfg_scale, "spacing": "diffusers"}}
     (Path(directory) / "fewstep_model.json").write_text(json.dumps(settings))
     return Path(directory)
+
+
+def _tiny_bpe(prefix: str = "", suffix: str = "") -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A BPE vocabulary and merges that spell each word of :data:`TINY_WORDS` (``prefix + word + suffix``) as
+    one token: every character is a token, and each word grows left to right by one merge per character."""
+    chars = sorted({c for w in TINY_WORDS for c in w})
+    vocab: dict[str, int] = {}
+    for symbol in ([prefix] if prefix else []) + chars + ([c + suffix for c in chars] if suffix else []):
+        vocab.setdefault(symbol, len(vocab))
+    merges: list[tuple[str, str]] = []
+    for word in TINY_WORDS:
+        pieces = ([prefix] if prefix else []) + list(word[:-1]) + [word[-1] + suffix]
+        token = pieces[0]
+        for piece in pieces[1:]:
+            if (token, piece) not in merges:
+                merges.append((token, piece))
+            token += piece
+            vocab.setdefault(token, len(vocab))
+    return vocab, merges
+
+
+def tiny_llama_tokenizer():
+    """A Llama tokenizer built in memory from :data:`TINY_WORDS` (right padding, as HunyuanVideo's)."""
+    from transformers import LlamaTokenizer
+
+    words, merges = _tiny_bpe(prefix="▁")
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
+    for token in words:
+        vocab.setdefault(token, len(vocab))
+    return LlamaTokenizer(vocab=vocab, merges=merges, pad_token="<pad>", padding_side="right")
+
+
+def tiny_clip_tokenizer():
+    """A CLIP tokenizer built in memory from :data:`TINY_WORDS`."""
+    from transformers import CLIPTokenizer
+
+    words, merges = _tiny_bpe(suffix="</w>")
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for token in words:
+        vocab.setdefault(token, len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=merges)
+
+
+def make_tiny_cogvideox_pipeline(directory, *, frames=9, size=16, seed=0, max_sequence_length=16, cfg_scale=6.0,
+                                 patch_size_t=None, scheduler="ddim"):
+    """Save a tiny random ``CogVideoXPipeline`` (T5, a 3-level AutoencoderKLCogVideoX: 4× space, 4× time, a
+    2-block transformer with rotary embeddings; ``patch_size_t=2`` makes it a CogVideoX 1.5) with CogVideoX's
+    scheduler settings (v-prediction, trailing, zero terminal SNR, SNR shift 3), and fewstep's settings."""
+    from diffusers import (AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXDPMScheduler, CogVideoXPipeline,
+                           CogVideoXTransformer3DModel)
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_t5_tokenizer()
+    text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=16, d_kv=4, d_ff=32, num_layers=1,
+                                           num_heads=4, relative_attention_num_buckets=8))
+    vae = AutoencoderKLCogVideoX(down_block_types=("CogVideoXDownBlock3D",) * 3,
+                                 up_block_types=("CogVideoXUpBlock3D",) * 3, block_out_channels=(8, 8, 8),
+                                 latent_channels=4, layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4)
+    transformer = CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4,
+                                              out_channels=4, time_embed_dim=8, text_embed_dim=16, num_layers=2,
+                                              sample_width=4, sample_height=4, sample_frames=9, patch_size=2,
+                                              patch_size_t=patch_size_t, temporal_compression_ratio=4,
+                                              max_text_seq_length=max_sequence_length,
+                                              use_rotary_positional_embeddings=True)
+    perturb(transformer, seed=seed)
+    kind = {"ddim": CogVideoXDDIMScheduler, "dpm": CogVideoXDPMScheduler}[scheduler]
+    pipe = CogVideoXPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                             scheduler=kind(prediction_type="v_prediction", timestep_spacing="trailing",
+                                            rescale_betas_zero_snr=True, snr_shift_scale=3.0))
+    pipe.save_pretrained(directory)
+    settings = {"frames": frames, "height": size, "width": size, "max_sequence_length": max_sequence_length,
+                "sampling": {"sampler": "ddim", "steps": 4, "cfg_scale": cfg_scale, "spacing": "diffusers"}}
+    (Path(directory) / "fewstep_model.json").write_text(json.dumps(settings))
+    return Path(directory)
+
+
+#: A plain prompt template for the tiny HunyuanVideo (its default is written for Llama 3's tokenizer).
+TINY_PROMPT_TEMPLATE = {"template": "background {}", "crop_start": 1}
+
+
+def make_tiny_hunyuan_pipeline(directory, *, frames=9, size=16, seed=0, max_sequence_length=16, shift=7.0):
+    """Save a tiny random ``HunyuanVideoPipeline`` (Llama + CLIP, a 3-level AutoencoderKLHunyuanVideo: 4× space,
+    4× time, a guidance-distilled transformer with one double and one single block), FlowMatchEuler with
+    ``shift``, and fewstep's settings with :data:`TINY_PROMPT_TEMPLATE`."""
+    from diffusers import (AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline,
+                           HunyuanVideoTransformer3DModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+
+    torch.manual_seed(seed)
+    tokenizer, tokenizer_2 = tiny_llama_tokenizer(), tiny_clip_tokenizer()
+    text_encoder = LlamaModel(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                          num_attention_heads=4, num_hidden_layers=3, pad_token_id=3, bos_token_id=1,
+                                          eos_token_id=2))
+    text_encoder_2 = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer_2), hidden_size=8, intermediate_size=16,
+                                                  num_attention_heads=2, num_hidden_layers=1, bos_token_id=0,
+                                                  eos_token_id=1, pad_token_id=1, max_position_embeddings=77))
+    vae = AutoencoderKLHunyuanVideo(latent_channels=4, down_block_types=("HunyuanVideoDownBlock3D",) * 3,
+                                    up_block_types=("HunyuanVideoUpBlock3D",) * 3, block_out_channels=(8, 8, 8),
+                                    layers_per_block=1, norm_num_groups=4, spatial_compression_ratio=4,
+                                    temporal_compression_ratio=4)
+    transformer = HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2,
+                                                 attention_head_dim=10, num_layers=1, num_single_layers=1,
+                                                 num_refiner_layers=1, patch_size=2, patch_size_t=1,
+                                                 guidance_embeds=True, text_embed_dim=16, pooled_projection_dim=8,
+                                                 rope_axes_dim=(2, 4, 4))
+    perturb(transformer, seed=seed)
+    pipe = HunyuanVideoPipeline(text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer, vae=vae,
+                                scheduler=FlowMatchEulerDiscreteScheduler(shift=shift), text_encoder_2=text_encoder_2,
+                                tokenizer_2=tokenizer_2)
+    pipe.save_pretrained(directory)
+    settings = {"frames": frames, "height": size, "width": size, "max_sequence_length": max_sequence_length,
+                "prompt_template": TINY_PROMPT_TEMPLATE,
+                "sampling": {"sampler": "euler", "steps": 4, "cfg_scale": 1.0, "spacing": "uniform"}}
+    (Path(directory) / "fewstep_model.json").write_text(json.dumps(settings))
+    return Path(directory)

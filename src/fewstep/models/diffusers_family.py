@@ -18,8 +18,37 @@ student, its times), so ``fewstep generate --model RUN/student`` samples as the 
     ``FlowMatchEulerDiscreteScheduler`` step for step; a teacher saved with UniPC is sampled by
     Euler on the same sigmas (fewstep's samplers are its own).
 
-Geometry: frames ``T = 4k + 1`` (the VAE's temporal factor 4), height and width multiples of the
-VAE's spatial factor times the transformer's patch (16 for Wan): other sizes are one-line errors.
+``CogVideoXPipeline`` (CogVideoX 1.0 and 1.5 T2V)
+    T5 captions as ``_get_t5_prompt_embeds``: padded to ``max_sequence_length`` (default 226), no mask
+    (the transformer attends to the padding too). ``z = mode(E(video)) · scaling_factor``, decode
+    divides. :class:`~fewstep.models.backbones.CogVideoXBackbone` permutes to the transformer's
+    ``(B, F, C, H, W)`` and computes the pipeline's rotary embeddings. The VP schedule of the scheduler's
+    config (betas, ``snr_shift_scale``, ``rescale_betas_zero_snr``; :class:`~fewstep.diffusion.schedules.VPDiscrete`)
+    and its ``prediction_type``; default DDIM (η = 0), 50 steps on the trailing grid, CFG 6. CogVideoX 1.5
+    (``patch_size_t``) pads the latent frames in front to a multiple of it, as the pipeline does:
+    ``latent_shape`` includes the padding, decode drops it, encode fills it with the first latent frames
+    (as ``CogVideoXImageToVideoPipeline`` pads its image latents).
+    Deviations: a ``CogVideoXDPMScheduler`` (or non-trailing spacing) teacher loads with the same schedule
+    but samples with DDIM on the trailing grid (the DPM-Solver's stochastic multistep update is not
+    modelled); diffusers' DDIM steps from ``k`` to ``k − ⌊1000/N⌋``, which is the next trailing timestep
+    only when N divides 1000 (4, 5, 10, 20, 50, …), while fewstep always steps to the next grid time; encode
+    takes the posterior's mode where CogVideoX's video-to-video pipeline draws a sample (the seam's encode
+    is deterministic); dynamic CFG (off by default) is not modelled.
+
+``HunyuanVideoPipeline`` (HunyuanVideo T2V)
+    Captions as ``encode_prompt``: Llama states in the ``prompt_template`` (default the pipeline's),
+    ``crop_start`` template tokens cropped, padded to ``max_sequence_length`` (default 256) with a mask
+    (B, L), and CLIP's pooled projection as ``cond.extra["pooled_projections"]`` (B, D_clip).
+    ``embedded_guidance_scale`` (default 6) is an input of the guidance-distilled transformer, not CFG;
+    ``cfg_scale`` defaults to 1 and, when set, is the pipeline's ``true_cfg_scale`` with the negative
+    prompt. ``z = mode(E(video)) · scaling_factor`` (the mode, as its image-to-video pipeline encodes),
+    decode divides. Flow matching with the scheduler's shift (7); the pipeline's sigmas ``1 − i/N``,
+    shifted by the scheduler, are ``sampling_grid`` ``"uniform"``.
+
+Geometry: frames ``T = 4k + 1`` (the VAE's temporal factor 4; ``8k + 1`` for CogVideoX, whose VAE decodes
+an even number of latent frames to ``4k`` frames), height and width multiples of the VAE's spatial factor
+times the transformer's patch (16 for all three): other sizes are one-line errors. Without
+``fewstep_model.json`` the clip size, caption length and sampling are the pipeline's own defaults.
 """
 
 from __future__ import annotations
@@ -31,21 +60,36 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import Tensor, nn
 
 from ..config import StrictModel, parse_config
 from ..diffusion.samplers import SAMPLERS, SampleResult
-from ..diffusion.schedules import FlowMatching, Schedule, sampling_grid
+from ..diffusion.schedules import FlowMatching, Schedule, VPDiscrete, sampling_grid
 from ..errors import UserError
 from ..utils.frames import to_uint8
 from ..utils.io import atomic_directory, read_json
-from .backbones import Conditioning, WanBackbone
+from .backbones import CogVideoXBackbone, Conditioning, HunyuanVideoBackbone, WanBackbone
 from .denoiser import Denoiser, cfg_active
 from .family import Family, Geometry, SamplingConfig, register_family
 
 SETTINGS_FILE = "fewstep_model.json"
 INDEX_FILE = "model_index.json"
+
+
+class PromptTemplate(StrictModel):
+    """HunyuanVideo's Llama prompt template (the pipeline's ``prompt_template`` argument)."""
+
+    template: str = Field(description="the text around the caption, which goes where '{}' is")
+    crop_start: int | None = Field(None, ge=0, description="template tokens dropped from the encoder's states; "
+                                                           "None: counted as the pipeline counts them")
+
+    @field_validator("template")
+    @classmethod
+    def _has_slot(cls, template: str) -> str:
+        if "{}" not in template:
+            raise ValueError("must contain '{}' where the caption goes")
+        return template
 
 
 class DiffusersSettings(StrictModel):
@@ -58,6 +102,11 @@ class DiffusersSettings(StrictModel):
     max_sequence_length: int = Field(ge=1, description="caption tokens, padded as the diffusers pipeline pads")
     negative_prompt: str = Field("", description="the unconditional caption of CFG")
     sampling: SamplingConfig
+    embedded_guidance_scale: float | None = Field(
+        None, description="HunyuanVideo: the guidance scale the guidance-distilled transformer takes as an input "
+                          "(not CFG)")
+    prompt_template: PromptTemplate | None = Field(
+        None, description="HunyuanVideo: the Llama prompt template; None: the pipeline's default")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,15 +118,28 @@ class PipelineSpec:
     """One supported diffusers pipeline class: defaults, and the functions that differ per class."""
 
     pipeline: str  # diffusers class name
-    backbone: Callable[[Any], nn.Module]  # transformer → Backbone adapter
-    prediction_type: str
+    backbone: Callable[[Any, DiffusersSettings], nn.Module]  # (transformer, settings) → Backbone adapter
+    schedule: Callable[[Any], tuple[Schedule, str]]  # scheduler → (Schedule, prediction type)
     defaults: dict[str, Any]  # DiffusersSettings defaults (geometry, caption length, sampling)
-    schedule: Callable[[Any], Schedule]  # scheduler → Schedule
     encode_prompts: Callable[["DiffusersVideoModel", list[str]], Conditioning]
     check_geometry: Callable[["DiffusersVideoModel", int, int, int], None]
     latent_shape: Callable[["DiffusersVideoModel", int], tuple[int, int, int, int, int]]
     encode: Callable[["DiffusersVideoModel", Tensor], Tensor]  # video (B, 3, T, H, W) → latents
     decode: Callable[["DiffusersVideoModel", Tensor], Tensor]  # latents → video (B, 3, T, H, W)
+    text_dim: Callable[[Any], int] = lambda config: int(config.d_model)  # text encoder config → D of (B, L, D)
+    pipeline_defaults: Callable[[Any], dict[str, Any]] = lambda pipe: {}  # defaults read from the loaded pipeline
+    settings_keys: tuple[str, ...] = ()  # the optional DiffusersSettings keys this class reads
+
+
+def _check_clip(frames: int, height: int, width: int, temporal: int, spatial: int, patch: int) -> None:
+    """Frames ``temporal·k + 1``; height and width multiples of the VAE's ``spatial`` factor × ``patch``."""
+    if (frames - 1) % temporal:
+        raise UserError(f"--frames {frames}: this model's VAE takes {temporal}k + 1 frames (e.g. "
+                        f"{(frames - 1) // temporal * temporal + 1} or {((frames - 1) // temporal + 1) * temporal + 1})")
+    for name, size in (("height", height), ("width", width)):
+        if size % (spatial * patch):
+            raise UserError(f"--{name} {size}: must be a multiple of {spatial * patch} (the VAE's factor {spatial} × "
+                            f"the transformer's patch {patch})")
 
 
 def _flow_shift(scheduler) -> FlowMatching:
@@ -110,14 +172,7 @@ def _wan_factors(model: "DiffusersVideoModel") -> tuple[int, int, int]:
 
 
 def _wan_check(model: "DiffusersVideoModel", frames: int, height: int, width: int) -> None:
-    temporal, spatial, patch = _wan_factors(model)
-    if (frames - 1) % temporal:
-        raise UserError(f"--frames {frames}: this model's VAE takes {temporal}k + 1 frames (e.g. "
-                        f"{(frames - 1) // temporal * temporal + 1} or {((frames - 1) // temporal + 1) * temporal + 1})")
-    for name, size in (("height", height), ("width", width)):
-        if size % (spatial * patch):
-            raise UserError(f"--{name} {size}: must be a multiple of {spatial * patch} (the VAE's factor {spatial} × "
-                            f"the transformer's patch {patch})")
+    _check_clip(frames, height, width, *_wan_factors(model))
 
 
 def _wan_latent_shape(model: "DiffusersVideoModel", batch: int) -> tuple[int, int, int, int, int]:
@@ -148,14 +203,204 @@ def _wan_decode(model: "DiffusersVideoModel", latents: Tensor) -> Tensor:
 
 
 WAN = PipelineSpec(
-    pipeline="WanPipeline", backbone=WanBackbone, prediction_type="flow",
+    pipeline="WanPipeline", backbone=lambda transformer, settings: WanBackbone(transformer),
+    schedule=lambda scheduler: (_flow_shift(scheduler), "flow"),
     defaults={"frames": 81, "height": 480, "width": 832, "max_sequence_length": 512, "negative_prompt": "",
               "sampling": {"sampler": "euler", "steps": 50, "cfg_scale": 5.0, "spacing": "diffusers"}},
-    schedule=_flow_shift, encode_prompts=_wan_prompts, check_geometry=_wan_check, latent_shape=_wan_latent_shape,
+    encode_prompts=_wan_prompts, check_geometry=_wan_check, latent_shape=_wan_latent_shape,
     encode=_wan_encode, decode=_wan_decode)
 
+
+# ---------------------------------------------------------------------------------------------
+# CogVideoX
+# ---------------------------------------------------------------------------------------------
+
+#: diffusers' ``prediction_type`` → fewstep's (diffusion/parameterization.py)
+VP_PREDICTION_TYPES = {"v_prediction": "v", "epsilon": "eps", "sample": "x0"}
+
+
+def _vp_schedule(scheduler) -> tuple[VPDiscrete, str]:
+    """The DDPM VP schedule of a (CogVideoX) DDIM/DPM scheduler's config, and its prediction type.
+
+    ``ᾱ`` as ``CogVideoXDDIMScheduler.__init__``: betas, SNR shift ``snr_shift_scale``, then
+    ``rescale_betas_zero_snr`` (:class:`~fewstep.diffusion.schedules.VPDiscrete`).
+    """
+    cfg, name = scheduler.config, type(scheduler).__name__
+    if cfg.get("beta_schedule") not in ("linear", "scaled_linear") or cfg.get("trained_betas") is not None:
+        raise UserError(f"scheduler {name}: fewstep models linear or scaled_linear betas, not "
+                        f"{'trained_betas' if cfg.get('trained_betas') is not None else cfg.get('beta_schedule')!r}")
+    if not cfg.get("set_alpha_to_one", True):
+        raise UserError(f"scheduler {name}: set_alpha_to_one=false is not modelled (fewstep's t = 0 is the clean "
+                        f"sample, ᾱ = 1)")
+    prediction = VP_PREDICTION_TYPES.get(cfg.get("prediction_type"))
+    if prediction is None:
+        raise UserError(f"scheduler {name}: prediction_type must be one of {', '.join(VP_PREDICTION_TYPES)}; "
+                        f"got {cfg.get('prediction_type')!r}")
+    schedule = VPDiscrete(betas=cfg["beta_schedule"], beta_start=float(cfg["beta_start"]),
+                          beta_end=float(cfg["beta_end"]), zero_terminal_snr=bool(cfg.get("rescale_betas_zero_snr")),
+                          num_train_timesteps=int(cfg.get("num_train_timesteps", 1000)),
+                          snr_shift_scale=float(cfg.get("snr_shift_scale", 1.0)))
+    return schedule, prediction
+
+
+def _cogvideox_backbone(transformer, settings: DiffusersSettings) -> CogVideoXBackbone:
+    """The adapter; a model with sin-cos or learned position embeddings takes exactly its caption length."""
+    cfg = transformer.config
+    fixed_text = not cfg.use_rotary_positional_embeddings or cfg.use_learned_positional_embeddings
+    if fixed_text and settings.max_sequence_length != cfg.max_text_seq_length:
+        raise UserError(f"{SETTINGS_FILE}: max_sequence_length {settings.max_sequence_length} does not fit this "
+                        f"CogVideoX transformer, whose position embeddings take {cfg.max_text_seq_length} caption "
+                        f"tokens")
+    return CogVideoXBackbone(transformer)
+
+
+def _cogvideox_prompts(model: "DiffusersVideoModel", prompts: list[str]) -> Conditioning:
+    """Captions as ``CogVideoXPipeline._get_t5_prompt_embeds``: T5 states of the caption padded to the caption
+    length (B, L, D). The transformer attends to every position, padding included: no mask."""
+    device = next(model.text_encoder.parameters()).device
+    context = model.pipe._get_t5_prompt_embeds(list(prompts), max_sequence_length=model.settings.max_sequence_length,
+                                               device=device, dtype=model.dtype)
+    return Conditioning(context)
+
+
+def _cogvideox_factors(model: "DiffusersVideoModel") -> tuple[int, int, int]:
+    """(temporal, spatial) VAE factors and the transformer's spatial patch, as ``CogVideoXPipeline`` reads them."""
+    vae = model.vae.config
+    return vae.temporal_compression_ratio, 2 ** (len(vae.block_out_channels) - 1), model.transformer.config.patch_size
+
+
+def _cogvideox_check(model: "DiffusersVideoModel", frames: int, height: int, width: int) -> None:
+    """CogVideoX's VAE decodes an odd number T' of latent frames to ``4(T' − 1) + 1`` frames but an even one to
+    ``4T'`` (its temporal upsampling keeps the first frame of odd counts only): clips of ``8k + 1`` frames."""
+    temporal, spatial, patch = _cogvideox_factors(model)
+    _check_clip(frames, height, width, 2 * temporal, spatial, patch)
+    cfg = model.transformer.config
+    if cfg.patch_size_t is not None and cfg.use_rotary_positional_embeddings:  # 1.5: RoPE sliced from a fixed grid
+        for name, size, most in (("height", height, cfg.sample_height * spatial),
+                                 ("width", width, cfg.sample_width * spatial)):
+            if size > most:
+                raise UserError(f"--{name} {size}: this CogVideoX 1.5 transformer's rotary embeddings cover at most "
+                                f"{most} (its sample size)")
+
+
+def _cogvideox_frames(model: "DiffusersVideoModel") -> tuple[int, int]:
+    """Latent frames of the clip and the padding frames CogVideoX 1.5 puts in front of them.
+
+    ``CogVideoXPipeline.__call__``: with ``patch_size_t`` the latent frames are padded to a multiple of it.
+    """
+    temporal, _, _ = _cogvideox_factors(model)
+    frames = (model.settings.frames - 1) // temporal + 1
+    patch_t = model.transformer.config.patch_size_t
+    return frames, (-frames) % patch_t if patch_t else 0
+
+
+def _cogvideox_latent_shape(model: "DiffusersVideoModel", batch: int) -> tuple[int, int, int, int, int]:
+    _, spatial, _ = _cogvideox_factors(model)
+    frames, pad = _cogvideox_frames(model)
+    s = model.settings
+    return batch, model.vae.config.latent_channels, pad + frames, s.height // spatial, s.width // spatial
+
+
+def _cogvideox_encode(model: "DiffusersVideoModel", video: Tensor) -> Tensor:
+    """``z = mode(E(video)) · scaling_factor`` (B, C, T', H', W'); CogVideoX 1.5's padding frames are the first
+    latent frames repeated in front, as ``CogVideoXImageToVideoPipeline`` pads its image latents."""
+    z = model.vae.encode(video.to(model.vae.dtype)).latent_dist.mode().float() * model.vae.config.scaling_factor
+    patch_t = model.transformer.config.patch_size_t
+    pad = (-z.shape[2]) % patch_t if patch_t else 0
+    return torch.cat([z[:, :, :pad], z], dim=2)  # (B, C, pad + T', H', W')
+
+
+def _cogvideox_decode(model: "DiffusersVideoModel", latents: Tensor) -> Tensor:
+    """``CogVideoXPipeline``: drop the padding frames, ``D(z / scaling_factor)``."""
+    frames, pad = _cogvideox_frames(model)
+    if latents.shape[2] != pad + frames:
+        raise UserError(f"latents with {latents.shape[2]} frames do not fit this model's {model.settings.frames}-frame "
+                        f"clips ({pad + frames} latent frames)")
+    z = latents[:, :, pad:].float() / model.vae.config.scaling_factor
+    return model.vae.decode(z.to(model.vae.dtype)).sample.float()
+
+
+def _cogvideox_defaults(pipe) -> dict[str, Any]:
+    """The pipeline's own clip size: the transformer's sample size (``CogVideoXPipeline.__call__``)."""
+    cfg, spatial = pipe.transformer.config, pipe.vae_scale_factor_spatial
+    return {"frames": cfg.sample_frames, "height": cfg.sample_height * spatial, "width": cfg.sample_width * spatial}
+
+
+COGVIDEOX = PipelineSpec(
+    pipeline="CogVideoXPipeline", backbone=_cogvideox_backbone, schedule=_vp_schedule,
+    defaults={"max_sequence_length": 226, "negative_prompt": "",
+              "sampling": {"sampler": "ddim", "steps": 50, "cfg_scale": 6.0, "spacing": "diffusers"}},
+    encode_prompts=_cogvideox_prompts, check_geometry=_cogvideox_check, latent_shape=_cogvideox_latent_shape,
+    encode=_cogvideox_encode, decode=_cogvideox_decode, pipeline_defaults=_cogvideox_defaults)
+
+
+# ---------------------------------------------------------------------------------------------
+# HunyuanVideo
+# ---------------------------------------------------------------------------------------------
+
+def _hunyuan_backbone(transformer, settings: DiffusersSettings) -> HunyuanVideoBackbone:
+    """The adapter, fed ``embedded_guidance_scale`` when the transformer is guidance-distilled."""
+    scale = settings.embedded_guidance_scale
+    if transformer.config.guidance_embeds and scale is None:
+        raise UserError(f"{SETTINGS_FILE}: embedded_guidance_scale must be set: this HunyuanVideo transformer takes "
+                        f"the guidance scale as an input (the pipeline's default is 6.0)")
+    return HunyuanVideoBackbone(transformer, 6.0 if scale is None else scale)
+
+
+def _hunyuan_prompts(model: "DiffusersVideoModel", prompts: list[str]) -> Conditioning:
+    """Captions as ``HunyuanVideoPipeline.encode_prompt``: Llama states in the prompt template, cropped and padded
+    (B, L, D) with their mask (B, L), and CLIP's pooled projection (B, D_clip)."""
+    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+
+    s = model.settings
+    template = DEFAULT_PROMPT_TEMPLATE if s.prompt_template is None else s.prompt_template.model_dump()
+    device = next(model.text_encoder.parameters()).device
+    context, pooled, mask = model.pipe.encode_prompt(list(prompts), prompt_template=template, device=device,
+                                                     dtype=model.dtype, max_sequence_length=s.max_sequence_length)
+    return Conditioning(context, mask.to(dtype=torch.bool), {"pooled_projections": pooled.to(model.dtype)})
+
+
+def _hunyuan_factors(model: "DiffusersVideoModel") -> tuple[int, int, int]:
+    """(temporal, spatial) VAE factors and the transformer's spatial patch, as ``HunyuanVideoPipeline`` reads them."""
+    vae = model.vae
+    return vae.temporal_compression_ratio, vae.spatial_compression_ratio, model.transformer.config.patch_size
+
+
+def _hunyuan_check(model: "DiffusersVideoModel", frames: int, height: int, width: int) -> None:
+    _check_clip(frames, height, width, *_hunyuan_factors(model))
+
+
+def _hunyuan_latent_shape(model: "DiffusersVideoModel", batch: int) -> tuple[int, int, int, int, int]:
+    temporal, spatial, _ = _hunyuan_factors(model)
+    s = model.settings
+    frames = (s.frames - 1) // temporal + 1
+    return batch, model.vae.config.latent_channels, frames, s.height // spatial, s.width // spatial
+
+
+def _hunyuan_encode(model: "DiffusersVideoModel", video: Tensor) -> Tensor:
+    """``z = mode(E(video)) · scaling_factor`` (B, C, T', H', W')."""
+    z = model.vae.encode(video.to(model.vae.dtype)).latent_dist.mode().float()
+    return z * model.vae.config.scaling_factor
+
+
+def _hunyuan_decode(model: "DiffusersVideoModel", latents: Tensor) -> Tensor:
+    """``HunyuanVideoPipeline``: ``D(z / scaling_factor)``."""
+    z = latents.float() / model.vae.config.scaling_factor
+    return model.vae.decode(z.to(model.vae.dtype), return_dict=False)[0].float()
+
+
+HUNYUAN = PipelineSpec(
+    pipeline="HunyuanVideoPipeline", backbone=_hunyuan_backbone,
+    schedule=lambda scheduler: (_flow_shift(scheduler), "flow"),
+    defaults={"frames": 129, "height": 720, "width": 1280, "max_sequence_length": 256, "negative_prompt": "",
+              "embedded_guidance_scale": 6.0,
+              "sampling": {"sampler": "euler", "steps": 50, "cfg_scale": 1.0, "spacing": "uniform"}},
+    encode_prompts=_hunyuan_prompts, check_geometry=_hunyuan_check, latent_shape=_hunyuan_latent_shape,
+    encode=_hunyuan_encode, decode=_hunyuan_decode, text_dim=lambda config: int(config.hidden_size),
+    settings_keys=("embedded_guidance_scale", "prompt_template"))
+
 #: Supported pipeline classes by ``model_index.json``'s ``_class_name``.
-SPECS: dict[str, PipelineSpec] = {spec.pipeline: spec for spec in (WAN,)}
+SPECS: dict[str, PipelineSpec] = {spec.pipeline: spec for spec in (WAN, COGVIDEOX, HUNYUAN)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,19 +410,24 @@ SPECS: dict[str, PipelineSpec] = {spec.pipeline: spec for spec in (WAN,)}
 class DiffusersVideoModel(nn.Module):
     """A :class:`~fewstep.models.family.VideoModel` around a local diffusers pipeline (module doc).
 
-    ``transformer``, ``vae`` and ``text_encoder`` are its submodules (``.to`` moves them); ``pipe`` is
-    the diffusers pipeline object holding the same components, used for its own prompt encoding
-    and for saving.
+    ``transformer``, ``vae``, ``text_encoder`` (and HunyuanVideo's CLIP ``text_encoder_2``) are its
+    submodules (``.to`` moves them); ``pipe`` is the diffusers pipeline object holding the same components,
+    used for its own prompt encoding and for saving.
     """
 
     prompt_grammar = None  # any text
 
     def __init__(self, pipe, spec: PipelineSpec, settings: DiffusersSettings):
         super().__init__()
+        for key in ("embedded_guidance_scale", "prompt_template"):
+            if getattr(settings, key) is not None and key not in spec.settings_keys:
+                raise UserError(f"{SETTINGS_FILE}: {key} does not apply to a {spec.pipeline}")
         self.spec, self.settings = spec, settings
         self.transformer, self.vae, self.text_encoder = pipe.transformer, pipe.vae, pipe.text_encoder
+        self.text_encoder_2 = getattr(pipe, "text_encoder_2", None)  # HunyuanVideo's CLIP
         object.__setattr__(self, "pipe", pipe)  # not a submodule: its components are registered above
-        self.denoiser = Denoiser(spec.backbone(pipe.transformer), spec.schedule(pipe.scheduler), spec.prediction_type)
+        schedule, prediction_type = spec.schedule(pipe.scheduler)
+        self.denoiser = Denoiser(spec.backbone(pipe.transformer, settings), schedule, prediction_type)
         spec.check_geometry(self, settings.frames, settings.height, settings.width)
 
     # ---------------------------------------------------------------------------- what the seam exposes
@@ -206,7 +456,7 @@ class DiffusersVideoModel(nn.Module):
 
     @property
     def text_dim(self) -> int:
-        return int(self.text_encoder.config.d_model)
+        return self.spec.text_dim(self.text_encoder.config)
 
     @property
     def hidden_dim(self) -> int:
@@ -292,13 +542,11 @@ class DiffusersVideoModel(nn.Module):
              dtype: torch.dtype | None = None) -> "DiffusersVideoModel":
         directory = Path(directory)
         spec = pipeline_spec(directory)
-        raw = dict(spec.defaults)
+        saved = {}
         if (directory / SETTINGS_FILE).is_file():
             saved = read_json(directory / SETTINGS_FILE, f"model {directory / SETTINGS_FILE}")
             if not isinstance(saved, dict):
                 raise UserError(f"model {directory / SETTINGS_FILE} must hold a JSON object")
-            raw.update(saved)
-        settings = parse_config(DiffusersSettings, raw)
         import diffusers
         import transformers
 
@@ -312,6 +560,7 @@ class DiffusersVideoModel(nn.Module):
         finally:
             diffusers.utils.logging.enable_progress_bar()
             transformers.utils.logging.enable_progress_bar()
+        settings = parse_config(DiffusersSettings, {**spec.defaults, **spec.pipeline_defaults(pipe), **saved})
         return cls(pipe, spec, settings).to(device).eval()
 
 
