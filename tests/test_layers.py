@@ -21,7 +21,7 @@ LAYERS: dict[str, int] = {
     "objectives": 5,
     "engine": 6,
     "recipes": 7,
-    "cli": 8, "demo": 8, "pretrain": 8, "synth": 8, "bench": 8,  # commands
+    "cli": 8, "demo": 8, "pretrain": 8, "synth": 8, "cache": 8, "bench": 8, "export": 8,  # commands
 }
 TOY_NAMES = re.compile(r"Toy|toyworld|render_clip|VideoPipeline")
 
