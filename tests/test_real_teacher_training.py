@@ -1,5 +1,5 @@
-"""Distillation on a real (diffusers) teacher by config alone: DOLLAR and AccVideo on a tiny random
-WanPipeline built here, with and without LoRA roles, stopped and resumed bit for bit; a LoRA role
+"""Distillation on a real (diffusers) teacher by config alone: DOLLAR and AccVideo on tiny random
+WanPipeline (flow) and CogVideoXPipeline (VP, v-prediction) teachers built here, with and without LoRA roles, stopped and resumed bit for bit; a LoRA role
 trains adapters only, shares the teacher's base weights, checkpoints adapters only, and RUN/student
 is the base with the adapters merged."""
 
@@ -13,7 +13,7 @@ import torch
 from fewstep.engine.lora import LoraConfig, add_lora, merge_adapters, shared_copy
 from fewstep.models.backbones import Conditioning
 from fewstep.models.family import load_model
-from helpers import cli, losses, make_tiny_wan_pipeline, tensors, trainer_state
+from helpers import cli, losses, make_tiny_cogvideox_pipeline, make_tiny_wan_pipeline, tensors, trainer_state
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,14 +27,26 @@ def wan_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def store(wan_dir, tmp_path_factory):
-    where = tmp_path_factory.mktemp("store")
-    (where / "prompts.txt").write_text("a cat runs in the park\na red circle moves left\n")
+def cog_dir(tmp_path_factory):
+    return make_tiny_cogvideox_pipeline(tmp_path_factory.mktemp("cog") / "cog")
+
+
+@pytest.fixture(scope="module")
+def models(wan_dir, cog_dir):
+    return {"wan": wan_dir, "cog": cog_dir}
+
+
+@pytest.fixture(scope="module")
+def stores(models, tmp_path_factory):
+    """A 4-trajectory store of each teacher (fewstep synth) for AccVideo."""
     from fewstep.cli import main
 
-    assert main(["synth", "--teacher", str(wan_dir), "--prompts", str(where / "prompts.txt"), "--out",
-                 str(where / "store"), "--num", "4", "--steps", "10", "--batch-size", "4"]) == 0
-    return where / "store"
+    where = tmp_path_factory.mktemp("store")
+    (where / "prompts.txt").write_text("a cat runs in the park\na red circle moves left\n")
+    for name, model in models.items():
+        assert main(["synth", "--teacher", str(model), "--prompts", str(where / "prompts.txt"), "--out",
+                     str(where / name), "--num", "4", "--steps", "10", "--batch-size", "4"]) == 0
+    return {name: where / name for name in models}
 
 
 def run_args(recipe, model, out, *extra):
@@ -60,36 +72,42 @@ def assert_same(run, reference):
     assert losses(run) == losses(reference)
 
 
+#: name → (teacher, recipe, overrides): Wan (flow) and CogVideoX (VP, v-prediction), full and LoRA roles
 CASES = {
-    "dollar": ("dollar", []),
-    "dollar-lora": ("dollar", LORA),
-    "accvideo-lora": ("accvideo", ["roles.student.lora.rank=4", "roles.student.lora.alpha=8"]),
+    "dollar": ("wan", "dollar", []),
+    "dollar-lora": ("wan", "dollar", LORA),
+    "accvideo-lora": ("wan", "accvideo", ["roles.student.lora.rank=4", "roles.student.lora.alpha=8"]),
+    "cog-dollar-lora": ("cog", "dollar", LORA),
+    "cog-accvideo": ("cog", "accvideo", []),
 }
 
 
+def case_args(name, models, stores, out, *more):
+    teacher, recipe, extra = CASES[name]
+    data = [f"data={stores[teacher]}"] if recipe == "accvideo" else []
+    return run_args(recipe, models[teacher], out, *extra, *data, *more)
+
+
 @pytest.fixture(scope="module")
-def reference_runs(wan_dir, store, tmp_path_factory):
+def reference_runs(models, stores, tmp_path_factory):
     """The uninterrupted 10-step runs (on one thread, as the tests: a thread count changes float sums)."""
     from fewstep.cli import main
 
     runs, threads = {}, torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for name, (recipe, extra) in CASES.items():
+        for name in CASES:
             runs[name] = tmp_path_factory.mktemp("ref") / name
-            data = [f"data={store}"] if recipe == "accvideo" else []
-            assert main(run_args(recipe, wan_dir, runs[name], *extra, *data)) == 0
+            assert main(case_args(name, models, stores, runs[name])) == 0
     finally:
         torch.set_num_threads(threads)
     return runs
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_resume_on_a_real_teacher_is_exact(name, reference_runs, wan_dir, store, tmp_path, capsys):
-    recipe, extra = CASES[name]
-    data = [f"data={store}"] if recipe == "accvideo" else []
+def test_resume_on_a_real_teacher_is_exact(name, reference_runs, models, stores, tmp_path, capsys):
     run = tmp_path / "run"
-    rc, _, err = cli(capsys, *run_args(recipe, wan_dir, run, *extra, *data, "train.steps=5"))
+    rc, _, err = cli(capsys, *case_args(name, models, stores, run, "train.steps=5"))
     assert rc == 0, err
     rc, _, err = cli(capsys, "distill", "--resume", run, "--set", f"train.steps={STEPS}")
     assert rc == 0, err
