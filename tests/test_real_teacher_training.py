@@ -1,7 +1,7 @@
 """Distillation on a real (diffusers) teacher by config alone: DOLLAR and AccVideo on tiny random
-WanPipeline (flow) and CogVideoXPipeline (VP, v-prediction) teachers built here, with and without LoRA roles, stopped and resumed bit for bit; a LoRA role
-trains adapters only, shares the teacher's base weights, checkpoints adapters only, and RUN/student
-is the base with the adapters merged."""
+WanPipeline (flow) and CogVideoXPipeline (VP, v-prediction) teachers built here, with and without
+LoRA roles, stopped and resumed bit for bit; a LoRA role trains adapters only, shares the teacher's
+base weights, checkpoints adapters only, and RUN/student is the base with the adapters merged."""
 
 from __future__ import annotations
 
