@@ -403,6 +403,53 @@ def synth(
                f"{', '.join(f'{t:.4g}' for t in store.settings.times[:6])}{', …' if keep == 'all' else ''}) in {out}")
 
 
+@app.command()
+def cache(
+    model: str = typer.Option(..., help="The model whose VAE and text encoder to cache with: a shipped name or a "
+                                        "model directory."),
+    videos: Path = typer.Option(None, help="A folder of videos with sidecar captions (STEM.txt), or a .csv "
+                                           "(columns path, caption) or .jsonl ({path, caption}) file; paths "
+                                           "relative to its folder."),
+    prompts: Path = typer.Option(None, help="Instead of --videos: a text file with one caption per line "
+                                            "(a text-only cache, for data-free objectives)."),
+    out: Path = typer.Option(..., help="Cache directory: manifest.json + shards; rerun the same command to resume."),
+    fps: float = typer.Option(16.0, help="Frame rate the clips' frames are sampled at (from the start of a video)."),
+    batch_size: int = typer.Option(4, help="Clips encoded together."),
+    shard_size: int = typer.Option(64, help="Input items per shard file."),
+    frames: int = typer.Option(None, help="Frames per clip (default: the model's own; a diffusers model takes "
+                                          "4k + 1)."),
+    height: int = typer.Option(None, help="Clip height in pixels (default: the model's own)."),
+    width: int = typer.Option(None, help="Clip width in pixels (default: the model's own)."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    dtype: str = typer.Option("auto", help="Encoders' precision: bf16 | fp32 | auto (bf16 on cuda, fp32 on cpu)."),
+):
+    """Encode videos and captions once (latents + caption tokens) for `distill` with data: {kind: latent_cache}."""
+    import os
+
+    import torch
+
+    from .cache import build_cache, check_out, process_group
+    from .data.cache import read_inputs
+    from .eval.runner import set_geometry
+    from .models.family import load_model
+    from .utils.progress import StageProgress
+
+    if dtype not in ("auto", "bf16", "fp32"):
+        raise UserError(f"--dtype must be auto, bf16 or fp32; got {dtype!r}")
+    device = _device(device)
+    if device == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per process
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    inputs = read_inputs(videos, prompts)
+    check_out(out)
+    pipe = load_model(model, device)
+    set_geometry(pipe, frames, height, width)
+    pipe.to(torch.bfloat16 if dtype == "bf16" or (dtype == "auto" and device != "cpu") else torch.float32)
+    with process_group(), StageProgress() as progress:
+        run = build_cache(pipe, inputs, out, fps=fps, batch_size=batch_size, shard_size=shard_size,
+                          model_name=model, progress=progress)
+    typer.echo(run.summary())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, mapping user errors to one line and exit code 2."""
     try:

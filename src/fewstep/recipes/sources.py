@@ -8,6 +8,7 @@ encoder); ``data/`` below only holds the formats. Registered kinds::
     data: {kind: toy_world}                            toy-world clips through the model (the default)
     data: {kind: trajectory_store, path: runs/synvid}  a teacher trajectory store (fewstep synth)
     data: runs/synvid                                  shorthand for the line above
+    data: {kind: latent_cache, path: runs/cache}       a latent cache (fewstep cache): no VAE or text encoder runs
 
 A new source is a config class with ``kind`` and ``build(model, seed)``, registered with
 :func:`register_source`.
@@ -18,14 +19,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
+import numpy as np
 import torch
 from pydantic import Field
+from torch import Tensor
 
 from ..config import KindRegistry, StrictModel
+from ..data.cache import LatentCache
 from ..data.toyworld import ToyWorld
 from ..data.trajectories import TrajectoryStore, read_manifest
 from ..engine.data import DataSource
-from ..errors import UserError
+from ..errors import UserError, warn
 from ..models.backbones import Conditioning
 from ..models.family import VideoModel
 from ..objectives.base import Batch
@@ -159,3 +163,76 @@ class TrajectorySource:
         return Batch(latents=trajectory[:, -1], cond=cond, uncond=self.model.null_condition(len(positions)),
                      prompts=items["prompts"], sample_ids=torch.as_tensor(list(positions), dtype=torch.int64),
                      extra={"trajectory": trajectory, "key_times": times})
+
+
+# ---------------------------------------------------------------------------------------------
+# latent_cache
+# ---------------------------------------------------------------------------------------------
+
+@register_source
+class LatentCacheData(DataConfig):
+    """A latent cache (:mod:`fewstep.data.cache`, made by ``fewstep cache``) of the recipe's model."""
+
+    kind: Literal["latent_cache"] = "latent_cache"
+    path: str = Field(description="cache directory (fewstep cache --out)")
+    shuffle: bool = Field(False, description="visit the samples in a new seeded order every epoch "
+                                             "(default: position p is sample p mod N)")
+
+    def build(self, model: VideoModel, seed: int) -> DataSource:
+        return LatentCacheSource(self.path, model, seed, self.shuffle)
+
+
+class LatentCacheSource:
+    """A cache as the engine's data stream: position ``p`` → sample ``p mod N`` (with ``shuffle``:
+    sample ``π_e(p mod N)`` of epoch ``e = p div N``, ``π_e`` a permutation seeded by ``(seed, e)``).
+
+    ``Batch.latents`` are the stored latents (float32), ``cond`` the stored caption tokens and mask,
+    ``uncond`` the stored null caption repeated; the model's VAE and text encoder are not called.
+    The cache must be complete and built with this model's VAE and text encoder at its geometry
+    (:meth:`~fewstep.data.cache.LatentCache.check_model`).
+
+    A *text-only* cache has no clips: ``Batch.latents`` is then zeros of the model's latent shape,
+    which objectives that draw their samples from the generator (VSD/DMD, TDM, DDPO, reward
+    fine-tuning, student sampling) read only for its shape and dtype. Objectives that noise data
+    latents (flow matching, consistency distillation, LRM fit on real latents) need a cache of clips.
+    """
+
+    def __init__(self, cache: LatentCache | str | Path, model: VideoModel, seed: int = 0, shuffle: bool = False):
+        self.cache = cache if isinstance(cache, LatentCache) else LatentCache(cache)
+        self.cache.check_model(model)
+        if self.cache.text_only:
+            warn(f"{self.cache.where} is text-only: Batch.latents are zeros, fit only for objectives that sample "
+                 f"the generator (not flow_matching, consistency or lrm_fit on real latents)")
+        self.seed, self.shuffle = seed, shuffle
+        self.latent_shape = tuple(model.latent_shape(1)[1:])  # (C, T', H', W')
+        self._order: tuple[int, Tensor] | None = None  # (epoch, permutation) of the last epoch read
+
+    def sample_index(self, position: int) -> int:
+        n = len(self.cache)
+        if not self.shuffle:
+            return position % n
+        epoch = position // n
+        if self._order is None or self._order[0] != epoch:
+            generator = torch.Generator().manual_seed(_epoch_seed(self.seed, epoch))
+            self._order = (epoch, torch.randperm(n, generator=generator))
+        return int(self._order[1][position % n])
+
+    @torch.no_grad()
+    def batch(self, positions: Sequence[int], device: torch.device) -> Batch:
+        items = self.cache.samples([self.sample_index(p) for p in positions])
+        B = len(positions)
+        if self.cache.text_only:
+            latents = torch.zeros((B, *self.latent_shape), device=device)  # shape only (class doc)
+        else:
+            latents = items["latents"].to(device=device, dtype=torch.float32)  # (B, C, T', H', W')
+        cond = Conditioning(items["context"].to(device=device, dtype=torch.float32), items["mask"].to(device))
+        null = Conditioning(self.cache.null_context.to(device=device, dtype=torch.float32),
+                            self.cache.null_mask.to(device))
+        return Batch(latents=latents, cond=cond, uncond=null.repeat(B), prompts=items["captions"],
+                     sample_ids=torch.as_tensor(list(positions), dtype=torch.int64))
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    """63-bit seed of epoch ``epoch``'s sample order."""
+    (word,) = np.random.SeedSequence([0xCAC4E, seed, epoch]).generate_state(1, dtype=np.uint64)
+    return int(word) >> 1
