@@ -344,3 +344,25 @@ def test_finetune_recipe_trains_on_the_cache(built, wan_dir, tmp_path, capsys):
     assert rc == 0, err
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss/student" in r] == [1, 2, 3, 4]
+
+
+def test_a_conditions_extra_tensors_are_cached_and_served(tmp_path, capsys):
+    """HunyuanVideo conditions on a pooled CLIP projection beside the Llama tokens: the cache keeps it
+    (and the null caption's), the source hands it back in ``Conditioning.extra``."""
+    from helpers import make_tiny_hunyuan_pipeline
+
+    model_dir = make_tiny_hunyuan_pipeline(tmp_path / "hunyuan")
+    model = load_model(model_dir)
+    prompts = ["a cat runs in the park", "a dog runs"]
+    (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n")
+    rc, _, err = cli(capsys, "cache", "--model", model_dir, "--prompts", tmp_path / "p.txt", "--out", tmp_path / "c")
+    assert rc == 0, err
+    source = LatentCacheData(path=str(tmp_path / "c")).build(model, seed=0)
+    batch = source.batch([0, 1], torch.device("cpu"))
+    with torch.no_grad():
+        want, null = model.encode_prompts(prompts), model.null_condition(2)
+    assert want.extra and set(batch.cond.extra) == set(want.extra) == set(batch.uncond.extra)
+    for got, ref in ((batch.cond, want), (batch.uncond, null)):
+        for name, value in ref.extra.items():
+            torch.testing.assert_close(got.extra[name], value.to(torch.bfloat16).float())
+        torch.testing.assert_close(got.context, ref.context.to(torch.bfloat16).float())

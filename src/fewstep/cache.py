@@ -209,7 +209,7 @@ def build_cache(model, inputs: CacheInputs, out: str | Path, *, fps: float = 16.
         if manifest is None or not check_file(out, manifest.null, "latent cache"):
             mask = null.mask if null.mask is not None else torch.ones(null.context.shape[:2], dtype=torch.bool)
             null_info = write_safetensors(out / NULL_FILE, {"context": null.context.to(STORAGE_DTYPE),
-                                                            "mask": mask.bool()})
+                                                            "mask": mask.bool(), **_extras(null.extra)})
             manifest = CacheManifest(model=model_name, inputs=inputs.spec, settings=settings, null=null_info)
             write_json_atomic(out / MANIFEST, manifest.model_dump(mode="json"))
 
@@ -260,10 +260,12 @@ def make_shard(model, inputs: CacheInputs, settings: CacheSettings, out: Path, k
             skip(pending[r][1], "bad caption", detail)
         batch = [pending[r] for r in rows]
         if batch:
-            context, mask = cond  # (b, L, D), (b, L)
+            context, mask, extra = cond  # (b, L, D), (b, L), {name: (b, ...)}
             assert list(context.shape[1:]) == settings.text_shape, (tuple(context.shape), settings.text_shape)
             parts["context"].append(context.to("cpu", STORAGE_DTYPE))
             parts["mask"].append(mask.to("cpu", torch.bool))
+            for key, value in _extras(extra).items():
+                parts.setdefault(key, []).append(value)
             if not settings.text_only:
                 frames = torch.stack([f for _, _, f in batch]).to(device=device, dtype=dtype)  # (b, T, H, W, 3)
                 latents = model.encode(frames)  # (b, C, T', H', W')
@@ -306,9 +308,15 @@ def make_shard(model, inputs: CacheInputs, settings: CacheSettings, out: Path, k
     return record
 
 
-def _encode_captions(model, captions: list[str]) -> tuple[list[int], tuple[Tensor, Tensor] | None,
+def _extras(extra: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A condition's extra tensors (HunyuanVideo's pooled CLIP projection, …) as ``extra.<name>`` entries."""
+    return {f"extra.{name}": value.to("cpu", STORAGE_DTYPE) for name, value in extra.items()}
+
+
+def _encode_captions(model, captions: list[str]) -> tuple[list[int], tuple[Tensor, Tensor, dict] | None,
                                                           dict[int, str]]:
-    """``(rows kept, (context (b, L, D), mask (b, L)) of those rows, {row: why} of the others)``: the
+    """``(rows kept, (context (b, L, D), mask (b, L), extra {name: (b, ...)}) of those rows, {row: why} of
+    the others)``: the
     batch at once, or caption by caption when the text encoder refuses one (e.g. a word outside a toy
     model's vocabulary)."""
     rows, conds, why = list(range(len(captions))), [], {}
@@ -327,4 +335,5 @@ def _encode_captions(model, captions: list[str]) -> tuple[list[int], tuple[Tenso
     context = torch.cat([c.context for c in conds])
     mask = torch.cat([c.mask if c.mask is not None else torch.ones(c.context.shape[:2], dtype=torch.bool,
                                                                    device=c.context.device) for c in conds])
-    return rows, (context, mask), why
+    extra = {name: torch.cat([c.extra[name] for c in conds]) for name in conds[0].extra}
+    return rows, (context, mask, extra), why

@@ -28,7 +28,9 @@ decoded, is too short or has no caption is skipped and counted by reason; the ru
                                  skipped {reason: count} and the skipped items
     null.safetensors             context (1, L, D) bf16 · mask (1, L) bool: the null / negative caption
     shard_00000.safetensors      index (n,) int64 (input item) · latents (n, C, T', H', W') bf16
-                                 (absent when text-only) · context (n, L, D) bf16 · mask (n, L) bool;
+                                 (absent when text-only) · context (n, L, D) bf16 · mask (n, L) bool ·
+                                 extra.<name> bf16: the condition's extra tensors (HunyuanVideo's
+                                 pooled CLIP projection), also in null.safetensors;
                                  header metadata "items": JSON {"captions": […], "paths": […]} of the n
                                  samples (one key: safetensors orders several keys arbitrarily)
     shard_00000.json             ShardRecord: the shard's items, sample count, bytes, sha256, skips
@@ -513,6 +515,7 @@ class LatentCache:
         self._verified: set[str] = set()
         null = self._read(self.manifest.null)
         self.null_context, self.null_mask = null["context"], null["mask"]  # (1, L, D) bf16, (1, L) bool
+        self.null_extra = {k.removeprefix("extra."): v for k, v in null.items() if k.startswith("extra.")}
 
     @property
     def settings(self) -> CacheSettings:
@@ -556,13 +559,15 @@ class LatentCache:
 
     def samples(self, indices: Sequence[int]) -> dict:
         """Samples ``indices`` stacked (stored dtypes): ``latents (B, C, T', H', W')`` (not when text-only),
-        ``context (B, L, D)``, ``mask (B, L)``, ``index (B,)``; ``captions`` and ``paths`` lists."""
+        ``context (B, L, D)``, ``mask (B, L)``, ``index (B,)``, ``extra.<name>`` (a condition's extra tensors,
+        e.g. HunyuanVideo's pooled projection); ``captions`` and ``paths`` lists."""
         rows = []
         for i in indices:
             assert 0 <= i < len(self), f"sample {i} of a cache of {len(self)}"
             j = int(np.searchsorted(self._starts, i, side="right")) - 1
             rows.append((self.load_shard(j), i - int(self._starts[j])))
         keys = ("context", "mask", "index") + (() if self.text_only else ("latents",))
+        keys += tuple(k for k in rows[0][0] if k.startswith("extra.")) if rows else ()
         return {**{k: torch.stack([shard[k][r] for shard, r in rows]) for k in keys},
                 "captions": [shard["captions"][r] for shard, r in rows],
                 "paths": [shard["paths"][r] for shard, r in rows]}

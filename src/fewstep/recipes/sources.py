@@ -225,9 +225,12 @@ class LatentCacheSource:
             latents = torch.zeros((B, *self.latent_shape), device=device)  # shape only (class doc)
         else:
             latents = items["latents"].to(device=device, dtype=torch.float32)  # (B, C, T', H', W')
-        cond = Conditioning(items["context"].to(device=device, dtype=torch.float32), items["mask"].to(device))
+        extra = {k.removeprefix("extra."): v.to(device=device, dtype=torch.float32)
+                 for k, v in items.items() if k.startswith("extra.")}
+        cond = Conditioning(items["context"].to(device=device, dtype=torch.float32), items["mask"].to(device), extra)
         null = Conditioning(self.cache.null_context.to(device=device, dtype=torch.float32),
-                            self.cache.null_mask.to(device))
+                            self.cache.null_mask.to(device),
+                            {k: v.to(device=device, dtype=torch.float32) for k, v in self.cache.null_extra.items()})
         return Batch(latents=latents, cond=cond, uncond=null.repeat(B), prompts=items["captions"],
                      sample_ids=torch.as_tensor(list(positions), dtype=torch.int64))
 
