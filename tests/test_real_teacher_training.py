@@ -196,3 +196,34 @@ def test_lora_on_a_frozen_role_is_a_config_error(wan_dir, tmp_path, capsys):
     rc, _, err = cli(capsys, *run_args("dollar", wan_dir, tmp_path / "run", "roles.teacher.lora.rank=4"))
     assert rc == 2 and err.count("\n") == 1 and "lora needs optim" in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_frozen_weights_in_bf16_are_one_shared_copy(wan_dir, tmp_path, capsys):
+    """train.frozen_dtype=bfloat16: the teacher, and the base the LoRA student and fake score share with it,
+    are one bf16 copy; adapters (and their optimiser) are float32; a short run stays finite."""
+    from fewstep.engine.distributed import DistEnv
+    from fewstep.engine.roles import build_roles
+    from fewstep.recipes.base import recipe_class
+
+    overrides = [f"model={wan_dir}", "train.frozen_dtype=bfloat16", *LORA]
+    cls = recipe_class("dollar")
+    recipe = cls(cls.load_config(overrides=overrides))
+    roles = build_roles(recipe.build_modules(), recipe.config.roles, DistEnv(), False)
+    teacher = dict(roles["teacher"].module.named_parameters())
+    assert {p.dtype for p in teacher.values()} == {torch.bfloat16}
+    for name in ("student", "fake_score"):
+        params = dict(roles[name].module.named_parameters())
+        adapters = [p for n, p in params.items() if ".lora_" in n]
+        assert adapters and all(p.dtype == torch.float32 and p.requires_grad for p in adapters)
+        base = {n.replace(".base_layer", ""): p for n, p in params.items() if ".lora_" not in n}
+        assert base.keys() == teacher.keys()
+        assert all(base[n] is teacher[n] for n in teacher)  # the same tensors: no second copy
+    assert roles["student"].ema.module is not roles["student"].module
+    ema = dict(roles["student"].ema.module.named_parameters())
+    assert all(ema[n] is p for n, p in params.items() if ".lora_" not in n)  # the EMA copies adapters only
+    run = tmp_path / "run"
+    rc, _, err = cli(capsys, *run_args("dollar", wan_dir, run, "train.frozen_dtype=bfloat16", *LORA, "train.steps=5"))
+    assert rc == 0, err
+    assert all(torch.isfinite(torch.tensor(v)).all() for rec in losses(run).values() for v in rec.values())
+    student = load_model(run / "student")  # the adapters merged into the bf16 base
+    assert torch.isfinite(student.sample_latents(["a cat runs in the park"], seed=0).x).all()

@@ -55,6 +55,9 @@ class TrainConfig(StrictModel):
     tensorboard: bool = True
     bf16: bool = Field(False, description="bf16 autocast around objectives")
     gradient_checkpointing: bool = False
+    frozen_dtype: Literal["float32", "bfloat16"] = Field("float32", description=(
+        "dtype of the model's frozen weights (the teacher, and the base a LoRA role shares with it); trainable "
+        "weights, adapters and optimiser state stay float32"))
     distributed: Literal["ddp", "fsdp"] = "ddp"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     flush_denormal: bool = Field(True, description=(

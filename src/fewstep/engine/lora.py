@@ -83,6 +83,8 @@ def add_lora(module: nn.Module, config: LoraConfig) -> nn.Module:
     except ValueError as err:
         raise UserError(f"config key 'lora.targets': {str(err).splitlines()[0]}") from None
     for name, p in module.named_parameters():
+        if ".lora_" in name:
+            p.data = p.data.float()  # adapters train in float32 on a bf16 base too
         p.requires_grad_(".lora_" in name)
     return module
 

@@ -89,6 +89,11 @@ class Backbone(nn.Module):
         raise NotImplementedError
 
 
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype a network holds its weights in (adapters cast inputs to it, outputs back)."""
+    return next(model.parameters()).dtype
+
+
 class ModuleBackbone(Backbone):
     """(a) A plain module called as ``module(x, timestep, context[, context_mask=mask])``.
 
@@ -102,13 +107,22 @@ class ModuleBackbone(Backbone):
         self._takes_mask = "context_mask" in params
 
     def forward(self, x, timestep, cond):
+        dtype = model_dtype(self.module)  # a module kept in bf16 gets bf16 inputs, returns the caller's dtype
+        if dtype == x.dtype:
+            return self._call(x, timestep, cond)
+        return self._call(x.to(dtype), timestep, Conditioning(cond.context.to(dtype), cond.mask, cond.extra)).to(x.dtype)
+
+    def _call(self, x, timestep, cond):
         if self._takes_mask and cond.mask is not None:
             return self.module(x, timestep, cond.context, context_mask=cond.mask)
         return self.module(x, timestep, cond.context)
 
 
 class WanBackbone(Backbone):
-    """(b) diffusers' ``WanTransformer3DModel`` — flow matching, takes ``(B, C, F, H, W)`` and ``1000·t'``."""
+    """(b) diffusers' ``WanTransformer3DModel`` — flow matching, takes ``(B, C, F, H, W)`` and ``1000·t'``.
+
+    The diffusers adapters run the transformer in its own dtype (a bf16 teacher gets bf16 latents and
+    caption tokens, as its pipeline feeds it) and return the caller's dtype."""
 
     prediction_type = "flow"
 
@@ -117,8 +131,9 @@ class WanBackbone(Backbone):
         self.model = model
 
     def forward(self, x, timestep, cond):
-        return self.model(hidden_states=x, timestep=timestep, encoder_hidden_states=cond.context,
-                          return_dict=False)[0]
+        dtype = model_dtype(self.model)
+        return self.model(hidden_states=x.to(dtype), timestep=timestep, encoder_hidden_states=cond.context.to(dtype),
+                          return_dict=False)[0].to(x.dtype)
 
 
 class CogVideoXBackbone(Backbone):
@@ -159,10 +174,11 @@ class CogVideoXBackbone(Backbone):
         return cos.to(x.dtype), sin.to(x.dtype)
 
     def forward(self, x, timestep, cond):
-        hidden = x.permute(0, 2, 1, 3, 4)  # (B, C, F, H, W) -> (B, F, C, H, W)
-        out = self.model(hidden_states=hidden, encoder_hidden_states=cond.context, timestep=timestep,
+        dtype = model_dtype(self.model)
+        hidden = x.permute(0, 2, 1, 3, 4).to(dtype)  # (B, C, F, H, W) -> (B, F, C, H, W)
+        out = self.model(hidden_states=hidden, encoder_hidden_states=cond.context.to(dtype), timestep=timestep,
                          image_rotary_emb=self._rotary(x), return_dict=False)[0]
-        return out.permute(0, 2, 1, 3, 4)  # (B, F, C, H, W) -> (B, C, F, H, W)
+        return out.permute(0, 2, 1, 3, 4).to(x.dtype)  # (B, F, C, H, W) -> (B, C, F, H, W)
 
 
 class HunyuanVideoBackbone(Backbone):
@@ -192,9 +208,10 @@ class HunyuanVideoBackbone(Backbone):
             if guidance is None:
                 guidance = torch.full((x.shape[0],), self.embedded_guidance_scale * 1000.0, device=x.device,
                                       dtype=x.dtype)
-        return self.model(hidden_states=x, timestep=timestep, encoder_hidden_states=cond.context,
-                          encoder_attention_mask=mask, pooled_projections=cond.extra["pooled_projections"],
-                          guidance=guidance, return_dict=False)[0]
+        dtype = model_dtype(self.model)
+        return self.model(hidden_states=x.to(dtype), timestep=timestep, encoder_hidden_states=cond.context.to(dtype),
+                          encoder_attention_mask=mask, pooled_projections=cond.extra["pooled_projections"].to(dtype),
+                          guidance=guidance, return_dict=False)[0].to(x.dtype)
 
 
 DIFFUSERS_BACKBONES = {

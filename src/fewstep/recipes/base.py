@@ -229,6 +229,8 @@ class PipelineRecipe(Recipe):
         """The loaded model (frozen); a :class:`~fewstep.models.family.VideoModel`."""
         if self._pipeline is None:
             self._pipeline = load_model(self.config.model).requires_grad_(False)
+            if self.config.train.frozen_dtype == "bfloat16":  # the shared frozen base; copies that train go fp32
+                self._pipeline.denoiser.to(torch.bfloat16)
         return self._pipeline
 
     def build_modules(self) -> dict[str, nn.Module]:
@@ -241,7 +243,8 @@ class PipelineRecipe(Recipe):
             elif self.shares_base(spec):
                 modules[name] = shared_copy(self.pipeline.denoiser)  # frozen, or LoRA adapters added by the engine
             else:
-                modules[name] = copy.deepcopy(self.pipeline.denoiser).requires_grad_(spec.trainable)
+                module = copy.deepcopy(self.pipeline.denoiser).requires_grad_(spec.trainable)
+                modules[name] = module.float() if spec.trainable else module
         return modules
 
     def shares_base(self, spec) -> bool:
