@@ -59,7 +59,7 @@ def _noise(model, seed=1):
 def _with_guidance(model, scale):
     """The model with another ``embedded_guidance_scale`` in its settings."""
     settings = model.settings.model_copy(update={"embedded_guidance_scale": scale})
-    return DiffusersVideoModel(model.pipe, HUNYUAN, settings)
+    return model.with_settings(settings)
 
 
 def _frames_first(latents):

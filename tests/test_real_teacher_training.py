@@ -227,3 +227,31 @@ def test_frozen_weights_in_bf16_are_one_shared_copy(wan_dir, tmp_path, capsys):
     assert all(torch.isfinite(torch.tensor(v)).all() for rec in losses(run).values() for v in rec.values())
     student = load_model(run / "student")  # the adapters merged into the bf16 base
     assert torch.isfinite(student.sample_latents(["a cat runs in the park"], seed=0).x).all()
+
+
+def test_training_from_a_cache_never_loads_the_vae_or_text_encoder(wan_dir, tmp_path, capsys, monkeypatch):
+    """With data: {kind: latent_cache} the encoders stay on disk; RUN/student is still a complete pipeline."""
+    from diffusers import WanPipeline
+
+    from fewstep.models.diffusers_family import DiffusersVideoModel
+
+    (tmp_path / "p.txt").write_text("a cat runs in the park\na dog runs\n")
+    rc, _, err = cli(capsys, "cache", "--model", wan_dir, "--prompts", tmp_path / "p.txt", "--out", tmp_path / "c")
+    assert rc == 0, err
+    loaded = []
+    real = DiffusersVideoModel.component
+
+    def component(self, name):
+        if name in self.lazy:
+            import traceback
+            loaded.append((name, "".join(traceback.format_stack(limit=8))))
+        return real(self, name)
+
+    monkeypatch.setattr(DiffusersVideoModel, "component", component)
+    run = tmp_path / "run"
+    rc, _, err = cli(capsys, *run_args("dollar", wan_dir, run, "data={kind: latent_cache, path: " + str(tmp_path / "c") + "}",
+                                       *LORA, "train.steps=3"))
+    assert rc == 0, err
+    assert loaded == [], loaded[0][1]
+    pipe = WanPipeline.from_pretrained(run / "student", local_files_only=True)
+    assert pipe.vae is not None and pipe.text_encoder is not None

@@ -159,7 +159,7 @@ def export_run(run: str | Path, out: str | Path, *, lora_only: bool = False, ove
         update={"times": [float(t) for t in exported_t], "steps": steps})})
     model.pipe.register_modules(scheduler=scheduler)
     with atomic_directory(out) as tmp:
-        _quiet_save(model.pipe, tmp)
+        model.write_pipeline(tmp)
         (tmp / SETTINGS_FILE).write_text(json.dumps(settings.model_dump(mode="json"), indent=2))
         (tmp / "export.json").write_text(json.dumps(record, indent=2))
     return record
@@ -171,13 +171,3 @@ def _transformer_prefix(model) -> str:
         if module is model.transformer:
             return f"{name}."
     raise UserError("the student's denoiser does not hold the pipeline's transformer")
-
-
-def _quiet_save(pipe, directory: Path) -> None:
-    import diffusers
-
-    diffusers.utils.logging.disable_progress_bar()
-    try:
-        pipe.save_pretrained(directory, safe_serialization=True)
-    finally:
-        diffusers.utils.logging.enable_progress_bar()

@@ -58,7 +58,7 @@ import struct
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -305,27 +305,38 @@ def _config_dict(config) -> Any:
     return repr(config)
 
 
-def _weights_checksum(module: torch.nn.Module, tensors: int = 4, elements: int = 1024) -> str:
-    """sha256 of ≤ ``elements`` evenly spaced values of ``tensors`` evenly spaced entries of the state dict,
-    rounded to bf16 (so a module loaded in bf16 or fp32 checks the same)."""
-    state = module.state_dict()
-    names = list(state)
+def tensor_checksum(names: Sequence[str], get: Callable[[str, int], tuple[Tensor, Sequence[int]]], tensors: int = 4,
+                    elements: int = 1024) -> str:
+    """sha256 of ``tensors`` evenly spaced entries of the sorted ``names``: each one's name, shape and ≤
+    ``elements`` evenly spaced values of its first rows, rounded to bf16 (so a module loaded in bf16 or
+    fp32 checks the same). ``get(name, rows)`` returns the tensor's first ``rows`` rows (all of a 0-/1-D
+    tensor) and its full shape — what a safetensors file gives without reading the whole tensor."""
+    names = sorted(names)
     h = hashlib.sha256()
     for i in sorted({round(j * (len(names) - 1) / max(tensors - 1, 1)) for j in range(tensors)} if names else ()):
-        value = state[names[i]].detach().flatten()
+        head, shape = get(names[i], elements)
+        value = head.detach().flatten()
         if not value.is_floating_point():
             value = value.to(torch.float32)
         pick = torch.linspace(0, value.numel() - 1, min(elements, value.numel())).round().long().to(value.device)
         sample = value[pick].to(device="cpu", dtype=torch.float32).to(torch.bfloat16).view(torch.int16)
-        h.update(f"{names[i]}{tuple(state[names[i]].shape)}".encode())
+        h.update(f"{names[i]}{tuple(shape)}".encode())
         h.update(sample.numpy().tobytes())
     return h.hexdigest()
 
 
-def _part(module, extra: dict) -> str | None:
-    if module is None:
+def _weights_checksum(module: torch.nn.Module) -> str:
+    """:func:`tensor_checksum` of a loaded module's state dict."""
+    state = module.state_dict()
+    return tensor_checksum(list(state), lambda name, rows: (state[name][:rows] if state[name].ndim else state[name],
+                                                            state[name].shape))
+
+
+def _part(module, extra: dict, config=None, checksum: str | None = None) -> str | None:
+    if module is None and checksum is None:
         return None
-    data = {"config": _config_dict(getattr(module, "config", None)), "weights": _weights_checksum(module), **extra}
+    config = getattr(module, "config", None) if config is None else config
+    data = {"config": _config_dict(config), "weights": checksum or _weights_checksum(module), **extra}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -335,11 +346,16 @@ def model_fingerprint(model) -> dict[str, str | None]:
     ``text`` — ``model.text_encoder``'s config and checksum, the caption length and the negative
     caption (``model.settings``, when the model has them). Shapes, geometry and fps are compared
     separately (:class:`CacheSettings`). The denoiser is not part of it: a teacher and its students
-    share a cache. A part the model lacks is None."""
-    encoder = getattr(model, "vae", None) or getattr(model, "codec", None)
+    share a cache. A part the model lacks is None. A diffusers model checks its encoders' safetensors
+    files (``component_checksum``: the same values as the loaded modules, read without loading them)."""
     settings = getattr(model, "settings", None)
     text_extra = {"max_sequence_length": getattr(settings, "max_sequence_length", None),
                   "negative_prompt": getattr(settings, "negative_prompt", "")}
+    if hasattr(model, "component_checksum"):  # a diffusers model: from its files, without loading the encoders
+        return {"latents": _part(None, {}, model.config_of("vae"), model.component_checksum("vae")),
+                "text": _part(None, text_extra, model.config_of("text_encoder"),
+                              model.component_checksum("text_encoder"))}
+    encoder = getattr(model, "vae", None) or getattr(model, "codec", None)
     return {"latents": _part(encoder, {}), "text": _part(getattr(model, "text_encoder", None), text_extra)}
 
 

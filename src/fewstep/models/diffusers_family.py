@@ -54,6 +54,9 @@ times the transformer's patch (16 for all three): other sizes are one-line error
 from __future__ import annotations
 
 import json
+import os
+import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -127,7 +130,7 @@ class PipelineSpec:
     encode: Callable[["DiffusersVideoModel", Tensor], Tensor]  # video (B, 3, T, H, W) → latents
     decode: Callable[["DiffusersVideoModel", Tensor], Tensor]  # latents → video (B, 3, T, H, W)
     text_dim: Callable[[Any], int] = lambda config: int(config.d_model)  # text encoder config → D of (B, L, D)
-    pipeline_defaults: Callable[[Any], dict[str, Any]] = lambda pipe: {}  # defaults read from the loaded pipeline
+    pipeline_defaults: Callable[[Any, Any], dict[str, Any]] = lambda pipe, vae_config: {}  # from the loaded pipeline
     settings_keys: tuple[str, ...] = ()  # the optional DiffusersSettings keys this class reads
 
 
@@ -167,7 +170,7 @@ def _wan_prompts(model: "DiffusersVideoModel", prompts: list[str]) -> Conditioni
 
 def _wan_factors(model: "DiffusersVideoModel") -> tuple[int, int, int]:
     """(temporal, spatial) VAE factors and the transformer's spatial patch."""
-    vae, patch = model.vae.config, model.transformer.config.patch_size
+    vae, patch = model.config_of("vae"), model.transformer.config.patch_size
     return 2 ** sum(vae.temperal_downsample), 2 ** len(vae.temperal_downsample), patch[1]
 
 
@@ -178,11 +181,11 @@ def _wan_check(model: "DiffusersVideoModel", frames: int, height: int, width: in
 def _wan_latent_shape(model: "DiffusersVideoModel", batch: int) -> tuple[int, int, int, int, int]:
     temporal, spatial, _ = _wan_factors(model)
     s = model.settings
-    return batch, model.vae.config.z_dim, (s.frames - 1) // temporal + 1, s.height // spatial, s.width // spatial
+    return batch, model.config_of("vae").z_dim, (s.frames - 1) // temporal + 1, s.height // spatial, s.width // spatial
 
 
 def _wan_stats(model: "DiffusersVideoModel", like: Tensor) -> tuple[Tensor, Tensor]:
-    cfg = model.vae.config
+    cfg = model.config_of("vae")
     shape = (1, cfg.z_dim, 1, 1, 1)
     mean = torch.tensor(cfg.latents_mean, device=like.device, dtype=torch.float32).view(shape)
     std = torch.tensor(cfg.latents_std, device=like.device, dtype=torch.float32).view(shape)
@@ -265,7 +268,7 @@ def _cogvideox_prompts(model: "DiffusersVideoModel", prompts: list[str]) -> Cond
 
 def _cogvideox_factors(model: "DiffusersVideoModel") -> tuple[int, int, int]:
     """(temporal, spatial) VAE factors and the transformer's spatial patch, as ``CogVideoXPipeline`` reads them."""
-    vae = model.vae.config
+    vae = model.config_of("vae")
     return vae.temporal_compression_ratio, 2 ** (len(vae.block_out_channels) - 1), model.transformer.config.patch_size
 
 
@@ -298,7 +301,7 @@ def _cogvideox_latent_shape(model: "DiffusersVideoModel", batch: int) -> tuple[i
     _, spatial, _ = _cogvideox_factors(model)
     frames, pad = _cogvideox_frames(model)
     s = model.settings
-    return batch, model.vae.config.latent_channels, pad + frames, s.height // spatial, s.width // spatial
+    return batch, model.config_of("vae").latent_channels, pad + frames, s.height // spatial, s.width // spatial
 
 
 def _cogvideox_encode(model: "DiffusersVideoModel", video: Tensor) -> Tensor:
@@ -320,9 +323,9 @@ def _cogvideox_decode(model: "DiffusersVideoModel", latents: Tensor) -> Tensor:
     return model.vae.decode(z.to(model.vae.dtype)).sample.float()
 
 
-def _cogvideox_defaults(pipe) -> dict[str, Any]:
+def _cogvideox_defaults(pipe, vae_config) -> dict[str, Any]:
     """The pipeline's own clip size: the transformer's sample size (``CogVideoXPipeline.__call__``)."""
-    cfg, spatial = pipe.transformer.config, pipe.vae_scale_factor_spatial
+    cfg, spatial = pipe.transformer.config, 2 ** (len(vae_config.block_out_channels) - 1)
     return {"frames": cfg.sample_frames, "height": cfg.sample_height * spatial, "width": cfg.sample_width * spatial}
 
 
@@ -362,7 +365,7 @@ def _hunyuan_prompts(model: "DiffusersVideoModel", prompts: list[str]) -> Condit
 
 def _hunyuan_factors(model: "DiffusersVideoModel") -> tuple[int, int, int]:
     """(temporal, spatial) VAE factors and the transformer's spatial patch, as ``HunyuanVideoPipeline`` reads them."""
-    vae = model.vae
+    vae = model.config_of("vae")
     return vae.temporal_compression_ratio, vae.spatial_compression_ratio, model.transformer.config.patch_size
 
 
@@ -374,7 +377,7 @@ def _hunyuan_latent_shape(model: "DiffusersVideoModel", batch: int) -> tuple[int
     temporal, spatial, _ = _hunyuan_factors(model)
     s = model.settings
     frames = (s.frames - 1) // temporal + 1
-    return batch, model.vae.config.latent_channels, frames, s.height // spatial, s.width // spatial
+    return batch, model.config_of("vae").latent_channels, frames, s.height // spatial, s.width // spatial
 
 
 def _hunyuan_encode(model: "DiffusersVideoModel", video: Tensor) -> Tensor:
@@ -407,28 +410,110 @@ SPECS: dict[str, PipelineSpec] = {spec.pipeline: spec for spec in (WAN, COGVIDEO
 # The model
 # ---------------------------------------------------------------------------------------------
 
+class _Component:
+    """A frozen encoder of the pipeline (``vae``, ``text_encoder``, ``text_encoder_2``), loaded from the
+    model's directory the first time it is used (:meth:`DiffusersVideoModel.component`)."""
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, model, owner=None):
+        return self if model is None else model.component(self.name)
+
+
 class DiffusersVideoModel(nn.Module):
     """A :class:`~fewstep.models.family.VideoModel` around a local diffusers pipeline (module doc).
 
     ``transformer``, ``vae``, ``text_encoder`` (and HunyuanVideo's CLIP ``text_encoder_2``) are its
     submodules (``.to`` moves them); ``pipe`` is the diffusers pipeline object holding the same components,
     used for its own prompt encoding and for saving.
+
+    **Lazy encoders.** :meth:`load` loads the transformer, tokenizers and scheduler; the VAE and text
+    encoders load on first use (an encode, a decode, a caption) onto the transformer's device, frozen.
+    A distillation that reads latents and captions from a cache (``data: {kind: latent_cache}``) never
+    loads them; shapes come from their configs (:meth:`config_of`), and :meth:`save` copies the files
+    of an encoder it never loaded.
     """
 
     prompt_grammar = None  # any text
+    LAZY = ("vae", "text_encoder", "text_encoder_2")
+    vae, text_encoder, text_encoder_2 = _Component(), _Component(), _Component()
 
-    def __init__(self, pipe, spec: PipelineSpec, settings: DiffusersSettings):
+    def __init__(self, pipe, spec: PipelineSpec, settings: DiffusersSettings, source: Path | None = None,
+                 lazy: dict[str, tuple[str, str]] | None = None, load_dtype: torch.dtype | None = None):
         super().__init__()
         for key in ("embedded_guidance_scale", "prompt_template"):
             if getattr(settings, key) is not None and key not in spec.settings_keys:
                 raise UserError(f"{SETTINGS_FILE}: {key} does not apply to a {spec.pipeline}")
         self.spec, self.settings = spec, settings
-        self.transformer, self.vae, self.text_encoder = pipe.transformer, pipe.vae, pipe.text_encoder
-        self.text_encoder_2 = getattr(pipe, "text_encoder_2", None)  # HunyuanVideo's CLIP
+        self.source, self.load_dtype = source, load_dtype
+        self.lazy = {name: entry for name, entry in (lazy or {}).items() if getattr(pipe, name, None) is None}
+        self.transformer = pipe.transformer
+        for name in self.LAZY:
+            if getattr(pipe, name, None) is not None:
+                self._modules[name] = getattr(pipe, name)  # (add_module would consult the descriptor)
         object.__setattr__(self, "pipe", pipe)  # not a submodule: its components are registered above
         schedule, prediction_type = spec.schedule(pipe.scheduler)
         self.denoiser = Denoiser(spec.backbone(pipe.transformer, settings), schedule, prediction_type)
         spec.check_geometry(self, settings.frames, settings.height, settings.width)
+
+    # ---------------------------------------------------------------------------- lazy encoders
+    def component(self, name: str) -> nn.Module | None:
+        """The pipeline's ``name`` (loading it now if it was deferred); None if the pipeline has none."""
+        if name in self._modules:
+            return self._modules[name]
+        if name not in self.lazy:
+            return None
+        import diffusers
+        import transformers
+
+        library, class_name = self.lazy[name]
+        cls = getattr(diffusers if library == "diffusers" else transformers, class_name)
+        try:
+            with _quiet():
+                module = cls.from_pretrained(self.source, subfolder=name, local_files_only=True,
+                                             torch_dtype=self.load_dtype)
+        except (OSError, ValueError, EnvironmentError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserError(f"model {self.source}: its {name} could not be loaded ({first})") from None
+        module = module.to(next(self.transformer.parameters()).device).eval().requires_grad_(False)
+        self._modules[name] = module
+        self.pipe.register_modules(**{name: module})
+        del self.lazy[name]
+        return module
+
+    def with_settings(self, settings: DiffusersSettings) -> "DiffusersVideoModel":
+        """The same pipeline (shared components) with other settings (e.g. another embedded guidance)."""
+        return DiffusersVideoModel(self.pipe, self.spec, settings, self.source, self.lazy, self.load_dtype)
+
+    def component_checksum(self, name: str) -> str:
+        """:func:`~fewstep.data.cache.tensor_checksum` of component ``name``'s weights as stored in the model
+        directory's safetensors files (the encoder need not be loaded); a component with no such files
+        (built in memory) is checksummed as loaded."""
+        from safetensors import safe_open
+
+        from ..data.cache import tensor_checksum
+
+        files = sorted((self.source / name).glob("*.safetensors")) if self.source is not None else []
+        if not files:
+            state = self.component(name).state_dict()
+            return tensor_checksum(list(state), lambda k, rows: (state[k][:rows] if state[k].ndim else state[k],
+                                                                 state[k].shape))
+        handles = [safe_open(str(f), "pt") for f in files]
+        where = {key: h for h in handles for key in h.keys()}
+
+        def get(key: str, rows: int):
+            part = where[key].get_slice(key)
+            shape = part.get_shape()
+            return (part[:rows] if shape else where[key].get_tensor(key)), shape
+
+        return tensor_checksum(list(where), get)
+
+    def config_of(self, name: str):
+        """A component's config (attribute access), without loading its weights if it is deferred."""
+        if name in self._modules or name not in self.lazy:
+            return self.component(name).config
+        return _stored_config(self.source, name, self.lazy[name])
 
     # ---------------------------------------------------------------------------- what the seam exposes
     @property
@@ -456,7 +541,7 @@ class DiffusersVideoModel(nn.Module):
 
     @property
     def text_dim(self) -> int:
-        return self.spec.text_dim(self.text_encoder.config)
+        return self.spec.text_dim(self.config_of("text_encoder"))
 
     @property
     def hidden_dim(self) -> int:
@@ -469,6 +554,8 @@ class DiffusersVideoModel(nn.Module):
     # ---------------------------------------------------------------------------- conditioning, latents
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        for name in ("text_encoder", "text_encoder_2"):  # the pipeline's encode_prompt reads them from pipe
+            self.component(name)
         return self.spec.encode_prompts(self, list(prompts))
 
     def null_condition(self, batch: int) -> Conditioning:
@@ -531,11 +618,24 @@ class DiffusersVideoModel(nn.Module):
 
     # ---------------------------------------------------------------------------- persistence
     def save(self, directory: str | Path) -> Path:
-        """The diffusers pipeline (``save_pretrained``) and ``fewstep_model.json``, written atomically."""
+        """The diffusers pipeline (``save_pretrained``) and ``fewstep_model.json``, written atomically; an
+        encoder never loaded is copied from the source directory (hard links where the filesystem allows)."""
         with atomic_directory(directory) as tmp:
-            self.pipe.save_pretrained(tmp, safe_serialization=True)
+            self.write_pipeline(tmp)
             (tmp / SETTINGS_FILE).write_text(json.dumps(self.settings.model_dump(mode="json"), indent=2))
         return Path(directory)
+
+    def write_pipeline(self, directory: Path) -> None:
+        """The diffusers pipeline's files into ``directory`` (loaded components saved, deferred ones copied)."""
+        with _quiet():
+            self.pipe.save_pretrained(directory, safe_serialization=True)
+        if self.lazy:
+            index = json.loads((directory / INDEX_FILE).read_text())
+            source_index = json.loads((self.source / INDEX_FILE).read_text())
+            for name in self.lazy:
+                shutil.copytree(self.source / name, directory / name, copy_function=_link_or_copy)
+                index[name] = source_index[name]
+            (directory / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True))
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device = "cpu",
@@ -548,20 +648,58 @@ class DiffusersVideoModel(nn.Module):
             if not isinstance(saved, dict):
                 raise UserError(f"model {directory / SETTINGS_FILE} must hold a JSON object")
         import diffusers
-        import transformers
 
-        diffusers.utils.logging.disable_progress_bar()  # one-line output: no loading bars on stderr
-        transformers.utils.logging.disable_progress_bar()
+        index = read_json(directory / INDEX_FILE, f"model {directory / INDEX_FILE}")
+        lazy = {name: tuple(index[name]) for name in cls.LAZY
+                if isinstance(index.get(name), list) and len(index[name]) == 2 and None not in index[name]}
         try:
-            pipe = getattr(diffusers, spec.pipeline).from_pretrained(directory, local_files_only=True, torch_dtype=dtype)
+            with _quiet():
+                pipe = getattr(diffusers, spec.pipeline).from_pretrained(
+                    directory, local_files_only=True, torch_dtype=dtype, **{name: None for name in lazy})
         except (OSError, ValueError, EnvironmentError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise UserError(f"model {directory}: the {spec.pipeline} could not be loaded ({first})") from None
-        finally:
-            diffusers.utils.logging.enable_progress_bar()
-            transformers.utils.logging.enable_progress_bar()
-        settings = parse_config(DiffusersSettings, {**spec.defaults, **spec.pipeline_defaults(pipe), **saved})
-        return cls(pipe, spec, settings).to(device).eval()
+        vae_config = _stored_config(directory, "vae", lazy["vae"]) if "vae" in lazy else pipe.vae.config
+        settings = parse_config(DiffusersSettings, {**spec.defaults, **spec.pipeline_defaults(pipe, vae_config), **saved})
+        return cls(pipe, spec, settings, directory, lazy, dtype).to(device).eval()
+
+
+def _stored_config(directory: Path, name: str, entry: tuple[str, str]):
+    """The config of component ``name`` (its ``model_index.json`` entry ``(library, class)``) read from its
+    folder, with attribute access, without its weights."""
+    library, class_name = entry
+    if library == "diffusers":
+        import diffusers
+        from diffusers.configuration_utils import FrozenDict
+
+        return FrozenDict(getattr(diffusers, class_name).load_config(directory, subfolder=name, local_files_only=True))
+    import transformers
+
+    return getattr(transformers, class_name).config_class.from_pretrained(directory / name)
+
+
+@contextmanager
+def _quiet():
+    """No loading / writing progress bars on stderr (one-line output)."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        diffusers.utils.logging.enable_progress_bar()
+        transformers.utils.logging.enable_progress_bar()
+
+
+def _link_or_copy(src, dst):
+    """Hard-link a file (same filesystem: instant, no space), else copy it."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return dst
 
 
 def pipeline_class(directory: Path) -> str:
