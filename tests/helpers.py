@@ -398,3 +398,14 @@ def make_tiny_hunyuan_pipeline(directory, *, frames=9, size=16, seed=0, max_sequ
                 "sampling": {"sampler": "euler", "steps": 4, "cfg_scale": 1.0, "spacing": "uniform"}}
     (Path(directory) / "fewstep_model.json").write_text(json.dumps(settings))
     return Path(directory)
+
+
+def make_tiny_dinov2(directory):
+    """Save a tiny random ``Dinov2Model`` (1 layer, width 16, 32² images in 8² patches): a feature model for
+    Fréchet distances (eval/generic.py)."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    Dinov2Model(Dinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                             image_size=32, patch_size=8)).save_pretrained(directory)
+    return Path(directory)

@@ -41,7 +41,7 @@ def test_bad_data_config_is_one_line(raw, message):
 def test_bad_evaluator_config_is_one_line():
     assert parse_evaluator_config({"kind": "toy_vbench"}) == ToyVBenchConfig()
     with pytest.raises(UserError, match=r"^config key 'evaluator.kind': unknown evaluator 'vbench'; "
-                                        r"known: toy_vbench$"):
+                                        r"known: toy_vbench, videos$"):
         parse_evaluator_config({"kind": "vbench"})
 
 

@@ -198,11 +198,17 @@ def generate(
 def eval_(
     model: str = typer.Option(..., help="A shipped model name (toy-teacher) or a model directory."),
     out: str = typer.Option(..., help="Output directory: metrics.json, report.html, gifs/."),
+    prompts: str = typer.Option(None, help="Captions, one per line (a toy model: default the eval prompts; any "
+                                           "other model needs them)."),
     steps: int = typer.Option(None, help="Sampler steps (default: the model's own)."),
     cfg: float = typer.Option(None, help="CFG scale w in uncond + w·(cond − uncond) (default: the model's own)."),
     num: int = typer.Option(4, help="Videos per eval prompt."),
     seed: int = typer.Option(0, help="Seed of the initial noise."),
-    features: str = typer.Option("toy-features", help="Fréchet feature net: shipped name or directory."),
+    features: str = typer.Option(None, help="Fréchet feature net: a toy model's (shipped name or directory; default "
+                                            "toy-features), or for other models a CLIP / DINOv2 model directory."),
+    reference: str = typer.Option(None, help="Fréchet reference of a non-toy model: a latent cache of real clips "
+                                             "(fewstep cache --videos), decoded by the model."),
+    reference_clips: int = typer.Option(64, help="Clips of --reference decoded for its feature statistics."),
     batch_size: int = typer.Option(32, help="Videos generated per batch."),
     frames: int = typer.Option(None, help="Frames per clip (default: the model's own; a diffusers model takes 4k + 1)."),
     height: int = typer.Option(None, help="Clip height in pixels (default: the model's own)."),
@@ -211,7 +217,8 @@ def eval_(
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty --out (replacing what fewstep "
                                    "wrote there; other files are kept)."),
 ):
-    """Toy VBench on the eval prompts: quality/semantic/total, FVD, Vendi, NFE, seconds per video."""
+    """Toy VBench for a toy model (quality/semantic/total, FVD, Vendi); for any other model, sharpness, flicker,
+    Vendi and (with --features/--reference) a Fréchet distance on --prompts; NFE and seconds per video."""
     import json
 
     from .eval.runner import evaluate_to_dir
@@ -222,10 +229,12 @@ def eval_(
     with StageProgress(every_seconds=5.0) as progress:
         metrics = evaluate_to_dir(model, out, steps=steps, cfg_scale=cfg, num=num, seed=seed, features=features,
                                   batch_size=batch_size, device=device, overwrite=overwrite, frames=frames,
-                                  height=height, width=width,
+                                  height=height, width=width, prompts=prompts, reference=reference,
+                                  reference_clips=reference_clips,
                                   progress=lambda done, total: progress("eval", done, total, {}))
-    summary = {k: metrics[k] for k in ("total", "quality", "semantic", "fvd", "vendi_pixel", "vendi_feature",
-                                       "nfe", "seconds_per_video", "steps", "grid")}
+    keys = (("sharpness", "flicker", "vendi_pixel", "fd") if metrics.get("metric_set") == "generic" else
+            ("total", "quality", "semantic", "fvd", "vendi_pixel", "vendi_feature"))
+    summary = {k: metrics[k] for k in (*keys, "nfe", "seconds_per_video", "steps", "grid") if k in metrics}
     typer.echo(json.dumps(summary))
     typer.echo(f"wrote {out}/metrics.json and {out}/report.html")
 

@@ -42,6 +42,13 @@ COLUMN_GROUPS: tuple[tuple[str, tuple[tuple[str, str, str, str], ...]], ...] = (
     )),
     ("distribution", (
         ("fvd", "FVD", "↓", "Fréchet distance of toy feature-net embeddings to real eval clips"),
+        ("fd", "FD", "↓", "Fréchet distance of CLIP / DINOv2 frame embeddings (averaged over frames) to real "
+                         "clips of a latent cache"),
+    )),
+    ("pixels", (
+        ("sharpness", "sharpness", "↑", "variance of the Laplacian of luminance in [0, 1], mean over frames "
+                                       "(noise raises it too)"),
+        ("flicker", "flicker", "↓", "mean |frame t+1 − frame t| in [0, 1] (real motion counts too)"),
     )),
     ("diversity", (
         ("vendi_pixel", "Vendi px", "↑", "effective number of distinct videos per prompt, pixel keyframes "

@@ -16,6 +16,16 @@
                      of diffusion/schedules.sampling_grid) and the times it visited
     jpeg             mean JPEG compressibility reward (−kB per frame, the clip as one frame grid, rewards/jpeg.py)
 
+:func:`evaluate_generic_with_samples` is the same for a model without the toy world's semantics
+(a diffusers teacher or its student), on captions the user gives, with eval/generic.py's metrics::
+
+    sharpness        variance of the Laplacian of luminance, mean over frames and videos (↑)
+    flicker          mean |frame_{t+1} − frame_t| in [0, 1] (↓ steadier)
+    vendi_pixel      as above; also per prompt under ``prompts``
+    fd               Fréchet distance of CLIP / DINOv2 features (frame embeddings averaged over frames)
+                     to a latent cache of real clips decoded by the model (only with --features)
+    nfe, seconds_per_video, steps, grid, times, cfg_scale, num_videos, num_per_prompt, seed
+
 Every video's initial noise is drawn from one generator seeded with ``seed`` in suite order, so
 results do not depend on the batch size (except for the noise a stochastic sampler injects
 between steps, which is seeded per batch). :func:`generate_to_dir` and :func:`evaluate_to_dir` are
@@ -34,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fewstep.data.cache import LatentCache
 from fewstep.data.toyworld import EVAL_PROMPTS, parse_prompt
 from fewstep.errors import UserError, warn
 from fewstep.models.denoiser import cfg_active
@@ -44,6 +55,7 @@ from .analysers import aggregate, score_clips
 from .diversity import vendi_score, video_vendi
 from .features import REFERENCE_CLIPS, VideoFeatureNet, reference_stats
 from .frechet import FrechetStats, frechet_distance
+from .generic import VisionFeatures, cache_reference_stats, feature_frechet, pixel_metrics, read_captions
 from fewstep.utils.io import OutputDir, write_json_atomic
 
 from .report import write_mp4, write_report
@@ -231,11 +243,69 @@ def evaluate(
                                  batch_size, reference_clips)[0]
 
 
+def evaluate_generic_with_samples(
+    pipe,
+    prompts: list[str],
+    steps: int | None = None,
+    cfg_scale: float | None = None,
+    num_per_prompt: int = 4,
+    seed: int = 0,
+    features: VisionFeatures | None = None,
+    ref_stats: FrechetStats | None = None,
+    batch_size: int = 32,
+    progress=None,
+) -> tuple[dict, dict[str, np.ndarray]]:
+    """Metrics that need no toy semantics (module docstring, eval/generic.py) of ``pipe`` on ``prompts``,
+    and the videos by prompt; ``fd`` when ``features`` and ``ref_stats`` are given."""
+    if not isinstance(num_per_prompt, int) or num_per_prompt < 1:
+        raise UserError(f"num_per_prompt={num_per_prompt!r} is invalid; expected an integer >= 1")
+    prompts = check_prompts(prompts, getattr(pipe, "prompt_grammar", None))
+
+    # 1. Generate every prompt's videos, prompt-major.
+    suite = [p for p in prompts for _ in range(num_per_prompt)]
+    gen = generate_videos(pipe, suite, steps=steps, cfg_scale=cfg_scale, seed=seed, batch_size=batch_size,
+                          progress=progress)
+    N = len(gen.frames)
+    by_prompt = {p: gen.frames[i * num_per_prompt: (i + 1) * num_per_prompt] for i, p in enumerate(prompts)}
+
+    # 2. Pixel metrics per prompt (Vendi needs one prompt's samples), averaged over prompts.
+    per_prompt = {p: pixel_metrics(v) for p, v in by_prompt.items()}
+    means = {k: float(np.mean([m[k] for m in per_prompt.values()])) for k in ("sharpness", "flicker", "vendi")}
+
+    # 3. Fréchet distance of the feature model's embeddings to the reference.
+    fd = None
+    if features is not None and ref_stats is not None:
+        fd = feature_frechet(features, gen.frames, ref_stats) if N >= 2 else float("nan")
+
+    metrics = {
+        "metric_set": "generic", "sharpness": means["sharpness"], "flicker": means["flicker"],
+        "vendi_pixel": means["vendi"], **({"fd": fd} if fd is not None else {}),
+        "prompts": {p: {"sharpness": m["sharpness"], "flicker": m["flicker"], "vendi_pixel": m["vendi"]}
+                    for p, m in per_prompt.items()},
+        "nfe": gen.nfe, "seconds_per_video": gen.seconds / N, "steps": gen.steps, "grid": gen.grid,
+        "times": list(gen.times), "cfg_scale": gen.cfg_scale, "num_videos": N, "num_per_prompt": num_per_prompt,
+        "seed": seed,
+    }
+    return metrics, by_prompt
+
+
+#: Extra report text for the generic metrics (the report's own notes describe the toy ones).
+GENERIC_NOTE = ("<p class='note'>Metrics without toy-world semantics (eval/generic.py). Sharpness: variance of "
+                "the Laplacian of luminance in [0, 1], mean over frames (higher = sharper; noise raises it too). "
+                "Flicker: mean |frame<sub>t+1</sub> − frame<sub>t</sub>| in [0, 1] (lower = steadier; real motion "
+                "counts too). Vendi px: DOLLAR Eq. 17 on raw pixel keyframes, per prompt. FD: Fréchet distance of "
+                "the feature model's frame embeddings, averaged over each clip's frames, to real clips of the "
+                "reference latent cache.</p>")
+
+
 # --- the commands -------------------------------------------------------------------------------
 
 
-def _slug(prompt: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")
+def slug(prompt: str, limit: int | None = None) -> str:
+    """A file-name piece of a caption: lower-case runs of ``[a-z0-9]`` joined by ``-`` (at most ``limit``
+    characters)."""
+    text = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")
+    return text if limit is None else text[:limit].rstrip("-")
 
 
 def generate_to_dir(model: str, prompts: list[str], out: str | Path, *, steps: int | None = None,
@@ -251,7 +321,7 @@ def generate_to_dir(model: str, prompts: list[str], out: str | Path, *, steps: i
     check_steps(steps)
     prompts = check_prompts(prompts, "toy" if model_family(model).name == "toy" else None)
     suite = [p for p in prompts for _ in range(num)]
-    names = [f"{i:03d}_{_slug(p)}.mp4" for i, p in enumerate(suite)] + ["samples.npz"]
+    names = [f"{i:03d}_{slug(p)}.mp4" for i, p in enumerate(suite)] + ["samples.npz"]
     output = OutputDir(out, "generate", overwrite, names)
     output.check()
     pipe = load_model(model, device)
@@ -267,25 +337,82 @@ def generate_to_dir(model: str, prompts: list[str], out: str | Path, *, steps: i
 
 
 def evaluate_to_dir(model: str, out: str | Path, *, steps: int | None = None, cfg_scale: float | None = None,
-                    num: int = 4, seed: int = 0, features: str = "toy-features", batch_size: int = 32,
+                    num: int = 4, seed: int = 0, features: str | None = None, batch_size: int = 32,
                     label: str | None = None, device: str = "cpu", overwrite: bool = False,
                     progress=None, frames: int | None = None, height: int | None = None,
-                    width: int | None = None) -> dict:
+                    width: int | None = None, prompts: str | Path | None = None,
+                    reference: str | Path | None = None, reference_clips: int = 64) -> dict:
     """``fewstep eval``: ``out/metrics.json`` and ``out/report.html`` (+ ``out/gifs/``); ``out`` is
-    checked before anything is generated."""
+    checked before anything is generated.
+
+    A toy model gets the toy VBench (:func:`evaluate_with_samples`) on ``prompts`` (a text file; default
+    the eval prompts) with the ``features`` feature net (default the shipped ``toy-features``). Any other
+    model gets the generic metrics (:func:`evaluate_generic_with_samples`) on ``prompts`` (required), with
+    a Fréchet distance when ``features`` (a CLIP or DINOv2 directory) and ``reference`` (a latent cache of
+    real clips, its first ``reference_clips`` decoded by the model) are given."""
     if not isinstance(num, int) or num < 1:
         raise UserError(f"--num {num!r} is invalid; expected an integer >= 1")
     check_steps(steps)
+    toy = model_family(model).name == "toy"
+    captions = read_captions(prompts) if prompts is not None else None
+    if toy:
+        if reference is not None:
+            raise UserError("--reference is for models outside the toy world; a toy model's FVD compares with "
+                            "rendered eval clips (eval/features.py)")
+        captions = check_prompts(captions if captions is not None else EVAL_PROMPTS, "toy")
+    else:
+        if captions is None:
+            raise UserError(f"--model {model} is not a toy-world model: give --prompts FILE (one caption per line) "
+                            f"to evaluate it on")
+        if (features is None) != (reference is None):
+            raise UserError("--features and --reference go together: a Fréchet distance needs a CLIP or DINOv2 "
+                            "model directory (--features) and a latent cache of real clips (--reference, made by "
+                            "fewstep cache --videos)")
+        if reference_clips < 2:
+            raise UserError(f"--reference-clips {reference_clips}: expected an integer >= 2")
     output = OutputDir(out, "eval", overwrite, ["metrics.json", "report.html", "gifs"])
     output.check()
+    vision_net = cache = None
+    if not toy and features is not None:
+        vision_net = VisionFeatures.load(features, device)  # fail before loading the video model
+        cache = _reference_cache(reference)
     pipe = load_model(model, device)
     set_geometry(pipe, frames, height, width)
     check_sampling(pipe, steps, cfg_scale)
-    feature_net = VideoFeatureNet.load(features)
+    name = label or Path(str(model)).name
+    if toy:
+        feature_net = VideoFeatureNet.load(features or "toy-features")
+        with output as stage:
+            metrics, by_prompt = evaluate_with_samples(pipe, steps, cfg_scale, num, captions, seed=seed,
+                                                       feature_net=feature_net, batch_size=batch_size,
+                                                       progress=progress)
+            metrics = {"model": str(model), **metrics}
+            write_json_atomic(stage / "metrics.json", metrics)
+            write_report(stage, [(name, metrics, by_prompt)])
+        return metrics
+
+    ref_stats = None
+    if cache is not None:
+        cache.check_model(pipe)
+        with torch.no_grad():
+            ref_stats = cache_reference_stats(cache, pipe, vision_net, reference_clips)
     with output as stage:
-        metrics, by_prompt = evaluate_with_samples(pipe, steps, cfg_scale, num, seed=seed, feature_net=feature_net,
-                                                   batch_size=batch_size, progress=progress)
-        metrics = {"model": str(model), **metrics}
+        metrics, by_prompt = evaluate_generic_with_samples(pipe, captions, steps, cfg_scale, num, seed=seed,
+                                                           features=vision_net, ref_stats=ref_stats, batch_size=batch_size,
+                                                           progress=progress)
+        metrics = {"model": str(model), **metrics,
+                   **({"features": str(features), "reference": str(reference)} if features is not None else {})}
         write_json_atomic(stage / "metrics.json", metrics)
-        write_report(stage, [(label or Path(str(model)).name, metrics, by_prompt)])
+        H, W = next(iter(by_prompt.values())).shape[2:4]
+        write_report(stage, [(name, metrics, by_prompt)], scale=max(1, 128 // max(H, W)),
+                     sections=[("About the metrics", GENERIC_NOTE)])
     return metrics
+
+
+def _reference_cache(reference) -> LatentCache:
+    """The latent cache of real clips behind ``--reference`` (complete, with clips)."""
+    cache = LatentCache(reference)
+    if cache.text_only:
+        raise UserError(f"--reference {reference}: {cache.where} is text-only; the Fréchet reference needs real "
+                        f"clips (fewstep cache --videos)")
+    return cache
