@@ -255,3 +255,35 @@ def test_training_from_a_cache_never_loads_the_vae_or_text_encoder(wan_dir, tmp_
     assert loaded == [], loaded[0][1]
     pipe = WanPipeline.from_pretrained(run / "student", local_files_only=True)
     assert pipe.vae is not None and pipe.text_encoder is not None
+
+
+def test_fsdp_lora_run_on_two_processes_matches_one_and_exports_alike(wan_dir, tmp_path):
+    """FSDP2 shards the tiny Wan's LoRA student, LoRA fake score and frozen teacher over 2 processes (gloo):
+    the same losses and adapters as one process, and its checkpoint exports the same pipeline."""
+    from diffusers import WanPipeline
+
+    from fewstep.cli import main
+    from helpers import cli_subprocess
+
+    extra = ["train.steps=2", "train.batch_size=4", "train.checkpoint_every=2", "roles.student.every=1", *LORA]
+    single, sharded = tmp_path / "single", tmp_path / "fsdp"
+    assert main(run_args("dollar", wan_dir, single, *extra)) == 0
+    proc = cli_subprocess(*run_args("dollar", wan_dir, sharded, *extra, "train.distributed=fsdp", "train.grad_accum=2"),
+                          launcher=("-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    want, got = losses(single), losses(sharded)
+    assert sorted(got) == [1, 2]
+    for step in want:
+        for key, value in want[step].items():
+            assert got[step][key] == pytest.approx(value, rel=1e-4, abs=1e-6), (step, key)
+    for stem in ("roles/student", "ema/student", "roles/fake_score"):
+        a, b = tensors(single, 2, stem), tensors(sharded, 2, stem)
+        assert a.keys() == b.keys() and all(".lora_" in k for k in a)
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+    for run in (single, sharded):
+        assert main(["export", str(run), "--out", str(run / "export")]) == 0
+    a = WanPipeline.from_pretrained(single / "export", local_files_only=True).transformer.state_dict()
+    b = WanPipeline.from_pretrained(sharded / "export", local_files_only=True).transformer.state_dict()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)

@@ -55,6 +55,7 @@ class TrainConfig(StrictModel):
     tensorboard: bool = True
     bf16: bool = Field(False, description="bf16 autocast around objectives")
     gradient_checkpointing: bool = False
+    cpu_offload: bool = Field(False, description="FSDP on CUDA: keep shards, gradients and optimiser state in CPU memory")
     frozen_dtype: Literal["float32", "bfloat16"] = Field("float32", description=(
         "dtype of the model's frozen weights (the teacher, and the base a LoRA role shares with it); trainable "
         "weights, adapters and optimiser state stay float32"))

@@ -14,7 +14,10 @@ checkpoints are the same files as single-process.
 
 * ``ddp``: trainable roles are replicated; frozen roles and EMA copies are plain replicas.
 * ``fsdp``: every role (frozen ones too, to save memory) and every EMA copy is sharded: each
-  block of a ``ModuleList`` child of the compute root, then the root.
+  block of a ``ModuleList`` child of the compute root, then the root. With ``train.bf16`` the
+  mixed-precision policy gathers parameters in bf16 and reduces gradients in fp32 (the shards
+  stay fp32 for trainable roles); ``train.cpu_offload`` keeps shards, gradients and optimiser
+  state in CPU memory between uses (CUDA only).
 
 Checkpoints gather full state dicts with ``torch.distributed.checkpoint.state_dict``
 (``full_state_dict=True, cpu_offload=True``): rank 0 gets the whole dict, the others ``{}``.
@@ -46,6 +49,8 @@ class DistEnv:
     mode: str = "ddp"
     owns_group: bool = False  # this process started the group (and destroys it at the end)
     mesh: object = None  # FSDP device mesh
+    bf16: bool = False  # FSDP: gather parameters in bf16, reduce gradients in fp32 (train.bf16)
+    cpu_offload: bool = False  # FSDP: keep sharded parameters, gradients and optimiser state in CPU memory
 
     @property
     def is_main(self) -> bool:
@@ -92,7 +97,7 @@ class DistEnv:
                 dist.destroy_process_group()
 
 
-def init_distributed(device: str = "auto", mode: str = "ddp") -> DistEnv:
+def init_distributed(device: str = "auto", mode: str = "ddp", bf16: bool = False, cpu_offload: bool = False) -> DistEnv:
     """Join the torchrun process group if there is one; pick the device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
@@ -102,7 +107,10 @@ def init_distributed(device: str = "auto", mode: str = "ddp") -> DistEnv:
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
-    env = DistEnv(rank, world, local_rank, dev, mode)
+    if cpu_offload and not (mode == "fsdp" and use_cuda):
+        raise UserError("config key 'train.cpu_offload': offloads FSDP shards from a GPU; it needs train.distributed: "
+                        "fsdp on CUDA")
+    env = DistEnv(rank, world, local_rank, dev, mode, bf16=bf16, cpu_offload=cpu_offload)
     if world > 1:
         if not dist.is_initialized():
             dist.init_process_group("nccl" if use_cuda else "gloo")
@@ -129,13 +137,17 @@ def wrap(module: nn.Module, env: DistEnv, trainable: bool) -> nn.Module | None:
         return None
     root = compute_root(module)
     if env.mode == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
+        policy = {"mesh": env.mesh,
+                  "mp_policy": (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                                if env.bf16 else MixedPrecisionPolicy()),
+                  "offload_policy": CPUOffloadPolicy() if env.cpu_offload else OffloadPolicy()}
         for child in root.children():
             if isinstance(child, nn.ModuleList):
                 for block in child:
-                    fully_shard(block, mesh=env.mesh)
-        fully_shard(root, mesh=env.mesh)
+                    fully_shard(block, **policy)
+        fully_shard(root, **policy)
         return root
     if trainable:
         from torch.distributed._composable.replicate import replicate

@@ -377,6 +377,8 @@ class Trainer:
         else:
             self.plan.start_stage(0, self.roles)
         st = self.state
+        # built before anything is written: an evaluator that refuses its inputs leaves no run directory
+        evaluator = self.plan.evaluator(self.monitor) if train.eval_every and "student" in self.roles else None
         env.barrier()  # every process has passed its checks before rank 0 writes anything
         if env.is_main:
             init_run_dir(self.run_dir, self.plan.name, config_yaml, overwrite=overwrite, resuming_here=resuming_here)
@@ -384,7 +386,6 @@ class Trainer:
         env.barrier()
         if resume_from is None or not self.student_is_current():
             self.export_student()  # RUN/student is loadable from the start
-        evaluator = self.plan.evaluator(self.monitor) if train.eval_every and "student" in self.roles else None
         totals: dict[str, list[float]] = {}
         try:
             if st.step < train.steps:
@@ -615,7 +616,7 @@ def train(plan: Plan, run_dir: Path, *, resume_from: Path | None = None, config_
           overwrite: bool = False, resuming_here: bool = False) -> TrainState:
     """Run (or continue) training of ``plan`` into ``run_dir``; joins torchrun's process group."""
     train_cfg = plan.config.train
-    env = init_distributed(train_cfg.device, train_cfg.distributed)
+    env = init_distributed(train_cfg.device, train_cfg.distributed, train_cfg.bf16, train_cfg.cpu_offload)
     flush = train_cfg.flush_denormal and torch.set_flush_denormal(True)  # process-wide; undone below
     finished = False
     try:

@@ -680,15 +680,18 @@ def _stored_config(directory: Path, name: str, entry: tuple[str, str]):
 
 @contextmanager
 def _quiet():
-    """No loading / writing progress bars on stderr (one-line output)."""
+    """No loading / writing progress bars or warnings on stderr (one-line output)."""
     import diffusers
     import transformers
 
+    verbosity = diffusers.utils.logging.get_verbosity()
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()  # e.g. "self.vae=None cannot be saved": save copies it
     try:
         yield
     finally:
+        diffusers.utils.logging.set_verbosity(verbosity)
         diffusers.utils.logging.enable_progress_bar()
         transformers.utils.logging.enable_progress_bar()
 
