@@ -287,3 +287,16 @@ def test_fsdp_lora_run_on_two_processes_matches_one_and_exports_alike(wan_dir, t
     b = WanPipeline.from_pretrained(sharded / "export", local_files_only=True).transformer.state_dict()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("recipe,presets", [("finetune", []), ("dollar", ["lrm"]), ("dollar", ["vsd", "ddpo"]),
+                                            ("accvideo_lrm", [])])
+def test_every_recipe_runs_on_a_real_teacher_by_config(recipe, presets, models, stores, tmp_path, capsys):
+    """The recipes and presets not covered above, 2 steps each on the tiny Wan (pixel rewards decode through
+    its VAE; AccVideo's heads read its transformer's blocks)."""
+    data = [f"data={stores['wan']}"] if recipe.startswith("accvideo") else []
+    argv = run_args(recipe, models["wan"], tmp_path / "run", *data, "train.steps=2", "train.checkpoint_every=0")
+    rc, _, err = cli(capsys, *argv, *[a for p in presets for a in ("--preset", p)])
+    assert rc == 0, err
+    assert sorted(losses(tmp_path / "run")) == [1, 2]
+    assert (tmp_path / "run" / "student" / "model_index.json").is_file()
