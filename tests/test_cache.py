@@ -244,13 +244,15 @@ def test_fingerprint_tells_models_apart_but_not_dtypes(wan, wan_dir, other_wan_d
     (["--videos", "bad.jsonl"], "--videos bad.jsonl line 2: not valid JSON"),
     (["--videos", "p.txt"], "expected a folder of videos, a .csv or a .jsonl file"),
     (["--dtype", "fp16"], "--dtype must be auto, bf16 or fp32"),
+    (["--height", "30"], "--height 30: must be a multiple of 16"),  # a size the VAE and patches cannot take
+    (["--frames", "8"], "--frames 8: this model's VAE takes 4k + 1 frames"),
 ])
 def test_bad_input_is_one_line_exit_2(wan_dir, videos, tmp_path, capsys, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "p.txt").write_text("a cat\n")
     (tmp_path / "bad.csv").write_text("file,text\nx.mp4,a cat\n")
     (tmp_path / "bad.jsonl").write_text('{"path": "x.mp4", "caption": "a"}\n{oops\n')
-    extra = ["--videos", videos] if argv[0] in ("--prompts", "--dtype") else []
+    extra = ["--videos", videos] if argv[0] in ("--prompts", "--dtype", "--height", "--frames") else []
     rc, _, err = cli(capsys, "cache", "--model", wan_dir, *extra, *argv, "--out", tmp_path / "out")
     assert rc == 2 and err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "out").exists()
@@ -366,3 +368,25 @@ def test_a_conditions_extra_tensors_are_cached_and_served(tmp_path, capsys):
         for name, value in ref.extra.items():
             torch.testing.assert_close(got.extra[name], value.to(torch.bfloat16).float())
         torch.testing.assert_close(got.context, ref.context.to(torch.bfloat16).float())
+
+
+def test_ctrl_c_keeps_the_finished_shards_and_says_how_to_continue(wan_dir, videos, tmp_path, capsys, monkeypatch):
+    import fewstep.cache as cache_command
+
+    real = cache_command.make_shard
+    calls = []
+
+    def make_shard(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cache_command, "make_shard", make_shard)
+    argv = ["cache", "--model", wan_dir, "--videos", videos, "--out", tmp_path / "c", "--shard-size", "1"]
+    rc, _, err = cli(capsys, *argv)
+    assert rc == 130 and err.count("\n") == 1 and "finished shards" in err and "rerun the same command" in err, err
+    assert (tmp_path / "c" / "shard_00000.json").is_file()
+    monkeypatch.setattr(cache_command, "make_shard", real)
+    rc, _, err = cli(capsys, *argv)
+    assert rc == 0, err

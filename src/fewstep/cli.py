@@ -16,7 +16,7 @@ import typer
 
 from . import __version__
 from .config import dump_config
-from .errors import UserError
+from .errors import Interrupted, UserError
 
 app = typer.Typer(
     name="fewstep",
@@ -453,9 +453,13 @@ def cache(
     pipe = load_model(model, device)
     set_geometry(pipe, frames, height, width)
     pipe.to(torch.bfloat16 if dtype == "bf16" or (dtype == "auto" and device != "cpu") else torch.float32)
-    with process_group(), StageProgress() as progress:
-        run = build_cache(pipe, inputs, out, fps=fps, batch_size=batch_size, shard_size=shard_size,
-                          model_name=model, progress=progress)
+    try:
+        with process_group(), StageProgress() as progress:
+            run = build_cache(pipe, inputs, out, fps=fps, batch_size=batch_size, shard_size=shard_size,
+                              model_name=model, progress=progress)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted; the finished shards in {out} are kept: rerun the same command to "
+                          f"continue") from None
     typer.echo(run.summary())
 
 

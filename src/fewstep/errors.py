@@ -13,6 +13,12 @@ class UserError(Exception):
     exit_code = 2
 
 
+class Interrupted(UserError):
+    """Ctrl-C in a resumable command: what was finished is kept (the message says how to continue)."""
+
+    exit_code = 130
+
+
 def warn(message: str) -> None:
     """A one-line ``warning: …`` on stderr for input that is allowed but unusual."""
     import sys

@@ -457,6 +457,13 @@ class DiffusersVideoModel(nn.Module):
         self.denoiser = Denoiser(spec.backbone(pipe.transformer, settings), schedule, prediction_type)
         spec.check_geometry(self, settings.frames, settings.height, settings.width)
 
+    def to(self, *args, **kwargs):
+        """``nn.Module.to``; a dtype given also applies to the encoders not loaded yet."""
+        dtype = torch._C._nn._parse_to(*args, **kwargs)[1]
+        if dtype is not None:
+            self.load_dtype = dtype
+        return super().to(*args, **kwargs)
+
     # ---------------------------------------------------------------------------- lazy encoders
     def component(self, name: str) -> nn.Module | None:
         """The pipeline's ``name`` (loading it now if it was deferred); None if the pipeline has none."""
