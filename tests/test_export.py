@@ -13,7 +13,7 @@ import torch
 
 from fewstep.export import fit_flow_scheduler, stock_sigmas
 from fewstep.models.family import load_model
-from helpers import cli, make_tiny_wan_pipeline
+from helpers import cli, make_tiny_cogvideox_pipeline, make_tiny_wan_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -77,6 +77,51 @@ def test_export_samples_in_diffusers_as_fewstep_generate(name, steps, runs, tmp_
     np.testing.assert_allclose((frames.numpy() + 1) / 2, video, atol=2e-3)
     # fewstep reads the export too, sampling the same grid
     exported = load_model(out)
+    torch.testing.assert_close(exported.sample_latents([PROMPT], noise=noise, seed=7).x, ours, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def cog_runs(tmp_path_factory):
+    where = tmp_path_factory.mktemp("cog")
+    cog = make_tiny_cogvideox_pipeline(where / "cog")
+    return {
+        # DOLLAR's consistency student on dollar4 = [999, 749, 499, 249]: an LCMScheduler export
+        "consistency": train("dollar", cog, where / "dollar", "roles.student.lora.rank=4", "roles.student.every=1"),
+        # a deterministic DDIM student on the 5-step trailing grid: the teacher's DDIM scheduler, trailing
+        "euler": train("accvideo", cog, where / "accvideo", "preset=[forward]", "generator.times=accvideo_uniform"),
+    }
+
+
+@pytest.mark.parametrize("name,steps", [("consistency", 4), ("euler", 5)])
+def test_a_cogvideox_student_exports_to_a_stock_vp_scheduler(name, steps, cog_runs, tmp_path, capsys, monkeypatch):
+    """VP, v-prediction, zero terminal SNR: the export samples in CogVideoXPipeline as fewstep does. The
+    pipeline draws a consistency step's noise frames-first (B, F, C, H, W); the test draws it from the same
+    generator in fewstep's (B, C, F, H, W) layout, so the two use the same noise at every position."""
+    import diffusers.schedulers.scheduling_lcm as lcm
+    from diffusers import CogVideoXPipeline
+
+    run, out = cog_runs[name], tmp_path / "export"
+    rc, stdout, err = cli(capsys, "export", run, "--out", out)
+    assert rc == 0 and "note:" not in stdout, err
+    record = json.loads((out / "export.json").read_text())
+    assert record["exact"] and record["scheduler"]["class"] == ("LCMScheduler" if name == "consistency"
+                                                                 else "CogVideoXDDIMScheduler")
+    student = load_model(run / "student")
+    noise = torch.randn(student.latent_shape(1), generator=torch.Generator().manual_seed(3))  # (B, C, F, H, W)
+    ours = student.sample_latents([PROMPT], noise=noise, seed=7).x
+    generator = torch.Generator().manual_seed(7)
+
+    def randn_tensor(shape, generator_=None, device=None, dtype=None, **_):
+        b, f, c, *hw = shape
+        return torch.randn((b, c, f, *hw), generator=generator, dtype=dtype).permute(0, 2, 1, 3, 4)
+
+    monkeypatch.setattr(lcm, "randn_tensor", randn_tensor)
+    pipe = CogVideoXPipeline.from_pretrained(out, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(PROMPT, height=16, width=16, num_frames=9, num_inference_steps=steps, guidance_scale=1.0,
+                  latents=noise.permute(0, 2, 1, 3, 4).clone(), max_sequence_length=16, output_type="latent").frames
+    torch.testing.assert_close(theirs.permute(0, 2, 1, 3, 4), ours, rtol=1e-4, atol=1e-4)
+    exported = load_model(out)  # fewstep reads the export (an LCMScheduler's trained betas) as well
     torch.testing.assert_close(exported.sample_latents([PROMPT], noise=noise, seed=7).x, ours, rtol=1e-4, atol=1e-4)
 
 

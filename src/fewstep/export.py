@@ -2,9 +2,9 @@
 
 The export is the teacher's pipeline (its tokenizer, text encoder and VAE, as loaded from the
 run's ``model`` directory) with the student's transformer — the EMA weights of the run's latest
-checkpoint, LoRA adapters merged (``W + (α/r)·B A``, :mod:`fewstep.engine.lora`) — and a
-``FlowMatchEulerDiscreteScheduler`` whose stock ``set_timesteps(N)`` visits the student's
-σ-grid, so that ``WanPipeline.from_pretrained(DIR)(prompt, num_inference_steps=N,
+checkpoint, LoRA adapters merged (``W + (α/r)·B A``, :mod:`fewstep.engine.lora`) — and, for a flow
+teacher (Wan, HunyuanVideo), a ``FlowMatchEulerDiscreteScheduler`` whose stock ``set_timesteps(N)``
+visits the student's σ-grid, so that ``WanPipeline.from_pretrained(DIR)(prompt, num_inference_steps=N,
 guidance_scale=1)`` samples as ``fewstep generate --model RUN/student``:
 
 * an ``euler`` student: ``x ← x + (σ_{i+1} − σ_i)·v``, the scheduler's deterministic step;
@@ -22,6 +22,13 @@ teacher: t = 1, 0.75, 0.5, 0.25; the ``uniform`` spacing) is reproduced exactly;
 (AccVideo's key times, for instance) is exported with the nearest such grid, and ``export.json``
 and the command's output say how far it is (max |Δσ|). We export rather than refuse: the nearest
 grid is what a diffusers user can run; ``fewstep generate --model RUN/student`` keeps the exact one.
+
+**VP teachers (CogVideoX).** A consistency student gets an ``LCMScheduler`` (its step is exactly
+``α_s·x̂0 + σ_s·z``, with the teacher's ᾱ as ``trained_betas``), a deterministic (DDIM) student the
+teacher's DDIM scheduler with ``trailing`` spacing (:func:`_vp_scheduler`); both visit integer
+timesteps, DOLLAR's [999, 749, 499, 249] among them. CogVideoXPipeline draws a consistency step's
+noise in its frames-first layout, so its samples equal fewstep's in distribution, and draw for draw
+only when that noise is laid out as fewstep's (the test does so).
 
 ``--lora-only`` writes the student's adapters alone, in the format ``load_lora_weights`` reads
 (``B`` pre-scaled by α/r), for a run whose student is a LoRA role.
@@ -41,6 +48,7 @@ import numpy as np
 import torch
 import yaml
 
+from .diffusion.schedules import FlowMatching, VPDiscrete
 from .engine.checkpoint import latest_checkpoint, read_checkpoint
 from .engine.lora import diffusers_lora_layers
 from .errors import UserError
@@ -132,29 +140,27 @@ def export_run(run: str | Path, out: str | Path, *, lora_only: bool = False, ove
     steps = len(times) - 1
     if sampling.sampler not in ("euler", "consistency"):
         raise UserError(f"the student samples with {sampling.sampler!r}; export writes Euler or consistency samplers")
-    sigmas = schedule.sigma(times[:-1]).numpy()  # every stock grid starts at σ = 1: a later start is a gap
-    grid, gap = fit_flow_scheduler(sigmas)
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=grid["shift"], shift_terminal=grid["shift_terminal"],
-                                                stochastic_sampling=sampling.sampler == "consistency")
-    stock = stock_sigmas(steps, grid["shift"], grid["shift_terminal"])
+    if isinstance(schedule, FlowMatching):
+        scheduler, grid, stock_t, exported_t = _flow_scheduler(schedule, sampling.sampler, times)
+    elif isinstance(schedule, VPDiscrete):
+        scheduler, grid, stock_t, exported_t = _vp_scheduler(schedule, model.pipe.scheduler, sampling.sampler, times)
+    else:
+        raise UserError(f"export writes flow-matching and VP schedulers, not {type(schedule).__name__}")
+    sigmas, stock = schedule.sigma(times[:-1]).numpy(), schedule.sigma(stock_t).numpy()
+    gap = float(np.abs(stock - sigmas).max())
     guidance = sampling.cfg_scale if sampling.cfg_scale is not None else 1.0
     record.update({
         "call": {"num_inference_steps": steps, "guidance_scale": guidance, "height": model.settings.height,
                  "width": model.settings.width, "num_frames": model.settings.frames,
                  "max_sequence_length": model.settings.max_sequence_length},
-        "sampler": sampling.sampler, "scheduler": grid,
+        "sampler": sampling.sampler, "scheduler": {"class": type(scheduler).__name__, **grid},
         "student_sigmas": [round(float(s), 8) for s in sigmas], "stock_sigmas": [round(float(s), 8) for s in stock],
         "max_sigma_gap": gap, "exact": gap <= EXACT})
     if not record["exact"]:
-        record["note"] = (f"no stock FlowMatchEulerDiscreteScheduler visits the student's σ-grid; exported with the "
+        record["note"] = (f"no stock {type(scheduler).__name__} visits the student's σ-grid; exported with the "
                           f"nearest one (max |Δσ| = {gap:.4f}); `fewstep generate --model {run}/student` samples the "
                           f"exact grid")
-    # fewstep reads the export too: its times re-expressed in the exported scheduler's shift
-    from .diffusion.schedules import FlowMatching
-
-    exported_t = FlowMatching(grid["shift"]).unshift(torch.tensor([*stock, 0.0], dtype=torch.float64))
+    # fewstep reads the export too: the exported grid in the exported scheduler's own time
     settings = model.settings.model_copy(update={"sampling": sampling.model_copy(
         update={"times": [float(t) for t in exported_t], "steps": steps})})
     model.pipe.register_modules(scheduler=scheduler)
@@ -163,6 +169,48 @@ def export_run(run: str | Path, out: str | Path, *, lora_only: bool = False, ove
         (tmp / SETTINGS_FILE).write_text(json.dumps(settings.model_dump(mode="json"), indent=2))
         (tmp / "export.json").write_text(json.dumps(record, indent=2))
     return record
+
+
+def _flow_scheduler(schedule: FlowMatching, sampler: str, times: torch.Tensor):
+    """``FlowMatchEulerDiscreteScheduler`` fitted to the student's σ-grid (module doc): (scheduler, its
+    settings, the stock grid's times in ``schedule``'s t, the same in the exported scheduler's t + 0)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    steps = len(times) - 1
+    grid, _ = fit_flow_scheduler(schedule.sigma(times[:-1]).numpy())  # every stock grid starts at σ = 1
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=grid["shift"], shift_terminal=grid["shift_terminal"],
+                                                stochastic_sampling=sampler == "consistency")
+    stock = torch.from_numpy(stock_sigmas(steps, grid["shift"], grid["shift_terminal"]))
+    exported = FlowMatching(grid["shift"]).unshift(torch.cat([stock, torch.zeros(1, dtype=torch.float64)]))
+    return scheduler, grid, schedule.unshift(stock), exported
+
+
+def _vp_scheduler(schedule: VPDiscrete, teacher_scheduler, sampler: str, times: torch.Tensor):
+    """A VP (CogVideoX) student's scheduler, on integer timesteps ``k`` (``t = (k + 1)/N``):
+
+    * ``euler`` (deterministic DDIM, ``x_s = α_s·x̂0 + σ_s·ε̂``): the teacher's own DDIM scheduler with
+      ``trailing`` spacing, whose ``set_timesteps(n)`` visits ``k = N − i·N/n − 1``;
+    * ``consistency`` (``x_s = α_s·x̂0 + σ_s·z``): ``LCMScheduler``, whose step is exactly that
+      (``denoised = c_out·x̂0 + c_skip·x`` with ``timestep_scaling`` so large that ``c_skip`` underflows,
+      then re-noised to the next timestep); ``original_inference_steps = n`` makes it visit
+      ``k = N − i·⌊N/n⌋ − 1`` (DOLLAR's [999, 749, 499, 249] for n = 4), and the teacher's ᾱ (its SNR
+      shift and zero-terminal-SNR rescale included) goes in as ``trained_betas``.
+    """
+    from diffusers import LCMScheduler
+
+    steps, n = len(times) - 1, schedule.num_train_timesteps
+    prediction = teacher_scheduler.config.get("prediction_type", "epsilon")
+    if sampler == "consistency":
+        scheduler = LCMScheduler(num_train_timesteps=n, trained_betas=schedule.betas.tolist(), prediction_type=prediction,
+                                 original_inference_steps=steps, timestep_scaling=1e6, clip_sample=False,
+                                 set_alpha_to_one=True)
+        grid = {"original_inference_steps": steps}
+    else:
+        scheduler = type(teacher_scheduler).from_config(teacher_scheduler.config, timestep_spacing="trailing")
+        grid = {"timestep_spacing": "trailing"}
+    scheduler.set_timesteps(steps)
+    stock = schedule.t_from_index(scheduler.timesteps.tolist())
+    return scheduler, grid, stock, torch.cat([stock, torch.zeros(1, dtype=torch.float64)])
 
 
 def _transformer_prefix(model) -> str:

@@ -184,14 +184,22 @@ class VPDiscrete(Schedule):
 
     def __init__(self, betas: str = "scaled_linear", beta_start: float = 0.00085, beta_end: float = 0.012,
                  zero_terminal_snr: bool = False, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
-                 snr_shift_scale: float = 1.0):
+                 snr_shift_scale: float = 1.0, trained_betas: Sequence[float] | None = None):
+        """``trained_betas``: the N betas themselves (a scheduler's ``trained_betas``; shift and rescale
+        are then already in them and must be left at their defaults)."""
         if not snr_shift_scale > 0:
             raise UserError(f"schedule.snr_shift_scale must be > 0, got {snr_shift_scale}")
         self.betas_kind, self.beta_start, self.beta_end = betas, beta_start, beta_end
         self.zero_terminal_snr = zero_terminal_snr
         self.num_train_timesteps = num_train_timesteps
         self.snr_shift_scale = float(snr_shift_scale)
-        b = make_betas(betas, num_train_timesteps, beta_start, beta_end)
+        if trained_betas is not None:
+            if len(trained_betas) != num_train_timesteps or zero_terminal_snr or snr_shift_scale != 1.0:
+                raise UserError(f"schedule: {len(trained_betas)} trained betas for {num_train_timesteps} timesteps "
+                                f"(with no SNR shift or rescale of their own)")
+            betas = "trained"
+        b = (torch.as_tensor(trained_betas, dtype=torch.float64) if trained_betas is not None
+             else make_betas(betas, num_train_timesteps, beta_start, beta_end))
         if snr_shift_scale != 1.0:
             b = shift_snr(b, self.snr_shift_scale)
         if zero_terminal_snr:

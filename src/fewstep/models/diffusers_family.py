@@ -226,12 +226,14 @@ def _vp_schedule(scheduler) -> tuple[VPDiscrete, str]:
     """The DDPM VP schedule of a (CogVideoX) DDIM/DPM scheduler's config, and its prediction type.
 
     ``ᾱ`` as ``CogVideoXDDIMScheduler.__init__``: betas, SNR shift ``snr_shift_scale``, then
-    ``rescale_betas_zero_snr`` (:class:`~fewstep.diffusion.schedules.VPDiscrete`).
+    ``rescale_betas_zero_snr`` (:class:`~fewstep.diffusion.schedules.VPDiscrete`); or ``trained_betas``
+    as given (an exported consistency student's ``LCMScheduler``, :mod:`fewstep.export`).
     """
     cfg, name = scheduler.config, type(scheduler).__name__
-    if cfg.get("beta_schedule") not in ("linear", "scaled_linear") or cfg.get("trained_betas") is not None:
-        raise UserError(f"scheduler {name}: fewstep models linear or scaled_linear betas, not "
-                        f"{'trained_betas' if cfg.get('trained_betas') is not None else cfg.get('beta_schedule')!r}")
+    trained = cfg.get("trained_betas")
+    if trained is None and cfg.get("beta_schedule") not in ("linear", "scaled_linear"):
+        raise UserError(f"scheduler {name}: fewstep models linear, scaled_linear or trained betas, not "
+                        f"{cfg.get('beta_schedule')!r}")
     if not cfg.get("set_alpha_to_one", True):
         raise UserError(f"scheduler {name}: set_alpha_to_one=false is not modelled (fewstep's t = 0 is the clean "
                         f"sample, ᾱ = 1)")
@@ -239,10 +241,10 @@ def _vp_schedule(scheduler) -> tuple[VPDiscrete, str]:
     if prediction is None:
         raise UserError(f"scheduler {name}: prediction_type must be one of {', '.join(VP_PREDICTION_TYPES)}; "
                         f"got {cfg.get('prediction_type')!r}")
-    schedule = VPDiscrete(betas=cfg["beta_schedule"], beta_start=float(cfg["beta_start"]),
+    schedule = VPDiscrete(betas=cfg.get("beta_schedule", "linear"), beta_start=float(cfg["beta_start"]),
                           beta_end=float(cfg["beta_end"]), zero_terminal_snr=bool(cfg.get("rescale_betas_zero_snr")),
                           num_train_timesteps=int(cfg.get("num_train_timesteps", 1000)),
-                          snr_shift_scale=float(cfg.get("snr_shift_scale", 1.0)))
+                          snr_shift_scale=float(cfg.get("snr_shift_scale", 1.0)), trained_betas=trained)
     return schedule, prediction
 
 
