@@ -13,7 +13,7 @@ import torch
 
 from fewstep.export import fit_flow_scheduler, stock_sigmas
 from fewstep.models.family import load_model
-from helpers import cli, make_tiny_cogvideox_pipeline, make_tiny_wan_pipeline
+from helpers import cli, make_tiny_cogvideox_pipeline, make_tiny_hunyuan_pipeline, make_tiny_wan_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -123,6 +123,28 @@ def test_a_cogvideox_student_exports_to_a_stock_vp_scheduler(name, steps, cog_ru
     torch.testing.assert_close(theirs.permute(0, 2, 1, 3, 4), ours, rtol=1e-4, atol=1e-4)
     exported = load_model(out)  # fewstep reads the export (an LCMScheduler's trained betas) as well
     torch.testing.assert_close(exported.sample_latents([PROMPT], noise=noise, seed=7).x, ours, rtol=1e-4, atol=1e-4)
+
+
+def test_a_hunyuan_student_exports_with_its_embedded_guidance_and_the_pipelines_own_sigmas(tmp_path, capsys):
+    """HunyuanVideoPipeline hands the scheduler sigmas of its own (linspace(1, 0, N + 1)) and takes the
+    embedded guidance as guidance_scale: export.json's call reproduces the student."""
+    from diffusers import HunyuanVideoPipeline
+
+    model = make_tiny_hunyuan_pipeline(tmp_path / "hunyuan")
+    run = train("dollar", model, tmp_path / "run", "generator.times=uniform4", "roles.student.every=1")
+    rc, _, err = cli(capsys, "export", run, "--out", tmp_path / "out")
+    assert rc == 0, err
+    record = json.loads((tmp_path / "out" / "export.json").read_text())
+    call = record["call"]
+    assert record["exact"] and call["guidance_scale"] == 6.0 and call["true_cfg_scale"] == 1.0
+    student = load_model(run / "student")
+    noise = torch.randn(student.latent_shape(1), generator=torch.Generator().manual_seed(3))
+    ours = student.sample_latents([PROMPT], noise=noise, seed=7).x
+    pipe = HunyuanVideoPipeline.from_pretrained(tmp_path / "out", local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    torch.manual_seed(7)
+    theirs = pipe(PROMPT, latents=noise.clone(), output_type="latent", **call).frames
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
 
 
 def test_lora_only_export_loads_into_the_teacher_pipeline(runs, wan_dir, tmp_path, capsys):

@@ -85,7 +85,7 @@ def test_store_round_trip(reference_store, teacher_dir):
     assert json.loads((reference_store / "manifest.json").read_text())["settings"]["num"] == 10
 
     items = store.samples([7, 0, 9])
-    assert items["latents"].shape == (3, 6, 4, 4, 4, 4) and items["text_tokens"].shape == (3, 12, 16)
+    assert items["latents"].shape == (3, 6, 4, 4, 4, 4) and items["context"].shape == (3, 12, 16)
     world = ToyWorld("train", length=2**62)
     assert items["prompts"] == [world.prompt_and_seed(i)[0] for i in (7, 0, 9)]  # prompt i is toy prompt i
     # the stored noise (the latent at t = 1) is seeded by (seed, i) alone
@@ -93,7 +93,7 @@ def test_store_round_trip(reference_store, teacher_dir):
     # an independent solve of sample 7: the teacher's Euler path on the solver grid, read at the key times
     pipe = VideoPipeline.load(teacher_dir)
     cond = pipe.encode_prompts(items["prompts"][:1])
-    torch.testing.assert_close(items["text_tokens"][:1], cond.context)
+    torch.testing.assert_close(items["context"][:1], cond.context)
     path = sample_euler(pipe.denoiser, items["latents"][:1, 0], solver_grid(10), cond, return_trajectory=True)
     expected = torch.stack(path.trajectory, 1)[:, key_indices(solver_grid(10))]
     torch.testing.assert_close(items["latents"][:1], expected, rtol=1e-5, atol=1e-5)
@@ -143,7 +143,7 @@ def test_interrupted_synth_resumes_without_duplicates_or_gaps(reference_store, t
 
         def crash(self):
             calls["n"] += 1
-            if calls["n"] == 3:  # 1: the empty store, 2: shard 0, 3: shard 1
+            if calls["n"] == 4:  # 1: the empty store, 2: its text table, 3: shard 0, 4: shard 1
                 raise KeyboardInterrupt
             real(self)
 
@@ -242,8 +242,8 @@ def test_trajectory_source_serves_positions_mod_n(reference_store):
     torch.testing.assert_close(batch.extra["trajectory"], items["latents"], rtol=0, atol=0)
     torch.testing.assert_close(batch.latents, items["latents"][:, -1], rtol=0, atol=0)  # the t = 0 latent
     assert batch.extra["key_times"].shape == (4, 6) and batch.extra["key_times"][2].tolist() == list(KEY_TIMES)
-    torch.testing.assert_close(batch.cond.context, items["text_tokens"], rtol=0, atol=0)
-    assert torch.equal(batch.cond.mask, items["text_mask"])
+    torch.testing.assert_close(batch.cond.context, items["context"], rtol=0, atol=0)
+    assert torch.equal(batch.cond.mask, items["mask"])
     torch.testing.assert_close(batch.uncond.context, pipe.null_condition(4).context)
     micro = batch.slice(1, 3)  # the engine's micro-batches slice the extras too
     assert micro.extra["trajectory"].shape[0] == 2 and micro.sample_ids.tolist() == [9, 10]

@@ -356,11 +356,10 @@ def export(
         typer.echo(f"LoRA adapters of {run}'s student ({record['checkpoint']}) in {out}: "
                    f"pipe.load_lora_weights('{out}') on the teacher's pipeline")
         return
-    call = record["call"]
+    shown = ", ".join(f"{k}={v!r}" for k, v in record["call"].items() if k not in ("max_sequence_length",
+                                                                                  "prompt_template"))
     typer.echo(f"{record['pipeline']} with {run}'s student ({record['checkpoint']}) in {out}: "
-               f"{record['pipeline']}.from_pretrained('{out}')(prompt, num_inference_steps={call['num_inference_steps']}, "
-               f"guidance_scale={call['guidance_scale']}, height={call['height']}, width={call['width']}, "
-               f"num_frames={call['num_frames']})")
+               f"{record['pipeline']}.from_pretrained('{out}')(prompt, {shown}) (export.json: the whole call)")
     if "note" in record:
         typer.echo(f"note: {record['note']}")
 
@@ -396,6 +395,8 @@ def synth(
     seed: int = typer.Option(0, help="Seed of the per-sample noise."),
     batch_size: int = typer.Option(16, help="Samples solved together."),
     shard_size: int = typer.Option(256, help="Samples per shard file."),
+    dtype: str = typer.Option("auto", help="Stored latents and caption tokens: bf16, fp32, or auto (bf16 for a real "
+                                           "teacher, fp32 for the toy one). Read back as fp32."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the store in --out instead of resuming it."),
 ):
@@ -406,10 +407,11 @@ def synth(
     device = _device(device)
     with StageProgress() as progress:
         store = synthesize(teacher, out, num, prompts=prompts, steps=steps, cfg_scale=cfg, keep=keep, seed=seed,
-                           batch_size=batch_size, shard_size=shard_size, device=device, progress=progress,
-                           overwrite=overwrite)
-    typer.echo(f"{len(store)} trajectories ({len(store.manifest.shards)} shards, times "
-               f"{', '.join(f'{t:.4g}' for t in store.settings.times[:6])}{', …' if keep == 'all' else ''}) in {out}")
+                           batch_size=batch_size, shard_size=shard_size, dtype=dtype, device=device,
+                           progress=progress, overwrite=overwrite)
+    s = store.settings
+    typer.echo(f"{len(store)} trajectories ({len(store.manifest.shards)} shards, {s.num_texts} captions, {s.dtype}, "
+               f"times {', '.join(f'{t:.4g}' for t in s.times[:6])}{', …' if keep == 'all' else ''}) in {out}")
 
 
 @app.command()

@@ -57,18 +57,26 @@ from .utils.io import atomic_directory
 EXACT = 1e-5  # max |Δσ| below which the stock grid is the student's (float32 round-off is ~1e-7)
 
 
-def stock_sigmas(steps: int, shift: float, terminal: float | None) -> np.ndarray:
-    """σ of ``FlowMatchEulerDiscreteScheduler(shift, shift_terminal).set_timesteps(steps)`` (without the 0)."""
+#: Pipelines that hand the scheduler pre-shift sigmas of their own: N steps → those sigmas.
+#: (HunyuanVideoPipeline: ``np.linspace(1, 0, N + 1)[:-1]``; WanPipeline calls ``set_timesteps(N)``.)
+PIPELINE_SIGMAS = {"HunyuanVideoPipeline": lambda n: np.linspace(1.0, 0.0, n + 1)[:-1]}
+
+
+def stock_sigmas(steps: int, shift: float, terminal: float | None, pipeline: str = "WanPipeline") -> np.ndarray:
+    """σ that ``pipeline`` samples with ``FlowMatchEulerDiscreteScheduler(shift, shift_terminal)`` in
+    ``steps`` steps (without the final 0)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     scheduler = FlowMatchEulerDiscreteScheduler(shift=shift, shift_terminal=terminal)
-    scheduler.set_timesteps(steps)
+    own = PIPELINE_SIGMAS.get(pipeline)
+    scheduler.set_timesteps(steps, sigmas=None if own is None else own(steps))
     return scheduler.sigmas[:-1].double().numpy()
 
 
-def fit_flow_scheduler(sigmas: np.ndarray) -> tuple[dict[str, Any], float]:
+def fit_flow_scheduler(sigmas: np.ndarray, pipeline: str = "WanPipeline") -> tuple[dict[str, Any], float]:
     """``({shift, shift_terminal}, max |Δσ|)`` of the stock grid nearest to ``sigmas`` (decreasing,
-    without the final 0). τ = the last σ; ``s'`` minimises the largest difference (bounded search)."""
+    without the final 0) as ``pipeline`` samples it. τ = the last σ; ``s'`` minimises the largest
+    difference (bounded search)."""
     from scipy.optimize import minimize_scalar
 
     n = len(sigmas)
@@ -77,7 +85,7 @@ def fit_flow_scheduler(sigmas: np.ndarray) -> tuple[dict[str, Any], float]:
         raise UserError("the student's grid has σ = 1 after its first step; no flow scheduler visits it")
 
     def gap(log_shift: float) -> float:
-        return float(np.abs(stock_sigmas(n, float(np.exp(log_shift)), terminal) - sigmas).max())
+        return float(np.abs(stock_sigmas(n, float(np.exp(log_shift)), terminal, pipeline) - sigmas).max())
 
     if n <= 2:  # σ_0 = 1 and τ fix the grid; the shift does not matter
         shift = 1.0
@@ -141,7 +149,7 @@ def export_run(run: str | Path, out: str | Path, *, lora_only: bool = False, ove
     if sampling.sampler not in ("euler", "consistency"):
         raise UserError(f"the student samples with {sampling.sampler!r}; export writes Euler or consistency samplers")
     if isinstance(schedule, FlowMatching):
-        scheduler, grid, stock_t, exported_t = _flow_scheduler(schedule, sampling.sampler, times)
+        scheduler, grid, stock_t, exported_t = _flow_scheduler(schedule, sampling.sampler, times, model.spec.pipeline)
     elif isinstance(schedule, VPDiscrete):
         scheduler, grid, stock_t, exported_t = _vp_scheduler(schedule, model.pipe.scheduler, sampling.sampler, times)
     else:
@@ -149,10 +157,15 @@ def export_run(run: str | Path, out: str | Path, *, lora_only: bool = False, ove
     sigmas, stock = schedule.sigma(times[:-1]).numpy(), schedule.sigma(stock_t).numpy()
     gap = float(np.abs(stock - sigmas).max())
     guidance = sampling.cfg_scale if sampling.cfg_scale is not None else 1.0
+    call = {"num_inference_steps": steps, "guidance_scale": guidance, "height": model.settings.height,
+            "width": model.settings.width, "num_frames": model.settings.frames,
+            "max_sequence_length": model.settings.max_sequence_length}
+    if model.settings.embedded_guidance_scale is not None:  # HunyuanVideo: guidance_scale is the embedded one
+        call.update(guidance_scale=model.settings.embedded_guidance_scale, true_cfg_scale=guidance)
+    if model.settings.prompt_template is not None:
+        call["prompt_template"] = model.settings.prompt_template.model_dump()
     record.update({
-        "call": {"num_inference_steps": steps, "guidance_scale": guidance, "height": model.settings.height,
-                 "width": model.settings.width, "num_frames": model.settings.frames,
-                 "max_sequence_length": model.settings.max_sequence_length},
+        "call": call,
         "sampler": sampling.sampler, "scheduler": {"class": type(scheduler).__name__, **grid},
         "student_sigmas": [round(float(s), 8) for s in sigmas], "stock_sigmas": [round(float(s), 8) for s in stock],
         "max_sigma_gap": gap, "exact": gap <= EXACT})
@@ -171,16 +184,16 @@ def export_run(run: str | Path, out: str | Path, *, lora_only: bool = False, ove
     return record
 
 
-def _flow_scheduler(schedule: FlowMatching, sampler: str, times: torch.Tensor):
+def _flow_scheduler(schedule: FlowMatching, sampler: str, times: torch.Tensor, pipeline: str):
     """``FlowMatchEulerDiscreteScheduler`` fitted to the student's σ-grid (module doc): (scheduler, its
     settings, the stock grid's times in ``schedule``'s t, the same in the exported scheduler's t + 0)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     steps = len(times) - 1
-    grid, _ = fit_flow_scheduler(schedule.sigma(times[:-1]).numpy())  # every stock grid starts at σ = 1
+    grid, _ = fit_flow_scheduler(schedule.sigma(times[:-1]).numpy(), pipeline)  # every stock grid starts at σ = 1
     scheduler = FlowMatchEulerDiscreteScheduler(shift=grid["shift"], shift_terminal=grid["shift_terminal"],
                                                 stochastic_sampling=sampler == "consistency")
-    stock = torch.from_numpy(stock_sigmas(steps, grid["shift"], grid["shift_terminal"]))
+    stock = torch.from_numpy(stock_sigmas(steps, grid["shift"], grid["shift_terminal"], pipeline))
     exported = FlowMatching(grid["shift"]).unshift(torch.cat([stock, torch.zeros(1, dtype=torch.float64)]))
     return scheduler, grid, schedule.unshift(stock), exported
 

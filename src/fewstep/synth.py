@@ -17,8 +17,11 @@ as the first latent of the path.
 generator seeded by ``(seed, i)`` alone and its prompt is prompt ``i`` (``--prompts toy``: the toy
 world's training caption of index ``i``; a file: line ``i mod P`` of its ``P`` non-empty lines).
 Samples are generated in shards of ``shard_size`` consecutive indices, each in fixed batches
-aligned to the shard's start, so a resumed run produces bit-identical shards. The store format,
-its resume and integrity rules are :mod:`fewstep.data.trajectories`'.
+aligned to the shard's start, so a resumed run produces bit-identical shards. The teacher solves
+with its own (float32) encoding of each batch's captions, exactly as before the text table existed;
+the store keeps each distinct caption's encoding once, in the store dtype (``--dtype auto``:
+bfloat16 for a real teacher, float32 for the toy one, whose stored results are thus unchanged).
+The store format, its resume and integrity rules are :mod:`fewstep.data.trajectories`'.
 """
 
 from __future__ import annotations
@@ -32,8 +35,8 @@ import torch
 from torch import Tensor
 
 from .data.toyworld import ToyWorld
-from .data.trajectories import (MANIFEST, Keep, StoreSettings, TrajectoryStore, key_indices, read_manifest,
-                                solver_grid)
+from .data.trajectories import (DTYPES, FORMAT, MANIFEST, TEXTS, Keep, StoreSettings, TrajectoryStore, key_indices,
+                                read_manifest, solver_grid)
 from .diffusion.samplers import sample_euler
 from .errors import UserError
 from .models.denoiser import cfg_active
@@ -41,6 +44,8 @@ from .models.family import SHIPPED, load_model
 from .utils.io import check_writable
 
 _SEED_TAG = 0x5E1D  # keeps synth noise seeds apart from other SeedSequence users of (seed, i)
+#: ``--dtype`` → the store dtype (``auto`` is resolved by the teacher: :func:`store_dtype`).
+DTYPE_CHOICES = {"auto": None, "bf16": "bfloat16", "fp32": "float32"}
 
 
 def _noise_seed(seed: int, index: int) -> int:
@@ -87,40 +92,75 @@ class PromptSource:
         if self.spec != "toy":
             self.encode(pipeline, range(min(num, len(self.lines))))
 
+    def table(self, num: int) -> tuple[list[str], list[int]]:
+        """The distinct prompts of samples ``0 … num − 1`` in order of first use (the text table's rows)
+        and each sample's row: ``prompts[i] == captions[rows[i]]``."""
+        first: dict[str, int] = {}
+        rows = [first.setdefault(self[i], len(first)) for i in range(num)]
+        return list(first), rows
+
     def encode(self, pipeline, indices: Sequence[int]):
         """``(prompts, Conditioning)`` of ``indices`` through ``pipeline``'s text encoder."""
         prompts = [self[i] for i in indices]
+        return prompts, self.encode_texts(pipeline, prompts)
+
+    def encode_texts(self, pipeline, prompts: list[str]):
+        """The ``Conditioning`` of ``prompts`` (a prompt the text encoder refuses: a one-line error naming the file)."""
         try:
-            return prompts, pipeline.encode_prompts(prompts)
+            with torch.no_grad():
+                return pipeline.encode_prompts(prompts)
         except UserError as err:
             if self.spec == "toy":
                 raise
             raise UserError(f"--prompts {self.spec}: {err}") from None
 
 
+def store_dtype(choice: str, pipeline) -> str:
+    """The store dtype of ``--dtype choice``: ``auto`` is float32 for the toy model (its results stay as
+    they were) and bfloat16 for any other teacher (half the bytes of float32)."""
+    if DTYPE_CHOICES[choice] is not None:
+        return DTYPE_CHOICES[choice]
+    return "float32" if getattr(pipeline, "prompt_grammar", None) == "toy" else "bfloat16"
+
+
+def _table_rows(source: PromptSource, pipeline, dtype: torch.dtype):
+    """``captions → {context (b, L, D), mask (b, L), extra.<name> (b, …)}`` on the CPU, in the store dtype."""
+    def encode(captions: list[str]) -> dict[str, Tensor]:
+        cond = source.encode_texts(pipeline, captions)
+        mask = cond.mask if cond.mask is not None else torch.ones(cond.context.shape[:2], dtype=torch.bool)
+        return {"context": cond.context.to("cpu", dtype), "mask": mask.to("cpu", torch.bool),
+                **{f"extra.{name}": value.to("cpu", dtype) for name, value in cond.extra.items()}}
+    return encode
+
+
 def _check_same(found: StoreSettings, wanted: StoreSettings, out: Path) -> None:
+    end = "rerun with the same settings to continue it, or choose another --out"
     for name in StoreSettings.model_fields:
         a, b = getattr(found, name), getattr(wanted, name)
+        if name == "prompts_sha256" and a != b:
+            raise UserError(f"--out {out} holds a trajectory store of other prompts ({found.prompts} had sha256 "
+                            f"{str(a)[:12]}…, now {str(b)[:12]}…); {end}")
         if a != b:
             show = (lambda v: f"{v[:3]}…" if isinstance(v, list) and len(v) > 3 else repr(v))
             raise UserError(f"--out {out} holds a trajectory store made with {name}={show(a)} (this run: {show(b)}); "
-                            f"rerun with the same settings to continue it, or choose another --out")
+                            f"{end}")
 
 
 def synthesize(teacher: str | Path, out: str | Path, num: int, *, prompts: str = "toy", steps: int = 50,
                cfg_scale: float | None = None, keep: Keep = "keys", seed: int = 0, batch_size: int = 16,
-               shard_size: int = 256, device: str | torch.device = "cpu",
+               shard_size: int = 256, dtype: str = "auto", device: str | torch.device = "cpu",
                progress: Callable[[str, int, int, dict], None] | None = None,
                overwrite: bool = False) -> TrajectoryStore:
     """Synthesize (or continue, or verify) the store at ``out``; see the module doc.
 
     Everything is checked before the first write: ``out`` is writable, every prompt of the run
     parses. A store with no sample written yet is not kept as a store (a corrected rerun starts
-    afresh); ``overwrite`` replaces a store (only its manifest and shards; other files are kept).
+    afresh); ``overwrite`` replaces a store (only its manifest, text table and shards; other files are kept).
 
     ``teacher``: a shipped model name or a model directory (:func:`~fewstep.models.family.load_model`);
     ``cfg_scale``: CFG w in ``uncond + w·(cond − uncond)``, default the teacher's own (1 or None: no CFG);
-    ``keep``: ``keys`` (the six key timesteps) or ``all`` (the whole solver path).
+    ``keep``: ``keys`` (the six key timesteps) or ``all`` (the whole solver path);
+    ``dtype``: of the stored latents and caption tensors, ``auto`` (:func:`store_dtype`), ``bf16`` or ``fp32``.
     """
     for name, value, least in (("--num", num, 1), ("--batch-size", batch_size, 1), ("--shard-size", shard_size, 1),
                                ("--seed", seed, 0)):
@@ -128,6 +168,8 @@ def synthesize(teacher: str | Path, out: str | Path, num: int, *, prompts: str =
             raise UserError(f"{name} {value} is invalid; expected an integer >= {least}")
     if keep not in ("keys", "all"):
         raise UserError(f"--keep must be 'keys' or 'all', got {keep!r}")
+    if dtype not in DTYPE_CHOICES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {dtype!r}")
     out = Path(out)
     check_writable(out)
     if not (out / MANIFEST).is_file() and out.exists() and any(out.iterdir()):  # before the teacher loads
@@ -141,26 +183,38 @@ def synthesize(teacher: str | Path, out: str | Path, num: int, *, prompts: str =
     guided = cfg_active(cfg_scale)
     keep_index = list(range(len(grid))) if keep == "all" else key_indices(grid)
     latent_shape = list(pipe.latent_shape(1)[1:])
-    text_shape = list(source.encode(pipe, [0])[1].context.shape[1:])
+    captions, text_rows = source.table(num)  # the text table's rows; sample i uses row text_rows[i]
+    probe = source.encode(pipe, [0])[1]
+    dtype = store_dtype(dtype, pipe)
     settings = StoreSettings(
         teacher=str(teacher) if str(teacher) in SHIPPED else str(Path(teacher).resolve()),
         prompts=prompts if prompts == "toy" else str(Path(prompts).resolve()),
         prompts_sha256=source.sha256, num=num, seed=seed, steps=steps, cfg_scale=cfg_scale if guided else None,
         keep=keep, shard_size=shard_size, grid=grid.tolist(), times=grid[keep_index].tolist(),
-        latent_shape=latent_shape, text_shape=text_shape)
+        latent_shape=latent_shape, text_shape=list(probe.context.shape[1:]), dtype=dtype, num_texts=len(captions),
+        extra_shapes={name: list(value.shape[1:]) for name, value in probe.extra.items()})
 
-    # 1. open or create the store; drop leftovers of an interrupted write
+    # 1. open the store (same settings, same text table) or create it with its text table; drop
+    #    leftovers of an interrupted write
     replaced = (out / MANIFEST).is_file() and (overwrite or not read_manifest(out).shards)
     if replaced:
-        for f in [out / MANIFEST, *out.glob("shard_*.safetensors"), *out.glob(".*.tmp")]:
-            f.unlink()  # only the store's own files
-    if (out / MANIFEST).is_file():
-        store = TrajectoryStore.resume(out)
-        _check_same(store.settings, settings, out)
-    else:
-        store = TrajectoryStore.create(out, settings)
+        for f in [out / MANIFEST, out / TEXTS, *out.glob("shard_*.safetensors"), *out.glob(".*.tmp")]:
+            f.unlink(missing_ok=True)  # only the store's own files
     for leftover in out.glob(".*.tmp"):
         leftover.unlink()
+    if (out / MANIFEST).is_file():
+        found = read_manifest(out)
+        if found.format != FORMAT:
+            raise UserError(f"--out {out} holds a format-{found.format} trajectory store (an older fewstep's): it "
+                            f"trains as it is; to continue or change it, synthesize it again with --overwrite")
+        _check_same(found.settings, settings, out)
+        store = TrajectoryStore.resume(out)  # a missing or resized text table: a one-line error
+        if store.texts.captions != captions:  # sha256-checked on this first read
+            raise UserError(f"--out {out}: its text table {TEXTS} holds other captions than this run's; synthesize "
+                            f"the store again with --overwrite, or choose another --out")
+    else:
+        store = TrajectoryStore.create(out, settings)
+        store.write_texts(captions, _table_rows(source, pipe, DTYPES[dtype]), batch_size)  # before any shard
 
     # 2. generate the shards the manifest does not list, in order
     done = {s.start for s in store.manifest.shards}
@@ -170,26 +224,22 @@ def synthesize(teacher: str | Path, out: str | Path, num: int, *, prompts: str =
         progress("synth", finished, num, {})
     for start in todo:
         stop = min(start + shard_size, num)
-        parts: dict[str, list[Tensor]] = {"latents": [], "text_tokens": [], "text_mask": []}
-        shard_prompts: list[str] = []
+        parts: dict[str, list[Tensor]] = {"latents": [], "text_index": []}
         for first in range(start, stop, batch_size):  # batches aligned to the shard start
             indices = list(range(first, min(first + batch_size, stop)))
-            batch_prompts, cond = source.encode(pipe, indices)
+            _, cond = source.encode(pipe, indices)
             noise = sample_noise(latent_shape, seed, indices).to(device)  # (B, C, T, H, W) = l at t = 1
             uncond = pipe.null_condition(len(indices)) if guided else None
             with torch.no_grad():
                 result = sample_euler(pipe.denoiser, noise, grid, cond, cfg_scale=cfg_scale if guided else None,
                                       uncond=uncond, return_trajectory=True)
             path = torch.stack(result.trajectory, dim=1)  # (B, steps + 1, C, T, H, W)
-            parts["latents"].append(path[:, keep_index].float().cpu())  # (B, K, C, T, H, W)
-            parts["text_tokens"].append(cond.context.float().cpu())  # (B, L, D)
-            mask = cond.mask if cond.mask is not None else torch.ones(cond.context.shape[:2], dtype=torch.bool)
-            parts["text_mask"].append(mask.cpu())  # (B, L)
-            shard_prompts += batch_prompts
+            parts["latents"].append(path[:, keep_index].to("cpu", DTYPES[dtype]))  # (B, K, C, T, H, W)
+            parts["text_index"].append(torch.tensor([text_rows[i] for i in indices], dtype=torch.int64))  # (B,)
             finished += len(indices)
             if progress:
                 progress("synth", finished, num, {"shard": start // shard_size})
         tensors = {k: torch.cat(v) for k, v in parts.items()}
         tensors["index"] = torch.arange(start, stop, dtype=torch.int64)
-        store.write_shard(start // shard_size, tensors, shard_prompts)
+        store.write_shard(start // shard_size, tensors)
     return store

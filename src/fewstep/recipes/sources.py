@@ -131,10 +131,11 @@ class TrajectorySource:
     """A store as the engine's data stream: position ``p`` → sample ``p mod N``.
 
     ``Batch.latents`` is the final latent ``l_{t=0}`` (the teacher's sample), ``cond`` the stored
-    caption tokens, ``uncond`` the model's null caption; ``extra["trajectory"]`` holds the stored
-    path ``(B, K, C, T, H, W)`` and ``extra["key_times"]`` its times ``(B, K)`` float64 (decreasing,
+    caption's ``Conditioning(context, mask, extra)`` (from the store's text table; float32 whatever the
+    store dtype), ``uncond`` the model's null caption; ``extra["trajectory"]`` holds the stored path
+    ``(B, K, C, T, H, W)`` float32 and ``extra["key_times"]`` its times ``(B, K)`` float64 (decreasing,
     the same in every row). The store must be complete and match the model's latent and caption
-    shapes.
+    shapes, extra caption tensors included (HunyuanVideo's ``pooled_projections``).
     """
 
     def __init__(self, store: TrajectoryStore | str | Path, model: VideoModel):
@@ -148,10 +149,15 @@ class TrajectorySource:
         if settings.latent_shape != want:
             raise UserError(f"{where} holds latents of shape {tuple(settings.latent_shape)}; the model's are "
                             f"{tuple(want)} (synthesize the store with this model)")
-        null = model.null_condition(1).context
-        if settings.text_shape != list(null.shape[1:]):
+        null = model.null_condition(1)
+        if settings.text_shape != list(null.context.shape[1:]):
             raise UserError(f"{where} holds caption tokens of shape {tuple(settings.text_shape)}; the model's text "
-                            f"encoder gives {tuple(null.shape[1:])} (synthesize the store with this model)")
+                            f"encoder gives {tuple(null.context.shape[1:])} (synthesize the store with this model)")
+        extras = {name: list(value.shape[1:]) for name, value in null.extra.items()}
+        if settings.extra_shapes != extras:
+            old = " (a format-1 store keeps none: synthesize it again)" if self.store.manifest.format == 1 else ""
+            raise UserError(f"{where} holds caption extras {settings.extra_shapes}; the model's text encoder gives "
+                            f"{extras}{old}")
 
     @torch.no_grad()
     def batch(self, positions: Sequence[int], device: torch.device) -> Batch:
@@ -159,7 +165,8 @@ class TrajectorySource:
         items = self.store.samples([p % n for p in positions])
         trajectory = items["latents"].to(device)  # (B, K, C, T, H, W), decreasing times
         times = self.store.times.to(device).expand(len(positions), -1)  # (B, K)
-        cond = Conditioning(items["text_tokens"].to(device), items["text_mask"].to(device))
+        cond = Conditioning(items["context"].to(device), items["mask"].to(device),
+                            {name: value.to(device) for name, value in items["extra"].items()})  # (B, L, D), (B, L)
         return Batch(latents=trajectory[:, -1], cond=cond, uncond=self.model.null_condition(len(positions)),
                      prompts=items["prompts"], sample_ids=torch.as_tensor(list(positions), dtype=torch.int64),
                      extra={"trajectory": trajectory, "key_times": times})
