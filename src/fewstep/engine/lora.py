@@ -111,7 +111,7 @@ def merge_adapters(base: dict[str, Tensor], adapters: dict[str, Tensor], scale: 
         if key not in merged:
             raise KeyError(f"adapter for {layer!r} has no base weight {key!r}")
         w = merged[key]
-        merged[key] = (w.float() + scale * (b.float() @ a.float())).to(w.dtype)
+        merged[key] = (w.float() + scale * (b.float() @ a.float()).to(w.device)).to(w.dtype)
     return merged
 
 

@@ -519,7 +519,12 @@ class Trainer:
         if self.env.is_main:
             pipe = self.plan.student_pipeline()
             self.plan.load_student(pipe, weights)
-            result = run_evaluation(evaluator, pipe, self.state.step, self.logger, self.run_dir)
+            home = next(pipe.parameters()).device
+            pipe.to(self.env.device)  # the export copy may live in CPU memory between evaluations
+            try:
+                result = run_evaluation(evaluator, pipe, self.state.step, self.logger, self.run_dir)
+            finally:
+                pipe.to(home)
             issues = result.issues
             self.logger.log(self.state.step, {"stage": self.stages[self.state.stage].name, **result.record})
         issues = self.env.broadcast_object(issues)

@@ -281,9 +281,10 @@ class PipelineRecipe(Recipe):
     def student_pipeline(self):
         """A copy of the model that samples as the run's generator does (its sampler, its times + t = 0,
         its CFG), so ``fewstep generate`` and the periodic evaluation use the steps the student was trained
-        on; with ``generator: null`` (fine-tuning) the model's own sampler."""
+        on; with ``generator: null`` (fine-tuning) the model's own sampler. It lives in CPU memory (the
+        accelerator holds the roles; the evaluation moves it there while it samples)."""
         if self._export is None:
-            pipe = copy.deepcopy(self.pipeline).eval()
+            pipe = cpu_copy(self.pipeline).eval()
             if self.config.generator is not None:
                 times = self.student_generator().sampling_times(pipe.denoiser.schedule)
                 gen = self.config.generator
@@ -291,6 +292,17 @@ class PipelineRecipe(Recipe):
                                                cfg_scale=gen.cfg_scale)
             self._export = pipe
         return self._export
+
+
+def cpu_copy(module: nn.Module) -> nn.Module:
+    """A deep copy whose parameters and buffers are new CPU tensors, made without a second copy on the
+    module's own device."""
+    memo = {}
+    for t in (*module.parameters(), *module.buffers()):
+        if id(t) not in memo:
+            c = t.detach().to("cpu", copy=True)
+            memo[id(t)] = nn.Parameter(c, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else c
+    return copy.deepcopy(module, memo)
 
 
 # ---------------------------------------------------------------------------------------------
