@@ -68,13 +68,13 @@ from torch import Tensor, nn
 
 from ..config import StrictModel, parse_config
 from ..diffusion.samplers import SAMPLERS, SampleResult
-from ..diffusion.schedules import FlowMatching, Schedule, VPDiscrete, sampling_grid
+from ..diffusion.schedules import FlowMatching, Schedule, VPDiscrete
 from ..errors import UserError
 from ..utils.frames import to_uint8
 from ..utils.io import atomic_directory, read_json
 from .backbones import CogVideoXBackbone, Conditioning, HunyuanVideoBackbone, WanBackbone
 from .denoiser import Denoiser, cfg_active
-from .family import Family, Geometry, SamplingConfig, register_family
+from .family import Family, Geometry, SamplingConfig, SamplingMixin, register_family
 
 SETTINGS_FILE = "fewstep_model.json"
 INDEX_FILE = "model_index.json"
@@ -423,7 +423,7 @@ class _Component:
         return self if model is None else model.component(self.name)
 
 
-class DiffusersVideoModel(nn.Module):
+class DiffusersVideoModel(SamplingMixin, nn.Module):
     """A :class:`~fewstep.models.family.VideoModel` around a local diffusers pipeline (module doc).
 
     ``transformer``, ``vae``, ``text_encoder`` (and HunyuanVideo's CLIP ``text_encoder_2``) are its
@@ -582,19 +582,6 @@ class DiffusersVideoModel(nn.Module):
         return self.spec.decode(self, latents).clamp(-1, 1).permute(0, 2, 3, 4, 1)
 
     # ---------------------------------------------------------------------------- sampling
-    def sampling_times(self, steps: int | None = None) -> Tensor:
-        cfg = self.settings.sampling
-        if cfg.times is not None and steps in (None, len(cfg.times) - 1):
-            return torch.tensor(cfg.times, dtype=torch.float64)
-        return sampling_grid(self.denoiser.schedule, steps or cfg.steps, cfg.spacing)
-
-    def grid_name(self, steps: int | None = None) -> str:
-        cfg = self.settings.sampling
-        return "model" if cfg.times is not None and steps in (None, len(cfg.times) - 1) else cfg.spacing
-
-    def default_steps(self) -> int:
-        return len(self.sampling_times(None)) - 1
-
     @torch.no_grad()
     def sample_latents(self, prompts: list[str], *, steps: int | None = None, cfg_scale: float | None = None,
                        sampler: str | None = None, seed: int | None = None, noise: Tensor | None = None,

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from ..config import StrictModel
 from ..diffusion.samplers import SampleResult
+from ..diffusion.schedules import sampling_grid
 from ..errors import UserError
 from .backbones import Conditioning
 from .denoiser import Denoiser
@@ -48,6 +49,28 @@ class SamplingConfig(StrictModel):
     cfg_scale: float | None = Field(None, description="CFG scale w in uncond + w·(cond − uncond); None = no CFG")
     spacing: Literal["uniform", "diffusers"] = Field(
         "uniform", description="grid of an N-step sample without explicit times (diffusion/schedules.sampling_grid)")
+
+
+class SamplingMixin:
+    """The step grid of a model with ``sampling`` (a :class:`SamplingConfig`) and ``denoiser``."""
+
+    def sampling_times(self, steps: int | None = None) -> Tensor:
+        """Times the sampler visits: the model's explicit ``sampling.times`` (a student's own grid)
+        when ``steps`` is None or equals that grid's step count, else ``sampling_grid`` with the
+        model's spacing (:meth:`grid_name` says which)."""
+        cfg = self.sampling
+        if cfg.times is not None and steps in (None, len(cfg.times) - 1):
+            return torch.tensor(cfg.times, dtype=torch.float64)
+        return sampling_grid(self.denoiser.schedule, steps or cfg.steps, cfg.spacing)
+
+    def grid_name(self, steps: int | None = None) -> str:
+        """Which grid :meth:`sampling_times` uses: ``"model"`` (its own times) or the spacing."""
+        cfg = self.sampling
+        return "model" if cfg.times is not None and steps in (None, len(cfg.times) - 1) else cfg.spacing
+
+    def default_steps(self) -> int:
+        """The step count this model samples with when none is asked for."""
+        return len(self.sampling_times(None)) - 1
 
 
 class Geometry(NamedTuple):

@@ -26,15 +26,15 @@ from torch import Tensor, nn
 
 from ..config import StrictModel, parse_config
 from ..diffusion.samplers import SAMPLERS, SampleResult
-from ..diffusion.schedules import FlowMatchingConfig, ScheduleConfig, sampling_grid
+from ..diffusion.schedules import FlowMatchingConfig, ScheduleConfig
 from ..errors import UserError
 from ..utils.frames import to_uint8
 from ..utils.io import atomic_directory, load_weights, read_json
 from .backbones import Conditioning
 from .codec import ToyCodec, ToyCodecConfig, frames_to_video, video_to_frames
 from .denoiser import Denoiser, cfg_active
-from .family import (ASSETS, SHIPPED, Family, Geometry, SamplingConfig,  # noqa: F401 (ASSETS, SHIPPED: re-exported)
-                     register_family, resolve_model)
+from .family import (ASSETS, SHIPPED, Family, Geometry,  # noqa: F401 (ASSETS, SHIPPED: re-exported)
+                     SamplingConfig, SamplingMixin, register_family, resolve_model)
 from .text_encoder import ToyTextEncoder, ToyTextEncoderConfig
 from .toy_dit import ToyDiT, ToyDiTConfig
 
@@ -55,7 +55,7 @@ class ToyPipelineConfig(StrictModel):
     size: int = 32
 
 
-class VideoPipeline(nn.Module):
+class VideoPipeline(SamplingMixin, nn.Module):
     """The toy :class:`~fewstep.models.family.VideoModel`: prompts → latents (by the denoiser's
     sampler) → frames (by the codec's decoder)."""
 
@@ -112,24 +112,6 @@ class VideoPipeline(nn.Module):
     def latent_shape(self, batch: int) -> tuple[int, int, int, int, int]:
         """``(B, C, T', H', W')`` of this model's latents."""
         return self.codec.latent_shape((batch, 3, self.config.frames, self.config.size, self.config.size))
-
-    def sampling_times(self, steps: int | None = None) -> Tensor:
-        """Times the sampler visits: the model's explicit ``sampling.times`` (a student's own grid)
-        when ``steps`` is None or equals that grid's step count, else ``sampling_grid`` with the
-        model's spacing (:meth:`grid_name` says which)."""
-        cfg = self.config.sampling
-        if cfg.times is not None and steps in (None, len(cfg.times) - 1):
-            return torch.tensor(cfg.times, dtype=torch.float64)
-        return sampling_grid(self.denoiser.schedule, steps or cfg.steps, cfg.spacing)
-
-    def grid_name(self, steps: int | None = None) -> str:
-        """Which grid :meth:`sampling_times` uses: ``"model"`` (its own times) or the spacing."""
-        cfg = self.config.sampling
-        return "model" if cfg.times is not None and steps in (None, len(cfg.times) - 1) else cfg.spacing
-
-    def default_steps(self) -> int:
-        """The step count this model samples with when none is asked for."""
-        return len(self.sampling_times(None)) - 1
 
     # ---------------------------------------------------------------------------- sampling
     @torch.no_grad()
