@@ -27,6 +27,14 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
+def wan_dir(tmp_path_factory) -> Path:
+    """A tiny random WanPipeline directory (tests/helpers.py::make_tiny_wan_pipeline); tests only read it."""
+    from helpers import make_tiny_wan_pipeline
+
+    return make_tiny_wan_pipeline(tmp_path_factory.mktemp("wan") / "wan")
+
+
+@pytest.fixture(scope="session")
 def teacher_dir(tmp_path_factory) -> Path:
     """A tiny random model saved as a model directory (the toy teacher's weights are never used)."""
     path = tmp_path_factory.mktemp("engine") / "teacher"

@@ -61,11 +61,6 @@ def random_frames(rng, n, h, w):
 
 
 @pytest.fixture(scope="module")
-def wan_dir(tmp_path_factory):
-    return make_tiny_wan_pipeline(tmp_path_factory.mktemp("wan") / "wan")
-
-
-@pytest.fixture(scope="module")
 def wan(wan_dir):
     return load_model(wan_dir)
 

@@ -16,16 +16,11 @@ from fewstep.errors import UserError
 from fewstep.models.diffusers_family import DiffusersVideoModel
 from fewstep.models.family import load_model, model_family
 from fewstep.models.pipeline import VideoPipeline
-from helpers import cli, make_tiny_wan_pipeline
+from helpers import cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROMPT = "a cat runs in the park"
-
-
-@pytest.fixture(scope="module")
-def wan_dir(tmp_path_factory):
-    return make_tiny_wan_pipeline(tmp_path_factory.mktemp("wan") / "wan")
 
 
 @pytest.fixture(scope="module")

@@ -18,17 +18,12 @@ from fewstep.errors import UserError
 from fewstep.eval.report import write_mp4
 from fewstep.models.family import load_model
 from fewstep.recipes.evaluators import parse_evaluator_config
-from helpers import cli, make_tiny_dinov2, make_tiny_wan_pipeline
+from helpers import cli, make_tiny_dinov2
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROMPTS = ["a cat runs in the park", "a dog runs"]
 FRAMES = 9  # the tiny Wan's clip length
-
-
-@pytest.fixture(scope="module")
-def wan_dir(tmp_path_factory):
-    return make_tiny_wan_pipeline(tmp_path_factory.mktemp("wan") / "wan")
 
 
 @pytest.fixture(scope="module")

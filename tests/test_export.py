@@ -13,16 +13,11 @@ import torch
 
 from fewstep.export import fit_flow_scheduler, stock_sigmas
 from fewstep.models.family import load_model
-from helpers import cli, make_tiny_cogvideox_pipeline, make_tiny_hunyuan_pipeline, make_tiny_wan_pipeline
+from helpers import cli, make_tiny_cogvideox_pipeline, make_tiny_hunyuan_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROMPT = "a cat runs in the park"
-
-
-@pytest.fixture(scope="module")
-def wan_dir(tmp_path_factory):
-    return make_tiny_wan_pipeline(tmp_path_factory.mktemp("wan") / "wan")
 
 
 def train(recipe, model, out, *extra):

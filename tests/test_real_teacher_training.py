@@ -13,17 +13,12 @@ import torch
 from fewstep.engine.lora import LoraConfig, add_lora, merge_adapters, shared_copy
 from fewstep.models.backbones import Conditioning
 from fewstep.models.family import load_model
-from helpers import cli, losses, make_tiny_cogvideox_pipeline, make_tiny_wan_pipeline, tensors, trainer_state
+from helpers import cli, losses, make_tiny_cogvideox_pipeline, tensors, trainer_state
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 STEPS = 10
 LORA = ["roles.student.lora.rank=4", "roles.student.lora.alpha=8", "roles.fake_score.lora.rank=4"]
-
-
-@pytest.fixture(scope="module")
-def wan_dir(tmp_path_factory):
-    return make_tiny_wan_pipeline(tmp_path_factory.mktemp("wan") / "wan")
 
 
 @pytest.fixture(scope="module")

@@ -20,18 +20,13 @@ from fewstep.models.family import load_model
 from fewstep.recipes.sources import TrajectorySource
 from fewstep.synth import sample_noise, synthesize
 from fewstep.utils.io import sha256_file
-from helpers import cli, losses, make_tiny_hunyuan_pipeline, make_tiny_pipeline, make_tiny_wan_pipeline
+from helpers import cli, losses, make_tiny_hunyuan_pipeline, make_tiny_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROMPTS = "a cat runs in the park\na red circle moves left\n"
 #: bf16 keeps 8 significant bits: rounding to it moves a value by at most 2⁻⁸ of itself.
 BF16 = dict(rtol=2**-8, atol=1e-6)
-
-
-@pytest.fixture(scope="module")
-def wan_dir(tmp_path_factory):
-    return make_tiny_wan_pipeline(tmp_path_factory.mktemp("wan") / "wan")
 
 
 @pytest.fixture(scope="module")
