@@ -143,3 +143,20 @@ def test_unsupported_or_broken_pipelines_are_one_line(wan_dir, tmp_path, capsys)
 
 def test_toy_pipeline_is_still_the_toy_family(teacher_dir):
     assert isinstance(load_model(teacher_dir), VideoPipeline) and model_family(teacher_dir).name == "toy"
+
+
+@pytest.mark.parametrize("model", ["wan", "toy-teacher"])
+def test_generate_in_bf16_is_close_to_fp32(model, wan_dir, tmp_path, capsys):
+    """--dtype bf16 runs the networks in bf16 (latents stay fp32): the same videos up to bf16 round-off."""
+    name = str(wan_dir) if model == "wan" else model
+    prompt = PROMPT if model == "wan" else "a red circle moves left"
+    videos = {}
+    for dtype in ("fp32", "bf16"):
+        rc, _, err = cli(capsys, "generate", "--model", name, "--prompt", prompt, "--out", tmp_path / dtype,
+                         "--steps", "4", "--dtype", dtype, "--device", "cpu")
+        assert rc == 0, err
+        videos[dtype] = np.load(tmp_path / dtype / "samples.npz")["frames"].astype(np.float64)
+    gap = np.abs(videos["bf16"] - videos["fp32"]).mean()
+    assert 0 < gap < 8, gap  # mean |Δ| in uint8 levels
+    rc, _, err = cli(capsys, "generate", "--model", name, "--prompt", prompt, "--out", tmp_path / "x", "--dtype", "fp16")
+    assert rc == 2 and "--dtype must be auto, bf16 or fp32" in err

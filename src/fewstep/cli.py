@@ -149,6 +149,19 @@ def _device(value: str) -> str:
     return value
 
 
+DTYPE_HELP = "Weights of the networks: auto (as stored/loaded), bf16 or fp32 (the sampler's latents stay fp32)."
+
+
+def _dtype(value: str):
+    """``--dtype``: None (as loaded), torch.bfloat16 or torch.float32."""
+    import torch
+
+    choices = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}
+    if value not in choices:
+        raise UserError(f"--dtype must be auto, bf16 or fp32; got {value!r}")
+    return choices[value]
+
+
 def _warn_if_untrained(model: str) -> None:
     """A training run's ``RUN/student`` says which step it holds (run.json); warn on an untrained one."""
     from .engine.rundir import describe_student, student_record
@@ -175,6 +188,7 @@ def generate(
     negative_prompt: str = typer.Option(None, "--negative-prompt", help="Caption of CFG's unconditional branch "
                                         "(default: the model's own, usually empty)."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
+    dtype: str = typer.Option("auto", help=DTYPE_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty --out (replacing what fewstep "
                                    "wrote there; other files are kept)."),
 ):
@@ -189,7 +203,7 @@ def generate(
     with StageProgress(every_seconds=5.0) as progress:
         target = generate_to_dir(model, prompt, out, steps=steps, cfg_scale=cfg, num=num, seed=seed, scale=scale,
                                  device=device, overwrite=overwrite, frames=frames, height=height, width=width,
-                                 negative_prompt=negative_prompt,
+                                 negative_prompt=negative_prompt, dtype=_dtype(dtype),
                                  progress=lambda done, total: progress("generate", done, total, {}))
     typer.echo(f"wrote {len(prompt) * num} videos to {target}")
 
@@ -214,6 +228,7 @@ def eval_(
     height: int = typer.Option(None, help="Clip height in pixels (default: the model's own)."),
     width: int = typer.Option(None, help="Clip width in pixels (default: the model's own)."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
+    dtype: str = typer.Option("auto", help=DTYPE_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty --out (replacing what fewstep "
                                    "wrote there; other files are kept)."),
 ):
@@ -230,7 +245,7 @@ def eval_(
         metrics = evaluate_to_dir(model, out, steps=steps, cfg_scale=cfg, num=num, seed=seed, features=features,
                                   batch_size=batch_size, device=device, overwrite=overwrite, frames=frames,
                                   height=height, width=width, prompts=prompts, reference=reference,
-                                  reference_clips=reference_clips,
+                                  reference_clips=reference_clips, dtype=_dtype(dtype),
                                   progress=lambda done, total: progress("eval", done, total, {}))
     keys = (("sharpness", "flicker", "vendi_pixel", "fd") if metrics.get("metric_set") == "generic" else
             ("total", "quality", "semantic", "fvd", "vendi_pixel", "vendi_feature"))

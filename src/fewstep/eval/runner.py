@@ -312,7 +312,7 @@ def generate_to_dir(model: str, prompts: list[str], out: str | Path, *, steps: i
                     cfg_scale: float | None = None, num: int = 1, seed: int = 0, fps: int = 8,
                     scale: int = 8, batch_size: int = 32, device: str = "cpu", overwrite: bool = False,
                     progress=None, frames: int | None = None, height: int | None = None, width: int | None = None,
-                    negative_prompt: str | None = None) -> Path:
+                    negative_prompt: str | None = None, dtype: torch.dtype | None = None) -> Path:
     """``fewstep generate``: ``num`` videos per prompt → ``out/NNN_<prompt>.mp4`` (×``scale``,
     nearest neighbour) and ``out/samples.npz`` (``frames (K, T, H, W, 3)`` uint8 at the model's
     resolution, ``prompts (K,)``), prompt-major. ``out`` is checked before anything is generated."""
@@ -325,6 +325,8 @@ def generate_to_dir(model: str, prompts: list[str], out: str | Path, *, steps: i
     output = OutputDir(out, "generate", overwrite, names)
     output.check()
     pipe = load_model(model, device)
+    if dtype is not None:  # the networks' weights; the sampler's latents stay float32
+        pipe.to(dtype)
     set_geometry(pipe, frames, height, width)
     check_sampling(pipe, steps, cfg_scale)
     with output as stage:
@@ -341,7 +343,8 @@ def evaluate_to_dir(model: str, out: str | Path, *, steps: int | None = None, cf
                     label: str | None = None, device: str = "cpu", overwrite: bool = False,
                     progress=None, frames: int | None = None, height: int | None = None,
                     width: int | None = None, prompts: str | Path | None = None,
-                    reference: str | Path | None = None, reference_clips: int = 64) -> dict:
+                    reference: str | Path | None = None, reference_clips: int = 64,
+                    dtype: torch.dtype | None = None) -> dict:
     """``fewstep eval``: ``out/metrics.json`` and ``out/report.html`` (+ ``out/gifs/``); ``out`` is
     checked before anything is generated.
 
@@ -377,6 +380,8 @@ def evaluate_to_dir(model: str, out: str | Path, *, steps: int | None = None, cf
         vision_net = VisionFeatures.load(features, device)  # fail before loading the video model
         cache = _reference_cache(reference)
     pipe = load_model(model, device)
+    if dtype is not None:
+        pipe.to(dtype)
     set_geometry(pipe, frames, height, width)
     check_sampling(pipe, steps, cfg_scale)
     name = label or Path(str(model)).name

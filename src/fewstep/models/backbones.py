@@ -13,6 +13,12 @@ is declared once, in :class:`fewstep.models.denoiser.Denoiser`. Adapters: (a) pl
 (the toy DiT), (b) Wan, (c) CogVideoX, (d) HunyuanVideo. Real weights load from a local
 directory only (:func:`load_diffusers_backbone`); nothing is ever fetched from a hub. Hidden block
 features of any adapter come from :func:`fewstep.models.features.extract_features` (hooks).
+
+Block-wise split (SwiftVideo (003) Alg. 2): ``backbone.blockwise(x, timestep, cond)`` returns the same
+forward as a :class:`BlockwiseForward` — time embedding, patch embedding, the blocks, the output
+layer — which :meth:`fewstep.models.denoiser.Denoiser.jvp` walks one piece at a time. The toy DiT
+(through :class:`ModuleBackbone`, when its module has ``blockwise``) and Wan have one; the others
+raise a one-line error naming the JVP methods that work for them.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -82,11 +89,40 @@ class Conditioning:
         return Conditioning(torch.cat(contexts), torch.cat(masks) if need_mask else None, extra)
 
 
+@dataclass
+class BlockwiseForward:
+    """A backbone's forward as the pieces SwiftVideo's block-wise JVP walks (003 Alg. 2).
+
+    Only ``x`` and the model timestep carry tangents; the conditioning (caption tokens and masks,
+    rotary tables, pooled text) is closed over as constants. ``time state`` is a tuple of tensors
+    (e.g. the adaLN conditioning vector and its per-block modulation) that every block and the
+    output layer read.
+    """
+
+    time_embed: Callable[[Tensor], tuple[Tensor, ...]]  # T: timestep (B,) → time state
+    patch_embed: Callable[[Tensor], Tensor]  # P: x (B, C, T, H, W) → tokens (B, N, D)
+    blocks: Sequence[Callable[..., Tensor]]  # B_i: (tokens, *time state) → tokens (B, N, D)
+    output: Callable[..., Tensor]  # O: (tokens, *time state) → (B, C, T, H, W), in x's dtype
+
+    def __call__(self, x: Tensor, timestep: Tensor) -> Tensor:
+        """The plain forward, piece by piece (equals the backbone's own forward)."""
+        state = self.time_embed(timestep)
+        h = self.patch_embed(x)
+        for block in self.blocks:
+            h = block(h, *state)
+        return self.output(h, *state)
+
+
 class Backbone(nn.Module):
     """Base class of the adapters; subclasses implement :meth:`forward` per the contract above."""
 
     def forward(self, x: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:  # pragma: no cover
         raise NotImplementedError
+
+    def blockwise(self, x: Tensor, timestep: Tensor, cond: Conditioning) -> BlockwiseForward:
+        """The forward split for a block-wise JVP (module doc); adapters that have one override this."""
+        raise UserError(f"{type(self).__name__} has no block-wise split (SwiftVideo Alg. 2; the toy DiT and Wan "
+                        f"have one): use jvp method 'autograd' or 'finite_difference'")
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:
@@ -108,7 +144,7 @@ class ModuleBackbone(Backbone):
 
     def forward(self, x, timestep, cond):
         dtype = model_dtype(self.module)  # a module kept in bf16 gets bf16 inputs, returns the caller's dtype
-        if dtype == x.dtype:
+        if dtype == x.dtype == cond.context.dtype:
             return self._call(x, timestep, cond)
         return self._call(x.to(dtype), timestep, Conditioning(cond.context.to(dtype), cond.mask, cond.extra)).to(x.dtype)
 
@@ -116,6 +152,12 @@ class ModuleBackbone(Backbone):
         if self._takes_mask and cond.mask is not None:
             return self.module(x, timestep, cond.context, context_mask=cond.mask)
         return self.module(x, timestep, cond.context)
+
+    def blockwise(self, x, timestep, cond) -> BlockwiseForward:
+        """The module's own split (``module.blockwise(x, timestep, context, context_mask)``, as the toy DiT's)."""
+        if not hasattr(self.module, "blockwise"):
+            return super().blockwise(x, timestep, cond)
+        return self.module.blockwise(x, timestep, cond.context, context_mask=cond.mask)
 
 
 class WanBackbone(Backbone):
@@ -134,6 +176,51 @@ class WanBackbone(Backbone):
         dtype = model_dtype(self.model)
         return self.model(hidden_states=x.to(dtype), timestep=timestep, encoder_hidden_states=cond.context.to(dtype),
                           return_dict=False)[0].to(x.dtype)
+
+    def blockwise(self, x, timestep, cond) -> BlockwiseForward:
+        """``WanTransformer3DModel.forward`` (T2V: no image tokens, a ``(B,)`` timestep) as Alg. 2's pieces.
+
+        Phases as in diffusers: rotary tables and caption projection (constants); T = timestep
+        sinusoid → ``time_embedder`` → ``time_proj`` (temb (B, D), modulation (B, 6, D)); P = 3D patch
+        conv → tokens; the blocks; O = adaLN-modulated ``norm_out`` → ``proj_out`` → unpatchify. Kept in
+        step with the forward by the equality test (tests/test_blockwise_jvp.py).
+        """
+        model, out_dtype = self.model, x.dtype
+        dtype = model_dtype(model)
+        embedder = model.condition_embedder
+        if embedder.image_embedder is not None:
+            raise UserError("the block-wise JVP covers text-to-video Wan (no image embedder); use jvp method "
+                            "'autograd' or 'finite_difference'")
+        batch, _, frames, height, width = x.shape  # (B, C, F, H, W)
+        p_t, p_h, p_w = model.config.patch_size
+        grid = (frames // p_t, height // p_h, width // p_w)
+        rotary = model.rope(x.to(dtype))  # depends on the grid only
+        context = embedder.text_embedder(cond.context.to(dtype))  # (B, L, D) caption tokens in the model's width
+        time_dtype = next(embedder.time_embedder.parameters()).dtype
+
+        def time_embed(ts):
+            freq = embedder.timesteps_proj(ts)  # (B, freq_dim)
+            if freq.dtype != time_dtype and time_dtype != torch.int8:
+                freq = freq.to(time_dtype)
+            temb = embedder.time_embedder(freq).type_as(context)  # (B, D)
+            modulation = embedder.time_proj(embedder.act_fn(temb)).unflatten(1, (6, -1))  # (B, 6, D)
+            return temb, modulation
+
+        def patch_embed(x_):
+            tokens = model.patch_embedding(x_.to(dtype))  # (B, D, F', H', W')
+            return tokens.flatten(2).transpose(1, 2).contiguous()  # (B, N, D)
+
+        def make_block(block):
+            return lambda h, temb, modulation: block(h, context, modulation, rotary)
+
+        def output(h, temb, modulation):
+            shift, scale = (model.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)  # (B, 1, D) each
+            h = (model.norm_out(h.float()) * (1 + scale) + shift).type_as(h)
+            h = model.proj_out(h)  # (B, N, p_t·p_h·p_w·C)
+            h = h.reshape(batch, *grid, p_t, p_h, p_w, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
+            return h.flatten(6, 7).flatten(4, 5).flatten(2, 3).to(out_dtype)  # (B, C, F, H, W)
+
+        return BlockwiseForward(time_embed, patch_embed, [make_block(b) for b in model.blocks], output)
 
 
 class CogVideoXBackbone(Backbone):

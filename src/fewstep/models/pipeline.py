@@ -142,11 +142,13 @@ class VideoPipeline(SamplingMixin, nn.Module):
 
     def encode(self, frames: Tensor) -> Tensor:
         """Frames ``(B, T, H, W, 3)`` float in [−1, 1] → latents ``(B, C, T', H', W')``."""
-        return self.codec.encode(frames_to_video(frames))
+        dtype = next(self.codec.parameters()).dtype  # the codec in its own dtype, latents in the caller's
+        return self.codec.encode(frames_to_video(frames).to(dtype)).to(frames.dtype)
 
     def decode(self, latents: Tensor) -> Tensor:
         """Latents ``(B, C, T', H', W')`` → frames ``(B, T, H, W, 3)`` float in [−1, 1]."""
-        return video_to_frames(self.codec.decode(latents))
+        dtype = next(self.codec.parameters()).dtype
+        return video_to_frames(self.codec.decode(latents.to(dtype)).to(latents.dtype))
 
     @torch.no_grad()
     def generate(self, prompts: list[str], **kwargs) -> tuple[np.ndarray, SampleResult]:
