@@ -3,6 +3,7 @@
     python benchmarks/ablations.py --recipe dollar --out runs/ablations/dollar [--steps 600] [--variants vsd,vsd_cd]
     python benchmarks/ablations.py --recipe dollar --out runs/ablations/dollar --variants vsd,vsd_cd --seeds 0,1,2,3 --jobs 8
     python benchmarks/ablations.py --recipe accvideo --out runs/ablations/accvideo [--synth 512]
+    python benchmarks/ablations.py --recipe rgtd --out runs/ablations/rgtd --seeds 0,1,2,3
 
 Each variant (``benchmarks/ablations/<recipe>.yaml``: name → a YAML overlay of the recipe, its
 presets and keys, passed as the run's ``--config``) is one ``fewstep distill`` run from the same
@@ -18,7 +19,8 @@ table and writes it to ``OUT/table.md``:
 * ``accvideo`` — papers/002 Table 3 (synthetic trajectories vs forward-diffused real data at the
   same budget; with and without the adversarial term and timestep-aware heads) and Table 4 (key
   vs uniform timesteps). The trajectory store is made first by ``fewstep synth`` (``--synth N``
-  trajectories, ``--keep all`` so that the uniform-times variant can pick its times).
+  trajectories, ``--keep all`` so that the uniform-times variant can pick its times);
+* ``rgtd`` — papers/000 Table 2 (trajectory distribution matching alone, + GAN, + rewards, full).
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ from fewstep.recipes.launch import distill
 #: Each recipe's variants: ``benchmarks/ablations/<recipe>.yaml``, name → a YAML overlay of the recipe
 #: (its presets, then any keys), and the variants run when --variants is not given.
 VARIANT_DIR = Path(__file__).with_name("ablations")
-DEFAULTS = {"dollar": "vsd,vsd_cd,vsd_cd_lrm_jpeg", "accvideo": "synthetic,forward"}
+DEFAULTS = {"dollar": "vsd,vsd_cd,vsd_cd_lrm_jpeg", "accvideo": "synthetic,forward",
+            "rgtd": "traj_only,gan,reward,full"}
 
 
 def variants(recipe: str) -> dict[str, dict]:

@@ -90,6 +90,19 @@ class Schedule(ABC):
         alpha, sigma = self.coefficients(t, x0)
         return alpha * x0 + sigma * eps
 
+    def diffuse(self, x_s: Tensor, s: Tensor | float, t: Tensor | float, eps: Tensor) -> Tensor:
+        """The forward transition ``q(x_t | x_s)`` from a state at time ``s`` to a later time ``t ≥ s``::
+
+            x_t = (α_t/α_s)·x_s + √(σ_t² − (α_t·σ_s/α_s)²)·eps
+
+        so that a sample ``x_s = α_s·x0 + σ_s·ε`` lands at ``α_t·x0 + σ_t·ε'`` in law (RGTD Eq. 3's
+        ``q(x_τ | x_{t_i})``); at ``s = 0`` it is :meth:`add_noise`. ``s``, ``t``: scalars or ``(B,)``.
+        """
+        alpha_s, sigma_s = self.coefficients(s, x_s)
+        alpha_t, sigma_t = self.coefficients(t, x_s)
+        ratio = alpha_t / alpha_s
+        return ratio * x_s + (sigma_t**2 - (ratio * sigma_s) ** 2).clamp(min=0).sqrt() * eps
+
     def is_variance_preserving(self) -> bool:
         return False
 

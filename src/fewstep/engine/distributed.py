@@ -123,10 +123,12 @@ def init_distributed(device: str = "auto", mode: str = "ddp", bf16: bool = False
 
 
 def compute_root(module: nn.Module) -> nn.Module:
-    """The first module below ``module`` with several children or parameters of its own."""
+    """The first module below ``module`` with several children or parameters of its own, or whose one child is a
+    container (a ``ModuleList`` of discriminator heads is never called itself, so its wrapper's hooks would not run)."""
     while True:
         children = list(module.children())
-        if len(children) != 1 or any(True for _ in module.parameters(recurse=False)):
+        if (len(children) != 1 or any(True for _ in module.parameters(recurse=False))
+                or isinstance(children[0], (nn.ModuleList, nn.ModuleDict))):
             return module
         module = children[0]
 

@@ -176,6 +176,21 @@ class StudentGenerator:
         x0 = result.x0_predictions[-1] if self.config.sampler == "consistency" else result.x
         return StudentSample(x0=x0, states=result.trajectory[:-1], x0_predictions=result.x0_predictions, times=times)
 
+    def step(self, denoiser, x: Tensor, k: int, batch, ctx: StepContext, *,
+             role: str = "student") -> tuple[Tensor, Tensor]:
+        """Step ``k`` of ``G_θ`` alone, from the state ``x`` (B, C, T, H, W) at the k-th time, with the sampler and
+        noise of :meth:`sample`: ``(x̂0_k, x_{t_{k+1}})``, the state the step lands on (``x̂0_k`` after the last
+        step). With ``x = sample(...).states[k]`` it repeats that step; gradients follow the caller's mode.
+        """
+        times = self.step_times(denoiser.schedule)
+        noises = generator_noise(ctx, tuple(x.shape[1:]), len(times), role=role, dtype=x.dtype)
+        renoise = [*noises[1:], torch.zeros_like(noises[0])]
+        kwargs = {"noises": [renoise[k]]} if self.config.sampler == "consistency" else {}
+        grid = torch.cat([times, times.new_zeros(1)])[k:k + 2]
+        result = SAMPLERS[self.config.sampler](denoiser, x, grid, batch.cond, cfg_scale=self.config.cfg_scale,
+                                               uncond=batch.uncond, **kwargs)
+        return result.x0_predictions[0], result.x
+
 
 def student_generator(ctx: StepContext) -> StudentGenerator:
     """The run's generator (``ctx.student``), or the default one where a caller built no engine."""

@@ -8,6 +8,8 @@ name rewards through :func:`build_reward`:
   differentiable; ``path`` = shipped name or directory (default the shipped ``toy-clip``).
 - ``sharpness``: Laplacian-to-gradient energy ratio, a differentiable aesthetic proxy.
 - ``jpeg``: JPEG compressibility (DDPO), not differentiable; ``quality`` (default 95).
+- ``clip`` / ``clip-iqa`` / ``xclip``: local transformers models (:mod:`.hf`; ``path`` = a model
+  directory): CLIP image–text (RGTD's R_it), CLIP-IQA quality (R_iq), X-CLIP video–text (R_v).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any, Callable
 from fewstep.errors import UserError
 
 from .base import Reward
+from .hf import ClipQualityReward, ClipTextReward, XClipReward
 from .jpeg import JpegCompressibility
 from .sharpness import SharpnessReward
 from .toy_clip import ToyClip, ToyClipConfig, ToyClipReward, train_toy_clip
@@ -35,6 +38,9 @@ REWARDS: dict[str, Callable[..., Reward]] = {
     "toy-clip-video": _toy_clip("clip"),
     "sharpness": SharpnessReward,
     "jpeg": JpegCompressibility,
+    "clip": ClipTextReward.load,
+    "clip-iqa": ClipQualityReward.load,
+    "xclip": XClipReward.load,
 }
 
 

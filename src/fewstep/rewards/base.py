@@ -54,6 +54,11 @@ class Reward(nn.Module):
         return self.reward(frames, prompts)
 
 
+def keyframe_indices(frames: int) -> list[int]:
+    """The first, middle and last of ``frames`` frames (RGTD Eq. 13): ``sorted({0, T // 2, T − 1})``."""
+    return sorted({0, frames // 2, frames - 1})
+
+
 def check_frames(frames: Tensor, prompts: list[str] | None = None) -> Tensor:
     """Validate ``(B, T, H, W, 3)`` float frames (and one prompt per video) at a reward's boundary."""
     if not isinstance(frames, Tensor) or frames.ndim != 5 or frames.shape[-1] != 3:

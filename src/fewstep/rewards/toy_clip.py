@@ -50,7 +50,7 @@ from fewstep.data.toyworld import COLOURS, FRAMES, MOTIONS, SHAPES, SIZE, VOCAB,
 from fewstep.errors import UserError
 from fewstep.models.text_encoder import ToyTextEncoder, ToyTextEncoderConfig
 
-from .base import Reward, check_frames, load_asset, resolve_asset, save_asset
+from .base import Reward, check_frames, keyframe_indices, load_asset, resolve_asset, save_asset
 from .training_data import LabelledClips, Progress, caption_matches, fit
 
 SHIPPED_NAME = "toy-clip"
@@ -211,14 +211,18 @@ class ToyClip(nn.Module):
         u_frame, u_clip = self.embed_text(prompts)
         scores = []
         if head in ("frame", "both"):
-            T = frames.shape[1]
-            keyframes = sorted({0, T // 2, T - 1})  # first, middle, last of the clip (RGTD Eq. 13)
+            keyframes = keyframe_indices(frames.shape[1])  # first, middle, last of the clip (RGTD Eq. 13)
             e = self.embed_frames(self.frame_features(frames[:, keyframes]))  # (B, 3, E)
             scores.append((e * u_frame[:, None]).sum(-1).mean(dim=1))
         if head in ("clip", "both"):
             h = self.frame_features(self.clip_frames(frames))  # (B, T', F + 2K)
             scores.append((self.embed_clip(h) * u_clip).sum(-1))
         return torch.stack(scores).mean(dim=0)
+
+    def forward(self, frames: Tensor, prompts: list[str], head: Head = "both") -> Tensor:
+        """:meth:`similarity`: the reward's call goes through ``forward``, so that a wrapper's hooks (FSDP's
+        unsharding, when the reward is a role) run."""
+        return self.similarity(frames, prompts, head)
 
     def loss(self, frames: Tensor, prompts: list[str], labels: dict[str, Tensor],
              negatives: list[str] = ()) -> tuple[Tensor, dict]:
@@ -301,7 +305,7 @@ class ToyClipReward(Reward):
     def reward(self, frames: Tensor, prompts: list[str] | None = None) -> Tensor:
         if prompts is None:
             raise UserError("the toy-clip reward scores videos against captions; pass one prompt per video")
-        return self.model.similarity(frames, list(prompts), self.head)
+        return self.model(frames, list(prompts), self.head)
 
     @classmethod
     def load(cls, name_or_dir: str | Path = SHIPPED_NAME, head: Head = "both",

@@ -1,0 +1,154 @@
+"""Rewards from local transformers models (real teachers; nothing is downloaded): RGTD's R_it, R_iq, R_v.
+
+Each loads a model directory with ``from_pretrained(path, local_files_only=True)`` and its tokenizer
+from the same directory, and is differentiable with respect to the frames (RGTD Eq. 13–14 take
+their gradients through the decoder)::
+
+    clip       R_it(frame, c) = cos(image embedding, text embedding) of a CLIPModel, averaged over
+               frames (HPSv2, RGTD's spatial reward, is such a CLIP ViT-H)
+    clip-iqa   R_iq(frame) = softmax(logit_scale·[cos(e, "Good photo."), cos(e, "Bad photo.")])[0], the
+               CLIP-IQA antonym-prompt quality score (Wang et al. 2023), averaged over frames
+    xclip      R_v(clip, c) = cos(video embedding, prompt-conditioned text embedding) of an XCLIPModel on
+               ``num_frames`` frames picked evenly from the clip (RGTD uses InternVideo / ViCLIP)
+
+Frames ``(B, T, H, W, 3)`` in [−1, 1] are preprocessed as the models' image processors do, in torch:
+scaled to [0, 1], resized so that the shorter side is the vision config's ``image_size`` (bicubic,
+antialiased), centre-cropped to a square and normalised with the ``image_mean`` / ``image_std`` of
+``preprocessor_config.json`` (CLIP's own when absent).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor
+
+from fewstep.errors import UserError
+from fewstep.utils.io import read_json
+
+from .base import Reward, check_frames
+
+#: CLIP's image normalisation (OpenAI), used when a directory has no preprocessor_config.json.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def load_transformers(path: str | Path, class_name: str, what: str):
+    """``(model (eval, frozen), tokenizer, image mean, image std)`` from a local directory; one-line errors."""
+    import transformers
+
+    directory = Path(path)
+    if not (directory / "config.json").is_file():
+        raise UserError(f"{what} {directory}: not a local transformers model directory (no config.json)")
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        model = getattr(transformers, class_name).from_pretrained(directory, local_files_only=True)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError, TypeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{what} {directory}: the {class_name} and its tokenizer could not be loaded "
+                        f"({first})") from None
+    finally:
+        transformers.utils.logging.enable_progress_bar()
+    processor = {}
+    if (directory / "preprocessor_config.json").is_file():
+        processor = read_json(directory / "preprocessor_config.json", f"{what} {directory}/preprocessor_config.json")
+    mean, std = processor.get("image_mean", CLIP_MEAN), processor.get("image_std", CLIP_STD)
+    return model.eval().requires_grad_(False), tokenizer, mean, std
+
+
+class TransformersReward(Reward):
+    """Shared: the frozen model, its tokenizer and its pixel preprocessing (module doc)."""
+
+    differentiable = True
+
+    def __init__(self, model, tokenizer, mean, std, size: int):
+        super().__init__()
+        self.model, self.tokenizer, self.size = model, tokenizer, int(size)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).reshape(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).reshape(1, 3, 1, 1), persistent=False)
+
+    def pixels(self, images: Tensor) -> Tensor:
+        """``(N, H, W, 3)`` in [−1, 1] → ``(N, 3, S, S)`` normalised pixel values; differentiable."""
+        x = (images.permute(0, 3, 1, 2).float() + 1) / 2  # (N, 3, H, W) in [0, 1]
+        h, w = x.shape[-2:]
+        scale = self.size / min(h, w)
+        resized = (max(self.size, round(h * scale)), max(self.size, round(w * scale)))
+        if resized != (h, w):
+            x = F.interpolate(x, size=resized, mode="bicubic", antialias=True, align_corners=False)
+        top, left = (resized[0] - self.size) // 2, (resized[1] - self.size) // 2
+        x = x[:, :, top:top + self.size, left:left + self.size]  # (N, 3, S, S)
+        return ((x - self.mean) / self.std).to(self.dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def tokens(self, texts: list[str]) -> dict[str, Tensor]:
+        max_length = self.model.config.text_config.max_position_embeddings
+        out = self.tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        return {k: v.to(self.mean.device) for k, v in out.items() if k in ("input_ids", "attention_mask")}
+
+
+class ClipTextReward(TransformersReward):
+    """R_it: cosine of a CLIPModel's image and text embeddings, averaged over frames (module doc)."""
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "ClipTextReward":
+        model, tokenizer, mean, std = load_transformers(path, "CLIPModel", "reward clip:")
+        return cls(model, tokenizer, mean, std, model.config.vision_config.image_size).to(device)
+
+    def reward(self, frames: Tensor, prompts: list[str] | None = None) -> Tensor:
+        if prompts is None:
+            raise UserError("the clip reward scores frames against captions; pass one prompt per video")
+        B, T = check_frames(frames, prompts).shape[:2]
+        out = self.model(pixel_values=self.pixels(rearrange(frames, "b t h w c -> (b t) h w c")),
+                         **self.tokens([p for p in prompts for _ in range(T)]))
+        cos = (out.image_embeds * out.text_embeds).sum(-1)  # (B·T,) both unit vectors
+        return cos.float().reshape(B, T).mean(1)
+
+
+class ClipQualityReward(TransformersReward):
+    """R_iq: CLIP-IQA's antonym prompts on a CLIPModel, averaged over frames (module doc)."""
+
+    def __init__(self, model, tokenizer, mean, std, size: int, prompts: tuple[str, str]):
+        super().__init__(model, tokenizer, mean, std, size)
+        self.prompts = tuple(prompts)
+
+    @classmethod
+    def load(cls, path: str | Path, prompts: tuple[str, str] | list[str] = ("Good photo.", "Bad photo."),
+             device: str | torch.device = "cpu") -> "ClipQualityReward":
+        if len(prompts) != 2:
+            raise UserError(f"reward clip-iqa: prompts must be a [positive, negative] pair, got {list(prompts)}")
+        model, tokenizer, mean, std = load_transformers(path, "CLIPModel", "reward clip-iqa:")
+        return cls(model, tokenizer, mean, std, model.config.vision_config.image_size, tuple(prompts)).to(device)
+
+    def reward(self, frames: Tensor, prompts: list[str] | None = None) -> Tensor:
+        B, T = check_frames(frames, prompts).shape[:2]
+        out = self.model(pixel_values=self.pixels(rearrange(frames, "b t h w c -> (b t) h w c")),
+                         **self.tokens(list(self.prompts)))
+        good = out.logits_per_image.float().softmax(-1)[:, 0]  # (B·T,) logit_scale·cos, over the pair
+        return good.reshape(B, T).mean(1)
+
+
+class XClipReward(TransformersReward):
+    """R_v: cosine of an XCLIPModel's video embedding and its video-conditioned text embedding (module doc)."""
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "XClipReward":
+        model, tokenizer, mean, std = load_transformers(path, "XCLIPModel", "reward xclip:")
+        return cls(model, tokenizer, mean, std, model.config.vision_config.image_size).to(device)
+
+    def reward(self, frames: Tensor, prompts: list[str] | None = None) -> Tensor:
+        if prompts is None:
+            raise UserError("the xclip reward scores clips against captions; pass one prompt per video")
+        B, T = check_frames(frames, prompts).shape[:2]
+        n = self.model.config.vision_config.num_frames
+        index = torch.linspace(0, T - 1, n, device=frames.device).round().long()  # n frames picked evenly
+        pixels = self.pixels(rearrange(frames[:, index], "b t h w c -> (b t) h w c"))
+        out = self.model(pixel_values=rearrange(pixels, "(b t) c h w -> b t c h w", b=B), **self.tokens(prompts))
+        scale = self.model.logit_scale.exp()
+        return (out.logits_per_video.diagonal() / scale).float()  # (B,) video i with its own caption
