@@ -409,3 +409,40 @@ def make_tiny_dinov2(directory):
     Dinov2Model(Dinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
                              image_size=32, patch_size=8)).save_pretrained(directory)
     return Path(directory)
+
+
+#: Widths of the tiny CLIP / X-CLIP reward models (32² images in 8² patches).
+TINY_CLIP_TEXT = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1, bos_token_id=0,
+                      eos_token_id=1, pad_token_id=1, max_position_embeddings=32)
+TINY_CLIP_VISION = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1, image_size=32,
+                        patch_size=8)
+
+
+def make_tiny_clip(directory, image_mean=(0.5, 0.4, 0.3), image_std=(0.2, 0.25, 0.3)):
+    """Save a tiny random ``CLIPModel`` with its tokenizer and image processor (a stand-in for HPSv2 / CLIP)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    torch.manual_seed(0)
+    tokenizer = tiny_clip_tokenizer()
+    model = CLIPModel(CLIPConfig(text_config={**TINY_CLIP_TEXT, "vocab_size": len(tokenizer)},
+                                 vision_config=TINY_CLIP_VISION, projection_dim=8))
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_mean=list(image_mean),
+                       image_std=list(image_std)).save_pretrained(directory)
+    return Path(directory)
+
+
+def make_tiny_xclip(directory, num_frames=4):
+    """Save a tiny random ``XCLIPModel`` (video–text) with its tokenizer."""
+    from transformers import XCLIPConfig, XCLIPModel
+
+    torch.manual_seed(0)
+    tokenizer = tiny_clip_tokenizer()
+    vision = {**TINY_CLIP_VISION, "num_frames": num_frames, "mit_hidden_size": 8, "mit_intermediate_size": 16,
+              "mit_num_attention_heads": 2}
+    model = XCLIPModel(XCLIPConfig(text_config={**TINY_CLIP_TEXT, "vocab_size": len(tokenizer)}, vision_config=vision,
+                                   projection_dim=8, prompt_layers=1, prompt_num_attention_heads=2))
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return Path(directory)

@@ -17,6 +17,7 @@ import copy
 import importlib
 import pkgutil
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable
 
 import pytest
@@ -27,7 +28,9 @@ from torch import nn
 import fewstep.objectives as objectives_package
 from fewstep.objectives.adversarial import TimestepHeads
 from fewstep.objectives.base import OBJECTIVES, Batch, Objective
+from fewstep.objectives.feature_gan import FeatureHeads
 from fewstep.diffusion.schedules import TIME_GRIDS
+from fewstep.rewards.base import Reward
 from fewstep.rewards.latent import LatentRewardModelConfig, build_lrm
 from helpers import FakeRole, make_ctx, make_tiny_pipeline, make_wan
 
@@ -59,23 +62,71 @@ def key_trajectories(latents):
     return {"trajectory": path, "key_times": times.expand(b, -1)}
 
 
+class FrameMean(Reward):
+    """A stand-in reward with a parameter (it must get no gradient): a scaled mean of colour channel 0."""
+
+    differentiable = True
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def reward(self, frames, prompts=None):
+        return self.scale * frames[..., 0].flatten(1).mean(1)
+
+
 @dataclass
 class Extras:
     config: dict[str, Any] = field(default_factory=dict)  # overrides of the kind's config defaults
     decoder: bool = False  # assign the stand-in decoder (objectives that decode latents)
     batch: Callable[[torch.Tensor], dict[str, torch.Tensor]] | None = None  # latents -> batch.extra
     generator: dict[str, Any] = field(default_factory=dict)  # the run's generator: block (make_ctx keys)
+    family_roles: dict[str, Callable[["Family"], nn.Module]] = field(default_factory=dict)  # as roles, per family
+    roles: dict[str, Callable[[], nn.Module]] = field(default_factory=dict)  # modules for roles the defaults do not fit
 
 
 PIXEL_REWARD = Extras(config={"reward": "sharpness"}, decoder=True)
 STORE = Extras(batch=key_trajectories, generator={"sampler": "euler", "times": "accvideo_keys"})
+FEATURE_HEADS = {"discriminator": lambda family: FeatureHeads(family.hidden, blocks=[0, -1], width=8)}
+REWARD_ROLES = {name: lambda family: FrameMean()
+                for name in ("reward_image_text", "reward_image_quality", "reward_video_text")}
 EXTRAS: dict[str, Extras] = {
+    "feature_gan_generator": Extras(family_roles=FEATURE_HEADS),
+    "feature_gan_discriminator": Extras(family_roles=FEATURE_HEADS),
+    "spatial_reward": Extras(decoder=True, family_roles=REWARD_ROLES),
+    "temporal_reward": Extras(decoder=True, family_roles=REWARD_ROLES),
     "lrm_fit": PIXEL_REWARD,
     "ddpo": PIXEL_REWARD,
     "trajectory_guidance": STORE,
     "queue_gan_generator": STORE,
     "queue_gan_discriminator": STORE,
+    "ccd": Extras(config={"warmup_steps": 0}),  # r = 1 from step 0: a student equal to its teacher still has a tangent
 }
+
+
+def tiny_feature_discriminator() -> nn.Module:
+    """SwiftVideo's DA discriminator on a tiny random toy-CLIP frame encoder (objectives/distribution_alignment.py)."""
+    from fewstep.data.toyworld import VOCAB
+    from fewstep.models.text_encoder import ToyTextEncoderConfig
+    from fewstep.objectives.distribution_alignment import FeatureDiscriminator, ToyClipFrames
+    from fewstep.rewards.toy_clip import ToyClip, ToyClipConfig
+
+    clip = ToyClip(ToyClipConfig(size=16, channels=[8, 16], blocks=[0, 0], keypoints=2, frame_dim=16, temporal_dim=16,
+                                 embed_dim=8, text=ToyTextEncoderConfig(vocab=VOCAB, dim=8, depth=1, heads=2)))
+    return FeatureDiscriminator(ToyClipFrames(clip), width=8)
+
+
+DA = Extras(decoder=True, roles={"discriminator": tiny_feature_discriminator})
+EXTRAS |= {"da_generator": DA, "da_discriminator": DA}
+
+
+def preference_pairs(latents):
+    """Batch extras of a preference store: the latents as preferred, a perturbed copy as dispreferred."""
+    g = torch.Generator().manual_seed(9)
+    return {"preferred": latents, "dispreferred": latents + torch.randn(latents.shape, generator=g)}
+
+
+EXTRAS["flow_dpo"] = Extras(batch=preference_pairs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,8 +144,11 @@ FAMILIES = {"toy": Family(lambda: make_tiny_pipeline().denoiser, latent=(4, 4, 4
             "wan": Family(make_wan, latent=(4, 2, 4, 4), hidden=16)}
 
 
-def build_role(name: str, teacher: nn.Module, family: Family) -> FakeRole:
-    if name == "discriminator":
+def build_role(name: str, teacher: nn.Module, family: Family, custom: Callable[[], nn.Module] | None = None) -> FakeRole:
+    if custom is not None:
+        torch.manual_seed(3)
+        module = custom()
+    elif name == "discriminator":
         torch.manual_seed(1)
         module = TimestepHeads(channels=family.hidden, timesteps=len(TIME_GRIDS["accvideo_keys"]) - 1, width=8)
     elif name == "lrm":
@@ -116,7 +170,9 @@ def setup(kind: str, family_name: str) -> tuple[Objective, dict[str, FakeRole], 
     config = cls.Config(kind=kind, **extras.config)
     family = FAMILIES[family_name]
     teacher = family.teacher()
-    roles = {name: build_role(name, teacher, family) for name in sorted({config.role, *config.reads()})}
+    custom = {**extras.roles, **{name: partial(make, family) for name, make in extras.family_roles.items()}}
+    roles = {name: build_role(name, teacher, family, custom.get(name))
+             for name in sorted({config.role, *config.reads()})}
 
     pipe = make_tiny_pipeline()  # its text encoder gives 16-wide captions, as both families take
     latents = torch.randn(len(PROMPTS), *family.latent, generator=torch.Generator().manual_seed(0))  # (B, C, T, H, W)

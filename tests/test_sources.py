@@ -26,8 +26,9 @@ def test_data_config_kinds_and_shorthand():
 
 @pytest.mark.parametrize("raw,message", [
     ({"kind": "parquet"}, "config key 'data.kind': unknown data source 'parquet'; known: toy_world, trajectory_store, "
-                          "latent_cache"),
-    ({"path": "x"}, "missing config key 'data.kind' (one of toy_world, trajectory_store, latent_cache)"),
+                          "latent_cache, preference_store"),
+    ({"path": "x"}, "missing config key 'data.kind' (one of toy_world, trajectory_store, latent_cache, "
+                    "preference_store)"),
     ({"kind": "trajectory_store"}, "missing config key 'data.path'"),
     ({"kind": "toy_world", "seed": 3}, "unknown config key 'data.seed'; allowed keys here: kind"),
     (3, "config key 'data': expected a mapping with a 'kind'"),

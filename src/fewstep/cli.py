@@ -430,6 +430,43 @@ def synth(
 
 
 @app.command()
+def pairs(
+    model: str = typer.Option(..., help="The model that samples both videos (the distribution-aligned student, "
+                                        "e.g. RUN/student): a shipped name or a model directory."),
+    num: int = typer.Option(..., help="Pairs to write (pair i: prompt i, noise seeded by (seed, i))."),
+    out: Path = typer.Option(..., help="Store directory: manifest.json + shards; rerun the same command to resume."),
+    steps: tuple[int, int] = typer.Option((8, 4), help="Sampling steps of the preferred and the dispreferred video "
+                                                       "(SwiftVideo: 8 4, then 4 2 in the second round)."),
+    preferred: str = typer.Option("samples", help="samples: the preferred video is the model's with more steps; "
+                                                  "real: the toy world's clip of the prompt (--prompts toy)."),
+    prompts: str = typer.Option("toy", help="'toy' (the toy world's training prompts, by index) or a text file "
+                                            "with one prompt per line (pair i uses line i mod P)."),
+    cfg: float = typer.Option(None, help="CFG scale w of both samples (default: the model's own)."),
+    seed: int = typer.Option(0, help="Seed of the per-pair noise."),
+    batch_size: int = typer.Option(16, help="Pairs sampled together."),
+    shard_size: int = typer.Option(256, help="Pairs per shard file."),
+    dtype: str = typer.Option("auto", help="Stored latents and caption tokens: bf16, fp32, or auto (bf16 for a real "
+                                           "model, fp32 for the toy one)."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the store in --out instead of resuming it."),
+):
+    """Store synthetic preference pairs (SwiftVideo's trajectory alignment) for `distill --recipe swiftvideo_ta`."""
+    from .synth import synthesize_pairs
+    from .utils.progress import StageProgress
+
+    if preferred not in ("samples", "real"):
+        raise UserError(f"--preferred must be 'samples' or 'real', got {preferred!r}")
+    win = "real" if preferred == "real" else steps[0]
+    with StageProgress() as progress:
+        store = synthesize_pairs(model, out, num, preferred=win, dispreferred=steps[1], prompts=prompts,
+                                 cfg_scale=cfg, seed=seed, batch_size=batch_size, shard_size=shard_size, dtype=dtype,
+                                 device=_device(device), progress=progress, overwrite=overwrite)
+    s = store.settings
+    typer.echo(f"{len(store)} pairs ({len(store.manifest.shards)} shards, {s.num_texts} captions, {s.dtype}; preferred "
+               f"{s.preferred}{'' if s.preferred == 'real' else ' steps'}, dispreferred {s.dispreferred} steps) in {out}")
+
+
+@app.command()
 def cache(
     model: str = typer.Option(..., help="The model whose VAE and text encoder to cache with: a shipped name or a "
                                         "model directory."),

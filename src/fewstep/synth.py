@@ -243,3 +243,104 @@ def synthesize(teacher: str | Path, out: str | Path, num: int, *, prompts: str =
         tensors["index"] = torch.arange(start, stop, dtype=torch.int64)
         store.write_shard(start // shard_size, tensors)
     return store
+
+
+# ---------------------------------------------------------------------------------------------
+# Preference pairs (SwiftVideo's trajectory alignment)
+# ---------------------------------------------------------------------------------------------
+
+def synthesize_pairs(model: str | Path, out: str | Path, num: int, *, preferred: int | str = 8,
+                     dispreferred: int = 4, prompts: str = "toy", cfg_scale: float | None = None, seed: int = 0,
+                     batch_size: int = 16, shard_size: int = 256, dtype: str = "auto",
+                     device: str | torch.device = "cpu", progress: Callable[[str, int, int, dict], None] | None = None,
+                     overwrite: bool = False):
+    """Write (or continue) the preference store at ``out`` (:mod:`fewstep.data.preferences`; SwiftVideo §3).
+
+    Sample ``i``: prompt ``i`` and noise seeded by ``(seed, i)`` (as :func:`synthesize`), sampled by ``model``
+    (the distribution-aligned student: its own sampler, e.g. Euler) with ``preferred`` steps (x0^w) and with
+    ``dispreferred`` steps (x0^l) from that same noise; ``preferred="real"`` takes the toy world's clip of
+    prompt ``i`` instead (``prompts="toy"`` only). ``cfg_scale``: default the model's own (a distilled
+    student: none). Shards, resume and integrity are the trajectory store's.
+    """
+    from .data.preferences import PreferenceSettings, PreferenceStore
+
+    for name, value, least in (("--num", num, 1), ("--batch-size", batch_size, 1), ("--shard-size", shard_size, 1),
+                               ("--seed", seed, 0), ("--steps (dispreferred)", dispreferred, 1)):
+        if value < least:
+            raise UserError(f"{name} {value} is invalid; expected an integer >= {least}")
+    real = preferred == "real"
+    if not real and (not isinstance(preferred, int) or preferred <= dispreferred):
+        raise UserError(f"--steps {preferred} {dispreferred}: the preferred sample takes more steps than the "
+                        f"dispreferred one (e.g. 8 4), or give --preferred real")
+    if real and prompts != "toy":
+        raise UserError("--preferred real takes the toy world's clips: use --prompts toy")
+    if dtype not in DTYPE_CHOICES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {dtype!r}")
+    out = Path(out)
+    check_writable(out)
+    if not (out / MANIFEST).is_file() and out.exists() and any(out.iterdir()):
+        raise UserError(f"--out {out} exists and is not a preference store (no {MANIFEST}); choose an empty or new "
+                        f"directory")
+    source = PromptSource(prompts)
+    pipe = load_model(model, device)
+    source.check(pipe, num)
+    cfg_scale = pipe.sampling.cfg_scale if cfg_scale is None else cfg_scale
+    guided = cfg_active(cfg_scale)
+    latent_shape = list(pipe.latent_shape(1)[1:])
+    captions, text_rows = source.table(num)
+    probe = source.encode(pipe, [0])[1]
+    dtype = store_dtype(dtype, pipe)
+    settings = PreferenceSettings(
+        model=str(model) if str(model) in SHIPPED else str(Path(model).resolve()),
+        prompts=prompts if prompts == "toy" else str(Path(prompts).resolve()), prompts_sha256=source.sha256,
+        num=num, seed=seed, preferred=preferred, dispreferred=dispreferred, cfg_scale=cfg_scale if guided else None,
+        shard_size=shard_size, latent_shape=latent_shape, text_shape=list(probe.context.shape[1:]), dtype=dtype,
+        num_texts=len(captions), extra_shapes={name: list(value.shape[1:]) for name, value in probe.extra.items()})
+
+    # 1. open the store (same settings and captions) or create it with its text table
+    if (out / MANIFEST).is_file() and (overwrite or not PreferenceStore.read_manifest(out).shards):
+        for f in [out / MANIFEST, out / TEXTS, *out.glob("shard_*.safetensors")]:
+            f.unlink(missing_ok=True)
+    for leftover in out.glob(".*.tmp"):
+        leftover.unlink()
+    if (out / MANIFEST).is_file():
+        found = PreferenceStore.read_manifest(out).settings
+        if found != settings:
+            diff = next(k for k in PreferenceSettings.model_fields if getattr(found, k) != getattr(settings, k))
+            raise UserError(f"--out {out} holds a preference store made with {diff}={getattr(found, diff)!r} (this "
+                            f"run: {getattr(settings, diff)!r}); rerun with the same settings to continue it, or "
+                            f"choose another --out")
+        store = PreferenceStore.resume(out)
+    else:
+        store = PreferenceStore.create(out, settings)
+        store.write_texts(captions, _table_rows(source, pipe, DTYPES[dtype]), batch_size)
+
+    # 2. the shards the manifest does not list, in order, batches aligned to the shard start
+    world = ToyWorld("train", frames=pipe.geometry.frames, size=pipe.geometry.height, length=2**62) if real else None
+    done = {s.start for s in store.manifest.shards}
+    finished = len(store)
+    if progress:
+        progress("pairs", finished, num, {})
+    for start in [s for s in range(0, num, shard_size) if s not in done]:
+        stop = min(start + shard_size, num)
+        parts: dict[str, list[Tensor]] = {"latents": [], "text_index": []}
+        for first in range(start, stop, batch_size):
+            indices = list(range(first, min(first + batch_size, stop)))
+            texts = [source[i] for i in indices]
+            noise = sample_noise(latent_shape, seed, indices)  # (B, C, T, H, W), the same for both samples
+            with torch.no_grad():
+                lose = pipe.sample_latents(texts, steps=dispreferred, noise=noise, cfg_scale=cfg_scale).x
+                if real:
+                    win = pipe.encode(world.batch(indices)["frames"].to(device))  # the real clip of prompt i
+                else:
+                    win = pipe.sample_latents(texts, steps=preferred, noise=noise, cfg_scale=cfg_scale).x
+            pair = torch.stack([win, lose], dim=1)  # (B, 2, C, T, H, W)
+            parts["latents"].append(pair.to("cpu", DTYPES[dtype]))
+            parts["text_index"].append(torch.tensor([text_rows[i] for i in indices], dtype=torch.int64))
+            finished += len(indices)
+            if progress:
+                progress("pairs", finished, num, {"shard": start // shard_size})
+        tensors = {k: torch.cat(v) for k, v in parts.items()}
+        tensors["index"] = torch.arange(start, stop, dtype=torch.int64)
+        store.write_shard(start // shard_size, tensors)
+    return store

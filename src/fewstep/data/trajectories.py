@@ -57,7 +57,7 @@ import struct
 import sys
 from collections import OrderedDict
 from pathlib import Path
-from typing import Callable, Literal, Sequence
+from typing import Callable, ClassVar, Literal, Sequence
 
 import numpy as np
 import torch
@@ -184,15 +184,18 @@ def _replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
     os.replace(tmp, path)
 
 
-def read_manifest(directory: Path) -> StoreManifest:
-    """The manifest of the store at ``directory`` (missing or unreadable: a one-line error)."""
+def read_manifest(directory: Path, manifest: type[StoreManifest] = StoreManifest, what: str = "trajectory store",
+                  make: str = "fewstep synth") -> StoreManifest:
+    """The manifest of the store at ``directory`` (missing or unreadable: a one-line error). ``manifest``,
+    ``what`` and ``make``: the manifest type, the store's name and command of a store built on this format
+    (:class:`TrajectoryStore`'s class attributes)."""
     path = directory / MANIFEST
     if not path.is_file():
-        raise UserError(f"trajectory store {directory}: no {MANIFEST} (make one with `fewstep synth --out {directory}`)")
+        raise UserError(f"{what} {directory}: no {MANIFEST} (make one with `{make} --out {directory}`)")
     try:
-        return StoreManifest.model_validate(json.loads(path.read_text()))
+        return manifest.model_validate(json.loads(path.read_text()))
     except (ValueError, ValidationError):
-        raise UserError(f"trajectory store {directory}: {MANIFEST} is unreadable") from None
+        raise UserError(f"{what} {directory}: {MANIFEST} is unreadable") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,30 +253,32 @@ class TextTable:
     """The caption table of a format-2 store: ``captions`` and rows by index, read lazily from the
     memory-mapped file (its size checked on opening, its sha256 on first use)."""
 
-    def __init__(self, directory: Path, info: TextTableInfo):
+    def __init__(self, directory: Path, info: TextTableInfo, what: str = "trajectory store",
+                 make: str = "fewstep synth"):
         self.path, self.info = directory / info.file, info
-        self.where = f"trajectory store {directory}: {info.file}"
+        self.where = f"{what} {directory}: {info.file}"
+        self.make = make
         self._file = None
         self._captions: list[str] | None = None
         if not self.path.is_file():
             raise UserError(f"{self.where} is missing (the caption table its shards index); synthesize the store "
-                            f"again with `fewstep synth --overwrite`")
+                            f"again with `{self.make} --overwrite`")
         size = self.path.stat().st_size
         if size != info.bytes:
             raise UserError(f"{self.where} is truncated or corrupt ({size} bytes, expected {info.bytes}); synthesize "
-                            f"the store again with `fewstep synth --overwrite`")
+                            f"the store again with `{self.make} --overwrite`")
 
     def _open(self):
         if self._file is None:
             if sha256_file(self.path) != self.info.sha256:
                 raise UserError(f"{self.where} does not match its checksum (corrupt); synthesize the store again "
-                                f"with `fewstep synth --overwrite`")
+                                f"with `{self.make} --overwrite`")
             try:
                 handle = safe_open(self.path, framework="pt")
                 captions = json.loads(bytes(handle.get_tensor("captions").numpy()).decode("utf-8"))
             except Exception as err:  # safetensors and json raise their own types
                 raise UserError(f"{self.where} is unreadable ({type(err).__name__}); synthesize the store again "
-                                f"with `fewstep synth --overwrite`") from None
+                                f"with `{self.make} --overwrite`") from None
             self._file, self._captions = handle, captions
         return self._file
 
@@ -308,18 +313,22 @@ class TrajectoryStore:
     """
 
     CACHE_SHARDS = 4
+    #: what a store of this class is: its manifest type, its name and the command that makes it (in messages)
+    Manifest: ClassVar[type[StoreManifest]] = StoreManifest
+    WHAT: ClassVar[str] = "trajectory store"
+    MAKE: ClassVar[str] = "fewstep synth"
 
     def __init__(self, directory: str | Path, manifest: StoreManifest | None = None):
         self.directory = Path(directory)
-        self.manifest = read_manifest(self.directory) if manifest is None else manifest
+        self.manifest = self.read_manifest(self.directory) if manifest is None else manifest
         self._cache: OrderedDict[int, dict] = OrderedDict()
         self._verified: set[str] = set()
         self._texts: TextTable | None = None
         if self.manifest.format == 2 and self.manifest.shards and self.manifest.texts is None:
-            raise UserError(f"trajectory store {self.directory}: {MANIFEST} lists shards but no text table; "
-                            f"synthesize the store again with `fewstep synth --overwrite`")
+            raise UserError(f"{self.WHAT} {self.directory}: {MANIFEST} lists shards but no text table; "
+                            f"synthesize the store again with `{self.MAKE} --overwrite`")
         if self.manifest.texts is not None:
-            self._texts = TextTable(self.directory, self.manifest.texts)
+            self._texts = TextTable(self.directory, self.manifest.texts, self.WHAT, self.MAKE)
         for shard in self.manifest.shards:
             self.check_size(shard)
 
@@ -328,7 +337,7 @@ class TrajectoryStore:
     def create(cls, directory: str | Path, settings: StoreSettings) -> "TrajectoryStore":
         """An empty store with ``settings`` (its manifest written; the text table comes next)."""
         Path(directory).mkdir(parents=True, exist_ok=True)
-        store = cls(directory, StoreManifest(settings=settings))
+        store = cls(directory, cls.Manifest(settings=settings))
         store.save_manifest()
         return store
 
@@ -337,9 +346,14 @@ class TrajectoryStore:
         """The store at ``directory`` to continue writing: listed shards that were deleted are dropped
         (and so regenerated); a listed shard whose size changed is still an error naming it, and so is a
         missing or resized text table."""
-        manifest = read_manifest(Path(directory))
+        manifest = cls.read_manifest(Path(directory))
         manifest.shards = [s for s in manifest.shards if (Path(directory) / s.file).is_file()]
         return cls(directory, manifest)
+
+    @classmethod
+    def read_manifest(cls, directory: Path) -> StoreManifest:
+        """The manifest of a store of this class at ``directory`` (:func:`read_manifest`)."""
+        return read_manifest(directory, cls.Manifest, cls.WHAT, cls.MAKE)
 
     def save_manifest(self) -> None:
         text = self.manifest.model_dump_json(indent=1)
@@ -349,12 +363,12 @@ class TrajectoryStore:
         """A listed shard must exist with the size the manifest recorded (catches truncation)."""
         path = self.directory / shard.file
         if not path.is_file():
-            raise UserError(f"trajectory store {self.directory}: {shard.file} is missing; rerun `fewstep synth` "
+            raise UserError(f"{self.WHAT} {self.directory}: {shard.file} is missing; rerun `{self.MAKE}` "
                             f"with the same arguments to regenerate it")
         size = path.stat().st_size
         if size != shard.bytes:
-            raise UserError(f"trajectory store {self.directory}: {shard.file} is truncated or corrupt ({size} bytes, "
-                            f"expected {shard.bytes}); delete it and rerun `fewstep synth` to regenerate it")
+            raise UserError(f"{self.WHAT} {self.directory}: {shard.file} is truncated or corrupt ({size} bytes, "
+                            f"expected {shard.bytes}); delete it and rerun `{self.MAKE}` to regenerate it")
 
     def write_texts(self, captions: list[str], encode: Callable[[list[str]], dict[str, Tensor]],
                     batch_size: int) -> TextTableInfo:
@@ -364,7 +378,7 @@ class TrajectoryStore:
         info = write_text_table(self.directory / TEXTS, captions, encode, batch_size)
         self.manifest.texts = info
         self.save_manifest()
-        self._texts = TextTable(self.directory, info)
+        self._texts = TextTable(self.directory, info, self.WHAT, self.MAKE)
         return info
 
     def write_shard(self, index: int, tensors: dict[str, Tensor]) -> ShardInfo:
@@ -391,7 +405,7 @@ class TrajectoryStore:
     @property
     def texts(self) -> TextTable:
         """The text table (format 2)."""
-        assert self._texts is not None, f"trajectory store {self.directory} has no text table (format 1?)"
+        assert self._texts is not None, f"{self.WHAT} {self.directory} has no text table (format 1?)"
         return self._texts
 
     @property
@@ -415,10 +429,10 @@ class TrajectoryStore:
             return self._cache[key]
         path = self.directory / info.file
         self.check_size(info)
-        where = f"trajectory store {self.directory}: {info.file}"
+        where = f"{self.WHAT} {self.directory}: {info.file}"
         if info.file not in self._verified:
             if sha256_file(path) != info.sha256:
-                raise UserError(f"{where} does not match its checksum (corrupt); delete it and rerun `fewstep synth` "
+                raise UserError(f"{where} does not match its checksum (corrupt); delete it and rerun `{self.MAKE}` "
                                 f"to regenerate it")
             self._verified.add(info.file)
         try:
@@ -427,7 +441,7 @@ class TrajectoryStore:
                 with safe_open(path, framework="pt") as fh:
                     shard["prompts"] = json.loads(fh.metadata()["prompts"])
         except Exception as err:  # safetensors and json raise their own types
-            raise UserError(f"{where} is unreadable ({type(err).__name__}); delete it and rerun `fewstep synth`") \
+            raise UserError(f"{where} is unreadable ({type(err).__name__}); delete it and rerun `{self.MAKE}`") \
                 from None
         self._cache[key] = shard
         while len(self._cache) > self.CACHE_SHARDS:
@@ -443,8 +457,8 @@ class TrajectoryStore:
             j = int(np.searchsorted(starts, i, side="right")) - 1
             info = self.manifest.shards[j] if j >= 0 else None
             if info is None or not info.start <= i < info.start + info.count:
-                raise UserError(f"trajectory store {self.directory}: sample {i} is in no finished shard "
-                                f"({len(self)} of {self.settings.num} samples written); finish it with `fewstep synth`")
+                raise UserError(f"{self.WHAT} {self.directory}: sample {i} is in no finished shard "
+                                f"({len(self)} of {self.settings.num} samples written); finish it with `{self.MAKE}`")
             rows.append((self.load_shard(info), i - info.start))
         latents = torch.stack([shard["latents"][r] for shard, r in rows]).float()  # (B, K, C, T, H, W)
         if self.manifest.format == 1:  # caption tokens stored per sample, float32, no extras

@@ -134,6 +134,12 @@ class HealthMonitor:
                 early.append(value)
             self.recent.setdefault(key, deque(maxlen=self.config.window)).append(value)
 
+    def restart_losses(self) -> None:
+        """Forget the loss history: a new stage changes which objectives a role's loss sums, so its trend
+        starts afresh (the stage's first ``window`` values become the new early ones)."""
+        self.early.clear()
+        self.recent.clear()
+
     def check_losses(self) -> list[HealthIssue]:
         cfg, issues = self.config, []
         for key, recent in self.recent.items():

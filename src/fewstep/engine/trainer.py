@@ -402,6 +402,7 @@ class Trainer:
                 if index != st.stage:
                     st.stage = index
                     self.plan.start_stage(index, self.roles)
+                    self.monitor.restart_losses()  # the stage's losses sum other objectives: a new trend
                 t0 = time.perf_counter()
                 record = self.train_step()
                 record["time/step"] = time.perf_counter() - t0

@@ -13,8 +13,9 @@ is guided is decided here and nowhere else (DESIGN §1): only when a scale is se
 pipelines — pass the scale and the unconditional condition they have without deciding.
 
 Forward-mode derivatives (SwiftVideo's continuous-time consistency needs dF/dt along the
-PF-ODE) come from :meth:`Denoiser.jvp`: ``torch.func.jvp`` under the math SDPA backend
-(PyTorch's CPU flash kernel has no forward AD), or a central finite difference as a fallback.
+PF-ODE) come from :meth:`Denoiser.jvp`: ``torch.func.jvp`` over the whole network under the math
+SDPA backend (PyTorch's CPU flash kernel has no forward AD), block by block (SwiftVideo (003)
+Alg. 2, :func:`blockwise_jvp`), or a central finite difference as a fallback.
 """
 
 from __future__ import annotations
@@ -27,9 +28,28 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..diffusion.parameterization import Prediction, check_prediction_type
 from ..diffusion.schedules import Schedule, expand_like
-from .backbones import Backbone, Conditioning, ModuleBackbone
+from .backbones import Backbone, BlockwiseForward, Conditioning, ModuleBackbone
 
-JVPMethod = Literal["autograd", "finite_difference"]
+JVPMethod = Literal["autograd", "blockwise", "finite_difference"]
+
+
+def blockwise_jvp(parts: BlockwiseForward, x: Tensor, timestep: Tensor, tangent_x: Tensor,
+                  tangent_timestep: Tensor) -> tuple[Tensor, Tensor]:
+    """SwiftVideo (003) Alg. 2: the backbone's output and its JVP along ``(tangent_x, tangent_timestep)``.
+
+    Time embedding and patch embedding first (l. 3–7), then one ``torch.func.jvp`` per block with the
+    value and tangent detached between blocks (l. 8–13), then the output layer (l. 14). Runs without
+    autograd — Alg. 2's ``sg`` — so only one block's primal and tangent activations are alive at a
+    time. Attention runs on the math SDPA kernel (forward AD). Shapes: x, tangent_x (B, C, T, H, W);
+    timestep, tangent_timestep (B,).
+    """
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        state, d_state = torch.func.jvp(parts.time_embed, (timestep,), (tangent_timestep,))  # l. 4
+        h, g = torch.func.jvp(parts.patch_embed, (x,), (tangent_x,))  # l. 6–7: (B, N, D) each
+        for block in parts.blocks:  # l. 8–13
+            h, g = torch.func.jvp(block, (h, *state), (g, *d_state))
+            h, g = h.detach(), g.detach()
+        return torch.func.jvp(parts.output, (h, *state), (g, *d_state))  # l. 14
 
 
 def cfg_active(cfg_scale: float | None) -> bool:
@@ -104,13 +124,19 @@ class Denoiser(nn.Module):
         Returns ``(value, d value)``. ``output`` names a :class:`Prediction` attribute (``"x0"``,
         ``"eps"``, ``"flow"``, …) or is a callable on the prediction.
 
-        * ``"autograd"``: ``torch.func.jvp`` with attention forced onto the math SDPA kernel.
+        * ``"autograd"``: ``torch.func.jvp`` over the whole call, attention on the math SDPA kernel.
+        * ``"blockwise"``: SwiftVideo Alg. 2 (:func:`blockwise_jvp`) over the backbone's split
+          (:meth:`~fewstep.models.backbones.Backbone.blockwise`; toy DiT and Wan), the schedule's
+          model timestep and the prediction-type conversion (and CFG) differentiated around it.
+          Value and derivative come back detached (Alg. 2's stop-gradient).
         * ``"finite_difference"``: ``(f(z + h·v) − f(z − h·v)) / 2h`` with ``h = fd_step``
           (second order; in float32 keep ``h`` around 1e-3 of the tangent's scale).
         """
         t = self._times(t, x_t)
         tangent_t = tangent_t.to(t.dtype).expand_as(t)
         read = output if callable(output) else (lambda p: getattr(p, output))
+        if method == "blockwise":
+            return self._blockwise_jvp(x_t, t, cond, tangent_x, tangent_t, read, cfg_scale, uncond)
 
         def f(x, tt):
             return read(self.predict(x, tt, cond, cfg_scale=cfg_scale, uncond=uncond))
@@ -124,3 +150,28 @@ class Denoiser(nn.Module):
             plus, minus = f(x_t + h * tangent_x, t + h * tangent_t), f(x_t - h * tangent_x, t - h * tangent_t)
             return value, (plus - minus) / (2 * h)
         raise ValueError(f"unknown JVP method {method!r}")
+
+    def _blockwise_jvp(self, x_t, t, cond, tangent_x, tangent_t, read, cfg_scale, uncond) -> tuple[Tensor, Tensor]:
+        """:meth:`jvp` with ``method="blockwise"``: model timestep → Alg. 2 on the backbone → prediction."""
+        guided = cfg_active(cfg_scale)
+        if guided and uncond is None:
+            raise ValueError(f"CFG scale {cfg_scale} needs the unconditional condition (uncond)")
+        with torch.no_grad():
+            timestep, d_timestep = torch.func.jvp(self.schedule.model_timestep, (t,), (tangent_t,))  # (B,) each
+            x, d_x, both = x_t, tangent_x, cond
+            if guided:  # one batched pass over [cond; uncond], as predict does
+                x, d_x, both = torch.cat([x_t, x_t]), torch.cat([tangent_x, tangent_x]), Conditioning.cat([cond, uncond])
+                timestep, d_timestep = torch.cat([timestep, timestep]), torch.cat([d_timestep, d_timestep])
+            out, d_out = blockwise_jvp(self.backbone.blockwise(x, timestep, both), x, timestep, d_x, d_timestep)
+            self.nfe += 2 if guided else 1
+
+            def convert(x_, t_, out_):  # raw output → the prediction read, with CFG; elementwise
+                alpha, sigma = expand_like(self.schedule.alpha(t_), x_), expand_like(self.schedule.sigma(t_), x_)
+                if not guided:
+                    return read(Prediction.from_output(self.prediction_type, out_, x_, alpha, sigma))
+                out_c, out_u = out_.chunk(2)
+                pred_c = Prediction.from_output(self.prediction_type, out_c, x_, alpha, sigma)
+                pred_u = Prediction.from_output(self.prediction_type, out_u, x_, alpha, sigma)
+                return read(pred_c.guided(pred_u, cfg_scale))
+
+            return torch.func.jvp(convert, (x_t, t, out), (tangent_x, tangent_t, d_out))

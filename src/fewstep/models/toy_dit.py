@@ -386,6 +386,47 @@ class ToyDiT(nn.Module):
         by_id = dict(features)
         return out, [by_id[i] for i in feature_ids]
 
+    def blockwise(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
+                  context_mask: torch.Tensor | None = None):
+        """:meth:`forward` as the pieces of SwiftVideo's block-wise JVP (003 Alg. 2): a
+        :class:`~fewstep.models.backbones.BlockwiseForward` whose time state is ``(c, shared_mod)``.
+
+        The caption (pooled embedding, cross-attention mask) is computed here once and closed over;
+        phases and shapes are those of :meth:`forward` (steps 1–5), which it must equal (tested).
+        Inputs in another dtype than the weights are cast in, the output cast back.
+        """
+        from .backbones import BlockwiseForward
+
+        grid = self._check_inputs(x, context)
+        dtype, out_dtype = self.patch_embed.weight.dtype, x.dtype
+        context = context.to(dtype)
+        if context_mask is None:
+            context_mask = torch.ones(context.shape[:2], dtype=torch.bool, device=context.device)
+        keep = context_mask.to(context.dtype)[..., None]  # (B, L, 1)
+        pooled = (context * keep).sum(1) / keep.sum(1).clamp(min=1.0)  # (B, text_dim)
+        text_c = self.text_pool_embedder(pooled)  # (B, D)
+        has_context = context_mask.any(dim=1)  # (B,)
+        attn_mask = (context_mask | ~has_context[:, None])[:, None, None, :]  # (B, 1, 1, L)
+        context_keep = has_context.to(dtype)[:, None, None]  # (B, 1, 1)
+
+        def time_embed(ts):  # 2. c = timestep embedding + pooled caption embedding
+            if ts.ndim == 0:
+                ts = ts.expand(x.shape[0])
+            c = self.t_embedder(timestep_embedding(ts.to(dtype), self.config.timestep_freq_dim)) + text_c  # (B, D)
+            return c, rearrange(self.adaLN_modulation(c), "b (six d) -> b six d", six=6)  # (B, D), (B, 6, D)
+
+        def patch_embed(x_):  # 1. tokens
+            h = self.patch_embed(self.patchify(x_.to(dtype)))  # (B, N, D)
+            return h + self.pos_embed_for(grid, h.device, h.dtype)
+
+        def make_block(block):  # 4. one transformer block
+            return lambda h, c, shared_mod: block(h, shared_mod, context, attn_mask, context_keep)
+
+        def output(h, c, shared_mod):  # 5. final adaLN + linear → (B, C_out, T, H, W)
+            return self.unpatchify(self.final_layer(h, c), grid).to(out_dtype)
+
+        return BlockwiseForward(time_embed, patch_embed, [make_block(b) for b in self.blocks], output)
+
     def _resolve_feature_ids(self, return_features: list[int] | None) -> list[int]:
         if return_features is None:
             return []

@@ -6,6 +6,9 @@
       student: {optim: …}                      # no build: a copy of the model's denoiser
       lrm:     {build: {kind: lrm, width: 64, …}, optim: …}            DOLLAR App. 7.2 latent reward model
       discriminator: {build: {kind: timestep_heads, heads: 5}, optim: …}  AccVideo Eq. 8 projection heads
+      discriminator: {build: {kind: feature_discriminator, features: dinov2, path: DIR}, optim: …}  SwiftVideo Eq. 10
+      discriminator: {build: {kind: feature_heads, blocks: [1, 2, 3]}, optim: …}  RGTD §3.3 multi-head D
+      reward_video_text: {build: {kind: reward, name: toy-clip-video}}   a frozen reward model (RGTD Eq. 13–14)
 
 Any recipe builds any registered kind, under any role name (two discriminators, two LRMs), so
 mixing objectives across papers is a config change. A builder reads what it needs from the model
@@ -15,14 +18,19 @@ being distilled (latent channels, caption width, hidden width); a new one is a c
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import nn
 
 from ..config import KindRegistry, StrictModel
+from ..errors import UserError
+from ..models.features import depth
 from ..models.family import VideoModel
 from ..objectives.adversarial import TimestepHeads
+from ..objectives.distribution_alignment import FeatureDiscriminatorConfig, build_feature_discriminator
+from ..objectives.feature_gan import FeatureHeads
+from ..rewards import REWARDS, build_reward
 from ..rewards.latent import LatentRewardModelConfig, build_lrm
 
 ROLE_BUILDERS = KindRegistry("role builder")
@@ -55,3 +63,49 @@ class TimestepHeadsBuild(StrictModel):
 
     def build(self, model: VideoModel) -> nn.Module:
         return TimestepHeads(model.hidden_dim, self.heads, self.width, self.single_head)
+
+
+@register_builder
+class FeatureHeadsBuild(StrictModel):
+    """RGTD §3.3's multi-head discriminator: one head per teacher block it reads, on the model's hidden width."""
+
+    kind: Literal["feature_heads"] = "feature_heads"
+    blocks: list[int] = Field([-1], min_length=1, description="teacher blocks whose features the heads read "
+                                                              "(negative: from the last)")
+    width: int = Field(64, ge=1, description="channels of each head's hidden conv")
+
+    def build(self, model: VideoModel) -> nn.Module:
+        n = depth(model.denoiser)
+        if any(not -n <= b < n for b in self.blocks):
+            raise UserError(f"build key 'blocks': {self.blocks} out of range for the model's {n} transformer blocks")
+        return FeatureHeads(model.hidden_dim, self.blocks, self.width)
+
+
+@register_builder
+class RewardBuild(StrictModel):
+    """A frozen reward model (fewstep.rewards: toy-clip-frame, sharpness, clip, xclip, …) as a role."""
+
+    kind: Literal["reward"] = "reward"
+    name: str = Field(description="a registered reward (fewstep.rewards.REWARDS)")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="its keyword arguments (e.g. path: DIR)")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        if value not in REWARDS:
+            raise ValueError(f"unknown reward {value!r}; expected one of {', '.join(REWARDS)}")
+        return value
+
+    def build(self, model: VideoModel) -> nn.Module:
+        return build_reward(self.name, **self.kwargs)
+
+
+@register_builder
+class FeatureDiscriminatorBuild(FeatureDiscriminatorConfig):
+    """SwiftVideo Eq. 10's discriminator: a frozen image feature network (toy CLIP frames or a local DINOv2)
+    with trainable spatial and temporal heads (objectives/distribution_alignment.py)."""
+
+    kind: Literal["feature_discriminator"] = "feature_discriminator"
+
+    def build(self, model: VideoModel) -> nn.Module:
+        return build_feature_discriminator(self)

@@ -141,10 +141,10 @@ class TrajectorySource:
     def __init__(self, store: TrajectoryStore | str | Path, model: VideoModel):
         self.store = store if isinstance(store, TrajectoryStore) else TrajectoryStore(store)
         self.model = model  # only its text encoder is used (null caption)
-        settings, where = self.store.settings, f"trajectory store {self.store.directory}"
+        settings, where = self.store.settings, f"{self.store.WHAT} {self.store.directory}"
         if not self.store.complete:
             raise UserError(f"{where} is incomplete ({len(self.store)} of {settings.num} samples); rerun "
-                            f"`fewstep synth` with the same arguments to finish it")
+                            f"`{self.store.MAKE}` with the same arguments to finish it")
         want = list(model.latent_shape(1)[1:])
         if settings.latent_shape != want:
             raise UserError(f"{where} holds latents of shape {tuple(settings.latent_shape)}; the model's are "
@@ -246,3 +246,45 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     """63-bit seed of epoch ``epoch``'s sample order."""
     (word,) = np.random.SeedSequence([0xCAC4E, seed, epoch]).generate_state(1, dtype=np.uint64)
     return int(word) >> 1
+
+
+# ---------------------------------------------------------------------------------------------
+# preference_store
+# ---------------------------------------------------------------------------------------------
+
+@register_source
+class PreferenceStoreData(DataConfig):
+    """A synthetic preference store (:mod:`fewstep.data.preferences`, made by ``fewstep pairs``): SwiftVideo's
+    trajectory-alignment pairs."""
+
+    kind: Literal["preference_store"] = "preference_store"
+    path: str = Field(description="store directory (fewstep pairs --out)")
+
+    def build(self, model: VideoModel, seed: int) -> DataSource:
+        return PreferenceSource(self.path, model)
+
+    def provides(self) -> set[str]:
+        return {"preferred", "dispreferred"}
+
+
+class PreferenceSource(TrajectorySource):
+    """A preference store as the engine's data stream: position ``p`` → pair ``p mod N``.
+
+    ``Batch.latents`` is the preferred latent ``x0^w``; ``extra["preferred"]`` and ``extra["dispreferred"]``
+    hold ``x0^w`` and ``x0^l`` ``(B, C, T, H, W)`` float32; ``cond`` the stored caption. The store must be
+    complete and match the model's latent and caption shapes (as a trajectory store)."""
+
+    def __init__(self, store, model: VideoModel):
+        from ..data.preferences import PreferenceStore
+
+        super().__init__(store if isinstance(store, PreferenceStore) else PreferenceStore(store), model)
+
+    @torch.no_grad()
+    def batch(self, positions: Sequence[int], device: torch.device) -> Batch:
+        items = self.store.pairs([p % self.store.settings.num for p in positions])
+        cond = Conditioning(items["context"].to(device), items["mask"].to(device),
+                            {name: value.to(device) for name, value in items["extra"].items()})
+        win, lose = items["preferred"].to(device), items["dispreferred"].to(device)  # (B, C, T, H, W) each
+        return Batch(latents=win, cond=cond, uncond=self.model.null_condition(len(positions)), prompts=items["prompts"],
+                     sample_ids=torch.as_tensor(list(positions), dtype=torch.int64),
+                     extra={"preferred": win, "dispreferred": lose})
