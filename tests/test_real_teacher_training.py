@@ -295,3 +295,14 @@ def test_every_recipe_runs_on_a_real_teacher_by_config(recipe, presets, models, 
     assert rc == 0, err
     assert sorted(losses(tmp_path / "run")) == [1, 2]
     assert (tmp_path / "run" / "student" / "model_index.json").is_file()
+
+
+def test_default_lora_targets_are_the_linear_layers_of_the_repeated_blocks(tiny_pipeline, wan_dir):
+    """targets: null adapts the Linear layers inside a ModuleList of blocks, not an embedder's Sequential."""
+    from fewstep.engine.lora import block_linears
+
+    toy = block_linears(tiny_pipeline.denoiser)
+    assert toy and all(".blocks." in name for name in toy), toy
+    wan = block_linears(load_model(wan_dir).denoiser)
+    assert wan and all(name.startswith("backbone.model.blocks.") for name in wan), wan
+    assert any(name.endswith("attn1.to_q") for name in wan) and any("ffn" in name for name in wan)

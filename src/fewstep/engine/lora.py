@@ -60,9 +60,14 @@ def shared_copy(module: nn.Module) -> nn.Module:
 
 
 def block_linears(module: nn.Module) -> list[str]:
-    """Names of the ``nn.Linear`` layers inside a ``ModuleList`` (a DiT's blocks)."""
-    in_blocks = re.compile(r"(^|\.)\d+(\.|$)")
-    return [name for name, m in module.named_modules() if isinstance(m, nn.Linear) and in_blocks.search(name)]
+    """Names of the ``nn.Linear`` layers inside an ``nn.ModuleList`` (a DiT's repeated blocks) — not those
+    of an ``nn.Sequential`` (an embedder's ``t_embedder.0``) elsewhere."""
+    names = []
+    for list_name, blocks in module.named_modules():
+        if type(blocks) is nn.ModuleList:
+            prefix = f"{list_name}." if list_name else ""
+            names += [f"{prefix}{name}" for name, m in blocks.named_modules() if isinstance(m, nn.Linear)]
+    return list(dict.fromkeys(names))
 
 
 def add_lora(module: nn.Module, config: LoraConfig) -> nn.Module:
