@@ -162,23 +162,12 @@ class VisionFeatures:
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device = "cpu", what: str = "--features") -> VisionFeatures:
-        import transformers
-
-        from fewstep.utils.io import read_json
+        from fewstep.utils.pretrained import image_processor, load_local
 
         directory = Path(directory)
         name = vision_model_class(directory, what)
-        transformers.utils.logging.disable_progress_bar()  # one-line output: no loading bars on stderr
-        try:
-            model = getattr(transformers, name).from_pretrained(directory, local_files_only=True)
-        except (OSError, ValueError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise UserError(f"{what} {directory}: the {name} could not be loaded ({first})") from None
-        finally:
-            transformers.utils.logging.enable_progress_bar()
-        processor = {}
-        if (directory / "preprocessor_config.json").is_file():
-            processor = read_json(directory / "preprocessor_config.json", f"{what} {directory}/preprocessor_config.json")
+        model = load_local(name, directory, what)
+        processor = image_processor(directory, what)
         mean, std = processor.get("image_mean", IMAGENET_MEAN), processor.get("image_std", IMAGENET_STD)
         config = model.config.vision_config if name == "CLIPModel" else model.config
         size = config.image_size

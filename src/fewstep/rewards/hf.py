@@ -27,7 +27,7 @@ from einops import rearrange
 from torch import Tensor
 
 from fewstep.errors import UserError
-from fewstep.utils.io import read_json
+from fewstep.utils.pretrained import image_stats, load_local
 
 from .base import Reward, check_frames
 
@@ -38,25 +38,11 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 def load_transformers(path: str | Path, class_name: str, what: str):
     """``(model (eval, frozen), tokenizer, image mean, image std)`` from a local directory; one-line errors."""
-    import transformers
-
     directory = Path(path)
     if not (directory / "config.json").is_file():
         raise UserError(f"{what} {directory}: not a local transformers model directory (no config.json)")
-    transformers.utils.logging.disable_progress_bar()
-    try:
-        model = getattr(transformers, class_name).from_pretrained(directory, local_files_only=True)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
-    except (OSError, ValueError, TypeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{what} {directory}: the {class_name} and its tokenizer could not be loaded "
-                        f"({first})") from None
-    finally:
-        transformers.utils.logging.enable_progress_bar()
-    processor = {}
-    if (directory / "preprocessor_config.json").is_file():
-        processor = read_json(directory / "preprocessor_config.json", f"{what} {directory}/preprocessor_config.json")
-    mean, std = processor.get("image_mean", CLIP_MEAN), processor.get("image_std", CLIP_STD)
+    model, tokenizer = load_local(class_name, directory, what, tokenizer=True)
+    mean, std = image_stats(directory, what, CLIP_MEAN, CLIP_STD)
     return model.eval().requires_grad_(False), tokenizer, mean, std
 
 
