@@ -18,7 +18,7 @@ from fewstep.engine.trainer import Trainer
 from fewstep.models.family import load_model
 from fewstep.recipes.base import recipe_class
 from fewstep.objectives.base import StepContext
-from helpers import FakeRole, cli, losses, make_tiny_clip, make_tiny_wan_pipeline, make_tiny_xclip, tensors
+from helpers import FakeRole, cli, losses, make_tiny_clip, make_tiny_xclip, tensors
 
 RGTD = recipe_class("rgtd")
 
@@ -164,6 +164,24 @@ def test_a_30_step_run_lowers_the_losses(smoke_run, teacher_dir, tmp_path):
     assert sum(w * probe(n, student=student) for n, w in rewards.items()) < sum(w * probe(n) for n, w in rewards.items())
 
 
+def test_stop_and_resume_is_exact(smoke_run, teacher_dir, tmp_path, capsys):
+    """Stopped at step 12 and resumed to 30: every role, EMA, optimiser state and logged loss as in one run."""
+    run = tmp_path / "run"
+    rc, _, err = cli(capsys, *rgtd_args(teacher_dir, run, *HEADS, "train.steps=12", "train.checkpoint_every=12"))
+    assert rc == 0, err
+    rc, _, err = cli(capsys, "distill", "--resume", run, "--set", "train.steps=30", "--set", "train.checkpoint_every=0")
+    assert rc == 0, err
+    where = smoke_run / "checkpoints" / "step_000030"
+    stems = sorted(str(p.relative_to(where).with_suffix("")) for p in where.glob("*/*.safetensors"))
+    assert {"roles/student", "roles/fake_score", "roles/discriminator", "optim/student"} <= set(stems), stems
+    for stem in stems:
+        got, want = tensors(run, 30, stem), tensors(smoke_run, 30, stem)
+        assert got.keys() == want.keys(), stem
+        for k in want:
+            assert torch.equal(got[k], want[k]), f"{stem}:{k}"
+    assert losses(run) == losses(smoke_run)
+
+
 def test_the_student_is_exported_as_a_4_step_model(smoke_run):
     run = json.loads((smoke_run / "run.json").read_text())
     assert run["recipe"] == "rgtd"
@@ -174,9 +192,9 @@ def test_the_student_is_exported_as_a_4_step_model(smoke_run):
     assert videos.shape == (1, 8, 16, 16, 3) and result.nfe == 4
 
 
-def test_rgtd_on_a_tiny_wan_by_config(tmp_path, capsys):
+def test_rgtd_on_a_tiny_wan_by_config(wan_dir, tmp_path, capsys):
     """A real (diffusers) teacher: Wan's VAE decodes for the toy CLIP and sharpness rewards, its blocks feed D."""
-    wan = make_tiny_wan_pipeline(tmp_path / "wan")
+    wan = wan_dir
     run = tmp_path / "run"
     rc, _, err = cli(capsys, *rgtd_args(wan, run, *HEADS, "train.steps=10", "train.batch_size=2"))
     assert rc == 0, err
