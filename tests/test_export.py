@@ -189,10 +189,12 @@ def test_fit_reproduces_uniform_grids_and_finds_the_nearest_otherwise():
     assert gap <= np.abs(stock_sigmas(5, 3.0, float(keys[-1])) - keys).max() + 1e-12  # no worse than the teacher's shift
 
 
-def test_bad_exports_are_one_line(runs, wan_dir, tmp_path, capsys):
+def test_bad_exports_are_one_line(runs, wan_dir, teacher_dir, tmp_path, capsys):
     empty = tmp_path / "empty_run"
     empty.mkdir()
+    toy = train("finetune", teacher_dir, tmp_path / "toy_run")
     cases = [
+        (["export", toy, "--out", tmp_path / "a"], "not a diffusers pipeline; its RUN/student directory is the export"),
         (["export", empty, "--out", tmp_path / "a"], "has no checkpoint to export"),
         (["export", tmp_path / "missing", "--out", tmp_path / "a"], "does not exist"),
         (["export", runs["euler"], "--out", tmp_path / "a", "--lora-only"], "is not a LoRA role"),
