@@ -385,3 +385,20 @@ def test_ctrl_c_keeps_the_finished_shards_and_says_how_to_continue(wan_dir, vide
     monkeypatch.setattr(cache_command, "make_shard", real)
     rc, _, err = cli(capsys, *argv)
     assert rc == 0, err
+
+
+def test_caching_never_loads_the_transformer(wan_dir, videos, tmp_path, capsys, monkeypatch):
+    """Only the VAE and the text encoder are loaded: a 14B teacher's transformer stays on disk."""
+    from fewstep.models.diffusers_family import DiffusersVideoModel
+
+    loaded, real = [], DiffusersVideoModel.component
+
+    def component(self, name):
+        if name in self.lazy:
+            loaded.append(name)
+        return real(self, name)
+
+    monkeypatch.setattr(DiffusersVideoModel, "component", component)
+    rc, _, err = cli(capsys, "cache", "--model", wan_dir, "--videos", videos, "--out", tmp_path / "c")
+    assert rc == 0, err
+    assert "transformer" not in loaded and {"vae", "text_encoder"} <= set(loaded), loaded

@@ -126,8 +126,10 @@ class Backbone(nn.Module):
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype a network holds its weights in (adapters cast inputs to it, outputs back)."""
-    return next(model.parameters()).dtype
+    """The dtype a network computes in (adapters cast inputs to it, outputs back): a diffusers model's own
+    ``dtype`` (which skips the modules it keeps in fp32, e.g. Wan's time embedder), else its first weight's."""
+    dtype = getattr(model, "dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) else next(model.parameters()).dtype
 
 
 class ModuleBackbone(Backbone):

@@ -130,7 +130,8 @@ class PipelineSpec:
     encode: Callable[["DiffusersVideoModel", Tensor], Tensor]  # video (B, 3, T, H, W) → latents
     decode: Callable[["DiffusersVideoModel", Tensor], Tensor]  # latents → video (B, 3, T, H, W)
     text_dim: Callable[[Any], int] = lambda config: int(config.d_model)  # text encoder config → D of (B, L, D)
-    pipeline_defaults: Callable[[Any, Any], dict[str, Any]] = lambda pipe, vae_config: {}  # from the loaded pipeline
+    pipeline_defaults: Callable[[Any, Any], dict[str, Any]] = lambda transformer_config, vae_config: {}  # from configs
+    check_settings: Callable[[Any, Any], None] = lambda transformer_config, settings: None  # before loading
     settings_keys: tuple[str, ...] = ()  # the optional DiffusersSettings keys this class reads
 
 
@@ -170,7 +171,7 @@ def _wan_prompts(model: "DiffusersVideoModel", prompts: list[str]) -> Conditioni
 
 def _wan_factors(model: "DiffusersVideoModel") -> tuple[int, int, int]:
     """(temporal, spatial) VAE factors and the transformer's spatial patch."""
-    vae, patch = model.config_of("vae"), model.transformer.config.patch_size
+    vae, patch = model.config_of("vae"), model.config_of("transformer").patch_size
     return 2 ** sum(vae.temperal_downsample), 2 ** len(vae.temperal_downsample), patch[1]
 
 
@@ -249,14 +250,18 @@ def _vp_schedule(scheduler) -> tuple[VPDiscrete, str]:
 
 
 def _cogvideox_backbone(transformer, settings: DiffusersSettings) -> CogVideoXBackbone:
-    """The adapter; a model with sin-cos or learned position embeddings takes exactly its caption length."""
-    cfg = transformer.config
+    """The adapter (settings checked by :func:`_cogvideox_settings`)."""
+    _cogvideox_settings(transformer.config, settings)
+    return CogVideoXBackbone(transformer)
+
+
+def _cogvideox_settings(cfg, settings: DiffusersSettings) -> None:
+    """A model with sin-cos or learned position embeddings takes exactly its caption length."""
     fixed_text = not cfg.use_rotary_positional_embeddings or cfg.use_learned_positional_embeddings
     if fixed_text and settings.max_sequence_length != cfg.max_text_seq_length:
         raise UserError(f"{SETTINGS_FILE}: max_sequence_length {settings.max_sequence_length} does not fit this "
                         f"CogVideoX transformer, whose position embeddings take {cfg.max_text_seq_length} caption "
                         f"tokens")
-    return CogVideoXBackbone(transformer)
 
 
 def _cogvideox_prompts(model: "DiffusersVideoModel", prompts: list[str]) -> Conditioning:
@@ -271,7 +276,7 @@ def _cogvideox_prompts(model: "DiffusersVideoModel", prompts: list[str]) -> Cond
 def _cogvideox_factors(model: "DiffusersVideoModel") -> tuple[int, int, int]:
     """(temporal, spatial) VAE factors and the transformer's spatial patch, as ``CogVideoXPipeline`` reads them."""
     vae = model.config_of("vae")
-    return vae.temporal_compression_ratio, 2 ** (len(vae.block_out_channels) - 1), model.transformer.config.patch_size
+    return vae.temporal_compression_ratio, 2 ** (len(vae.block_out_channels) - 1), model.config_of("transformer").patch_size
 
 
 def _cogvideox_check(model: "DiffusersVideoModel", frames: int, height: int, width: int) -> None:
@@ -279,7 +284,7 @@ def _cogvideox_check(model: "DiffusersVideoModel", frames: int, height: int, wid
     ``4T'`` (its temporal upsampling keeps the first frame of odd counts only): clips of ``8k + 1`` frames."""
     temporal, spatial, patch = _cogvideox_factors(model)
     _check_clip(frames, height, width, 2 * temporal, spatial, patch)
-    cfg = model.transformer.config
+    cfg = model.config_of("transformer")
     if cfg.patch_size_t is not None and cfg.use_rotary_positional_embeddings:  # 1.5: RoPE sliced from a fixed grid
         for name, size, most in (("height", height, cfg.sample_height * spatial),
                                  ("width", width, cfg.sample_width * spatial)):
@@ -295,7 +300,7 @@ def _cogvideox_frames(model: "DiffusersVideoModel") -> tuple[int, int]:
     """
     temporal, _, _ = _cogvideox_factors(model)
     frames = (model.settings.frames - 1) // temporal + 1
-    patch_t = model.transformer.config.patch_size_t
+    patch_t = model.config_of("transformer").patch_size_t
     return frames, (-frames) % patch_t if patch_t else 0
 
 
@@ -310,7 +315,7 @@ def _cogvideox_encode(model: "DiffusersVideoModel", video: Tensor) -> Tensor:
     """``z = mode(E(video)) · scaling_factor`` (B, C, T', H', W'); CogVideoX 1.5's padding frames are the first
     latent frames repeated in front, as ``CogVideoXImageToVideoPipeline`` pads its image latents."""
     z = model.vae.encode(video.to(model.vae.dtype)).latent_dist.mode().float() * model.vae.config.scaling_factor
-    patch_t = model.transformer.config.patch_size_t
+    patch_t = model.config_of("transformer").patch_size_t
     pad = (-z.shape[2]) % patch_t if patch_t else 0
     return torch.cat([z[:, :, :pad], z], dim=2)  # (B, C, pad + T', H', W')
 
@@ -325,9 +330,9 @@ def _cogvideox_decode(model: "DiffusersVideoModel", latents: Tensor) -> Tensor:
     return model.vae.decode(z.to(model.vae.dtype)).sample.float()
 
 
-def _cogvideox_defaults(pipe, vae_config) -> dict[str, Any]:
+def _cogvideox_defaults(transformer_config, vae_config) -> dict[str, Any]:
     """The pipeline's own clip size: the transformer's sample size (``CogVideoXPipeline.__call__``)."""
-    cfg, spatial = pipe.transformer.config, 2 ** (len(vae_config.block_out_channels) - 1)
+    cfg, spatial = transformer_config, 2 ** (len(vae_config.block_out_channels) - 1)
     return {"frames": cfg.sample_frames, "height": cfg.sample_height * spatial, "width": cfg.sample_width * spatial}
 
 
@@ -336,7 +341,8 @@ COGVIDEOX = PipelineSpec(
     defaults={"max_sequence_length": 226, "negative_prompt": "",
               "sampling": {"sampler": "ddim", "steps": 50, "cfg_scale": 6.0, "spacing": "diffusers"}},
     encode_prompts=_cogvideox_prompts, check_geometry=_cogvideox_check, latent_shape=_cogvideox_latent_shape,
-    encode=_cogvideox_encode, decode=_cogvideox_decode, pipeline_defaults=_cogvideox_defaults)
+    encode=_cogvideox_encode, decode=_cogvideox_decode, pipeline_defaults=_cogvideox_defaults,
+    check_settings=_cogvideox_settings)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,11 +351,16 @@ COGVIDEOX = PipelineSpec(
 
 def _hunyuan_backbone(transformer, settings: DiffusersSettings) -> HunyuanVideoBackbone:
     """The adapter, fed ``embedded_guidance_scale`` when the transformer is guidance-distilled."""
+    _hunyuan_settings(transformer.config, settings)
     scale = settings.embedded_guidance_scale
-    if transformer.config.guidance_embeds and scale is None:
+    return HunyuanVideoBackbone(transformer, 6.0 if scale is None else scale)
+
+
+def _hunyuan_settings(cfg, settings: DiffusersSettings) -> None:
+    scale = settings.embedded_guidance_scale
+    if cfg.guidance_embeds and scale is None:
         raise UserError(f"{SETTINGS_FILE}: embedded_guidance_scale must be set: this HunyuanVideo transformer takes "
                         f"the guidance scale as an input (the pipeline's default is 6.0)")
-    return HunyuanVideoBackbone(transformer, 6.0 if scale is None else scale)
 
 
 def _hunyuan_prompts(model: "DiffusersVideoModel", prompts: list[str]) -> Conditioning:
@@ -368,7 +379,7 @@ def _hunyuan_prompts(model: "DiffusersVideoModel", prompts: list[str]) -> Condit
 def _hunyuan_factors(model: "DiffusersVideoModel") -> tuple[int, int, int]:
     """(temporal, spatial) VAE factors and the transformer's spatial patch, as ``HunyuanVideoPipeline`` reads them."""
     vae = model.config_of("vae")
-    return vae.temporal_compression_ratio, vae.spatial_compression_ratio, model.transformer.config.patch_size
+    return vae.temporal_compression_ratio, vae.spatial_compression_ratio, model.config_of("transformer").patch_size
 
 
 def _hunyuan_check(model: "DiffusersVideoModel", frames: int, height: int, width: int) -> None:
@@ -402,7 +413,7 @@ HUNYUAN = PipelineSpec(
               "sampling": {"sampler": "euler", "steps": 50, "cfg_scale": 1.0, "spacing": "uniform"}},
     encode_prompts=_hunyuan_prompts, check_geometry=_hunyuan_check, latent_shape=_hunyuan_latent_shape,
     encode=_hunyuan_encode, decode=_hunyuan_decode, text_dim=lambda config: int(config.hidden_size),
-    settings_keys=("embedded_guidance_scale", "prompt_template"))
+    settings_keys=("embedded_guidance_scale", "prompt_template"), check_settings=_hunyuan_settings)
 
 #: Supported pipeline classes by ``model_index.json``'s ``_class_name``.
 SPECS: dict[str, PipelineSpec] = {spec.pipeline: spec for spec in (WAN, COGVIDEOX, HUNYUAN)}
@@ -430,16 +441,17 @@ class DiffusersVideoModel(SamplingMixin, nn.Module):
     submodules (``.to`` moves them); ``pipe`` is the diffusers pipeline object holding the same components,
     used for its own prompt encoding and for saving.
 
-    **Lazy encoders.** :meth:`load` loads the transformer, tokenizers and scheduler; the VAE and text
-    encoders load on first use (an encode, a decode, a caption) onto the transformer's device, frozen.
-    A distillation that reads latents and captions from a cache (``data: {kind: latent_cache}``) never
-    loads them; shapes come from their configs (:meth:`config_of`), and :meth:`save` copies the files
-    of an encoder it never loaded.
+    **Lazy networks.** :meth:`load` loads the tokenizers and the scheduler; the transformer (with the
+    :attr:`denoiser` around it), the VAE and the text encoders load on first use onto the model's
+    device, frozen. A distillation that reads latents and captions from a cache (``data: {kind:
+    latent_cache}``) never loads the encoders, ``fewstep cache`` never loads the transformer; shapes
+    come from the configs (:meth:`config_of`), and :meth:`save` copies the files of a network it never
+    loaded.
     """
 
     prompt_grammar = None  # any text
-    LAZY = ("vae", "text_encoder", "text_encoder_2")
-    vae, text_encoder, text_encoder_2 = _Component(), _Component(), _Component()
+    LAZY = ("transformer", "vae", "text_encoder", "text_encoder_2")
+    transformer, vae, text_encoder, text_encoder_2 = _Component(), _Component(), _Component(), _Component()
 
     def __init__(self, pipe, spec: PipelineSpec, settings: DiffusersSettings, source: Path | None = None,
                  lazy: dict[str, tuple[str, str]] | None = None, load_dtype: torch.dtype | None = None):
@@ -450,20 +462,32 @@ class DiffusersVideoModel(SamplingMixin, nn.Module):
         self.spec, self.settings = spec, settings
         self.source, self.load_dtype = source, load_dtype
         self.lazy = {name: entry for name, entry in (lazy or {}).items() if getattr(pipe, name, None) is None}
-        self.transformer = pipe.transformer
+        self._device = torch.device("cpu")  # where deferred components go (``to`` updates it)
         for name in self.LAZY:
             if getattr(pipe, name, None) is not None:
                 self._modules[name] = getattr(pipe, name)  # (add_module would consult the descriptor)
         object.__setattr__(self, "pipe", pipe)  # not a submodule: its components are registered above
-        schedule, prediction_type = spec.schedule(pipe.scheduler)
-        self.denoiser = Denoiser(spec.backbone(pipe.transformer, settings), schedule, prediction_type)
+        self._schedule = spec.schedule(pipe.scheduler)  # (schedule, prediction type)
+        spec.check_settings(self.config_of("transformer"), settings)
         spec.check_geometry(self, settings.frames, settings.height, settings.width)
+
+    @property
+    def denoiser(self) -> Denoiser:
+        """The transformer as a :class:`~fewstep.models.denoiser.Denoiser` (built, and the transformer loaded,
+        on first use)."""
+        if "denoiser" not in self._modules:
+            schedule, prediction_type = self._schedule
+            self._modules["denoiser"] = Denoiser(self.spec.backbone(self.transformer, self.settings), schedule,
+                                                 prediction_type)
+        return self._modules["denoiser"]
 
     def to(self, *args, **kwargs):
         """``nn.Module.to``; a dtype given also applies to the encoders not loaded yet."""
-        dtype = torch._C._nn._parse_to(*args, **kwargs)[1]
+        device, dtype = torch._C._nn._parse_to(*args, **kwargs)[:2]
         if dtype is not None:
             self.load_dtype = dtype
+        if device is not None:
+            self._device = torch.device(device)
         return super().to(*args, **kwargs)
 
     # ---------------------------------------------------------------------------- lazy encoders
@@ -485,7 +509,8 @@ class DiffusersVideoModel(SamplingMixin, nn.Module):
         except (OSError, ValueError, EnvironmentError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise UserError(f"model {self.source}: its {name} could not be loaded ({first})") from None
-        module = module.to(next(self.transformer.parameters()).device).eval().requires_grad_(False)
+        loaded = next(self.parameters(), None)  # a deep copy moved elsewhere knows its device by its tensors
+        module = module.to(self._device if loaded is None else loaded.device).eval().requires_grad_(False)
         self._modules[name] = module
         self.pipe.register_modules(**{name: module})
         del self.lazy[name]
@@ -535,7 +560,11 @@ class DiffusersVideoModel(SamplingMixin, nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.transformer.parameters()).dtype
+        """The networks' dtype: the first loaded of transformer, text encoder and VAE, else the dtype asked for."""
+        for name in ("transformer", "text_encoder", "vae"):
+            if name in self._modules:
+                return next(self._modules[name].parameters()).dtype
+        return self.load_dtype or torch.float32
 
     @property
     def geometry(self) -> Geometry:
@@ -554,7 +583,7 @@ class DiffusersVideoModel(SamplingMixin, nn.Module):
 
     @property
     def hidden_dim(self) -> int:
-        cfg = self.transformer.config
+        cfg = self.config_of("transformer")
         return int(cfg.num_attention_heads * cfg.attention_head_dim)
 
     def denoisers(self) -> dict[str, Denoiser]:
@@ -655,8 +684,8 @@ class DiffusersVideoModel(SamplingMixin, nn.Module):
         except (OSError, ValueError, EnvironmentError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise UserError(f"model {directory}: the {spec.pipeline} could not be loaded ({first})") from None
-        vae_config = _stored_config(directory, "vae", lazy["vae"]) if "vae" in lazy else pipe.vae.config
-        settings = parse_config(DiffusersSettings, {**spec.defaults, **spec.pipeline_defaults(pipe, vae_config), **saved})
+        configs = [_stored_config(directory, name, lazy[name]) for name in ("transformer", "vae")]
+        settings = parse_config(DiffusersSettings, {**spec.defaults, **spec.pipeline_defaults(*configs), **saved})
         return cls(pipe, spec, settings, directory, lazy, dtype).to(device).eval()
 
 
