@@ -21,11 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy import ndimage
 
 from fewstep.errors import UserError
 from fewstep.utils.frames import to_uint8
+from fewstep.utils.pretrained import resize_center_crop
 
 from .diversity import video_vendi
 from .frechet import FrechetStats, frechet_distance
@@ -187,13 +187,7 @@ class VisionFeatures:
     def preprocess(self, frames: torch.Tensor) -> torch.Tensor:
         """``(m, H, W, 3)`` uint8 → ``(m, 3, S, S)`` normalised pixel values (class doc)."""
         x = frames.permute(0, 3, 1, 2).float() / 255.0  # (m, 3, H, W) in [0, 1]
-        h, w = x.shape[-2:]
-        scale = self.size / min(h, w)
-        resized = (max(self.size, round(h * scale)), max(self.size, round(w * scale)))
-        if resized != (h, w):
-            x = F.interpolate(x, size=resized, mode="bicubic", antialias=True, align_corners=False)
-        top, left = (resized[0] - self.size) // 2, (resized[1] - self.size) // 2
-        x = x[:, :, top:top + self.size, left:left + self.size].clamp(0, 1)  # (m, 3, S, S)
+        x = resize_center_crop(x, self.size).clamp(0, 1)  # (m, 3, S, S)
         return (x - self.mean.to(x.device)) / self.std.to(x.device)
 
     @torch.no_grad()

@@ -20,14 +20,14 @@ antialiased), centre-cropped to a square and normalised with the ``image_mean`` 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
 from fewstep.errors import UserError
-from fewstep.utils.pretrained import image_stats, load_local
+from fewstep.utils.pretrained import image_stats, load_local, resize_center_crop
 
 from .base import Reward, check_frames
 
@@ -47,9 +47,17 @@ def load_transformers(path: str | Path, class_name: str, what: str):
 
 
 class TransformersReward(Reward):
-    """Shared: the frozen model, its tokenizer and its pixel preprocessing (module doc)."""
+    """Shared: the frozen model, its tokenizer and its pixel preprocessing (module doc); a subclass names
+    its transformers class (``model_class``) and its name in errors (``label``)."""
 
     differentiable = True
+    model_class: ClassVar[str] = "CLIPModel"
+    label: ClassVar[str]
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu", **extra) -> "TransformersReward":
+        model, tokenizer, mean, std = load_transformers(path, cls.model_class, f"reward {cls.label}:")
+        return cls(model, tokenizer, mean, std, model.config.vision_config.image_size, **extra).to(device)
 
     def __init__(self, model, tokenizer, mean, std, size: int):
         super().__init__()
@@ -60,13 +68,7 @@ class TransformersReward(Reward):
     def pixels(self, images: Tensor) -> Tensor:
         """``(N, H, W, 3)`` in [−1, 1] → ``(N, 3, S, S)`` normalised pixel values; differentiable."""
         x = (images.permute(0, 3, 1, 2).float() + 1) / 2  # (N, 3, H, W) in [0, 1]
-        h, w = x.shape[-2:]
-        scale = self.size / min(h, w)
-        resized = (max(self.size, round(h * scale)), max(self.size, round(w * scale)))
-        if resized != (h, w):
-            x = F.interpolate(x, size=resized, mode="bicubic", antialias=True, align_corners=False)
-        top, left = (resized[0] - self.size) // 2, (resized[1] - self.size) // 2
-        x = x[:, :, top:top + self.size, left:left + self.size]  # (N, 3, S, S)
+        x = resize_center_crop(x, self.size)  # (N, 3, S, S)
         return ((x - self.mean) / self.std).to(self.dtype)
 
     @property
@@ -82,10 +84,7 @@ class TransformersReward(Reward):
 class ClipTextReward(TransformersReward):
     """R_it: cosine of a CLIPModel's image and text embeddings, averaged over frames (module doc)."""
 
-    @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "ClipTextReward":
-        model, tokenizer, mean, std = load_transformers(path, "CLIPModel", "reward clip:")
-        return cls(model, tokenizer, mean, std, model.config.vision_config.image_size).to(device)
+    label = "clip"
 
     def reward(self, frames: Tensor, prompts: list[str] | None = None) -> Tensor:
         if prompts is None:
@@ -100,6 +99,8 @@ class ClipTextReward(TransformersReward):
 class ClipQualityReward(TransformersReward):
     """R_iq: CLIP-IQA's antonym prompts on a CLIPModel, averaged over frames (module doc)."""
 
+    label = "clip-iqa"
+
     def __init__(self, model, tokenizer, mean, std, size: int, prompts: tuple[str, str]):
         super().__init__(model, tokenizer, mean, std, size)
         self.prompts = tuple(prompts)
@@ -109,8 +110,7 @@ class ClipQualityReward(TransformersReward):
              device: str | torch.device = "cpu") -> "ClipQualityReward":
         if len(prompts) != 2:
             raise UserError(f"reward clip-iqa: prompts must be a [positive, negative] pair, got {list(prompts)}")
-        model, tokenizer, mean, std = load_transformers(path, "CLIPModel", "reward clip-iqa:")
-        return cls(model, tokenizer, mean, std, model.config.vision_config.image_size, tuple(prompts)).to(device)
+        return super().load(path, device, prompts=tuple(prompts))
 
     def reward(self, frames: Tensor, prompts: list[str] | None = None) -> Tensor:
         B, T = check_frames(frames, prompts).shape[:2]
@@ -123,10 +123,7 @@ class ClipQualityReward(TransformersReward):
 class XClipReward(TransformersReward):
     """R_v: cosine of an XCLIPModel's video embedding and its video-conditioned text embedding (module doc)."""
 
-    @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "XClipReward":
-        model, tokenizer, mean, std = load_transformers(path, "XCLIPModel", "reward xclip:")
-        return cls(model, tokenizer, mean, std, model.config.vision_config.image_size).to(device)
+    model_class, label = "XCLIPModel", "xclip"
 
     def reward(self, frames: Tensor, prompts: list[str] | None = None) -> Tensor:
         if prompts is None:

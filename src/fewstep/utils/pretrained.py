@@ -1,4 +1,4 @@
-"""Local transformers models: loading with one-line errors, and their image normalisation.
+"""Local transformers models: loading with one-line errors, their image normalisation and resize-and-crop.
 
 Shared by the evaluation's vision features (CLIP / DINOv2) and the transformers-backed rewards
 (CLIP, X-CLIP). Only local directories are read (``local_files_only=True``).
@@ -7,6 +7,9 @@ Shared by the evaluation's vision features (CLIP / DINOv2) and the transformers-
 from __future__ import annotations
 
 from pathlib import Path
+
+import torch.nn.functional as F
+from torch import Tensor
 
 from ..errors import UserError
 from .io import read_json
@@ -41,3 +44,16 @@ def image_stats(directory: str | Path, what: str, mean, std) -> tuple:
     """``(image_mean, image_std)`` of the directory's preprocessor, else the given defaults."""
     processor = image_processor(directory, what)
     return processor.get("image_mean", mean), processor.get("image_std", std)
+
+
+def resize_center_crop(x: Tensor, size: int) -> Tensor:
+    """``(N, C, H, W)`` → ``(N, C, size, size)``: the shorter side resized to ``size`` (bicubic,
+    antialiased), then the centre crop — a CLIP / DINOv2 image processor's resize and crop;
+    differentiable."""
+    h, w = x.shape[-2:]
+    scale = size / min(h, w)
+    resized = (max(size, round(h * scale)), max(size, round(w * scale)))
+    if resized != (h, w):
+        x = F.interpolate(x, size=resized, mode="bicubic", antialias=True, align_corners=False)
+    top, left = (resized[0] - size) // 2, (resized[1] - size) // 2
+    return x[:, :, top:top + size, left:left + size]
