@@ -217,6 +217,21 @@ def trainer_state(run_dir: Path, step: int) -> dict:
     return json.loads((Path(run_dir) / "checkpoints" / f"step_{step:06d}" / "trainer.json").read_text())
 
 
+def assert_same_checkpoint(run, reference, step: int, must: tuple[str, ...] = ("roles/student",)) -> None:
+    """``run``'s checkpoint of ``step`` equals ``reference``'s bit for bit — every tensor file it holds
+    (``must`` among them), the roles' update counts — and so does every logged loss."""
+    where = Path(reference) / "checkpoints" / f"step_{step:06d}"
+    stems = sorted(str(p.relative_to(where).with_suffix("")) for p in where.glob("*/*.safetensors"))
+    assert set(must) <= set(stems), stems
+    for stem in stems:
+        got, want = tensors(run, step, stem), tensors(reference, step, stem)
+        assert got.keys() == want.keys(), stem
+        for k in want:
+            assert torch.equal(got[k], want[k]), f"{stem}:{k}"
+    assert trainer_state(run, step)["roles"] == trainer_state(reference, step)["roles"]
+    assert losses(run) == losses(reference)
+
+
 # ---------------------------------------------------------------------------------------------
 # Exact resume: the run both the resume and the signal tests compare against
 # ---------------------------------------------------------------------------------------------
