@@ -108,7 +108,8 @@ def tiny_feature_discriminator() -> nn.Module:
     """SwiftVideo's DA discriminator on a tiny random toy-CLIP frame encoder (objectives/distribution_alignment.py)."""
     from fewstep.data.toyworld import VOCAB
     from fewstep.models.text_encoder import ToyTextEncoderConfig
-    from fewstep.objectives.distribution_alignment import FeatureDiscriminator, ToyClipFrames
+    from fewstep.objectives.distribution_alignment import FeatureDiscriminator
+    from fewstep.rewards.toy_clip import ToyClipFrames
     from fewstep.rewards.toy_clip import ToyClip, ToyClipConfig
 
     clip = ToyClip(ToyClipConfig(size=16, channels=[8, 16], blocks=[0, 0], keypoints=2, frame_dim=16, temporal_dim=16,

@@ -56,31 +56,6 @@ from .gan import hinge_discriminator_loss
 # Frozen image feature networks: images (N, 3, H, W) in [−1, 1] → [(N, C_k, h_k, w_k)]_k
 # ---------------------------------------------------------------------------------------------
 
-class ToyClipFrames(nn.Module):
-    """The toy CLIP's frame encoder (its stride-2 conv stages) as a frozen image feature network."""
-
-    def __init__(self, clip, stages: list[int] | None = None):
-        super().__init__()
-        n = len(clip.stages)
-        taps = sorted(range(n) if stages is None else {s % n for s in stages})
-        self.size = clip.config.size
-        self.stages = clip.stages[: taps[-1] + 1]  # (shared modules; the text side is not kept)
-        self.taps = taps
-        self.channels = [clip.config.channels[i] for i in taps]
-
-    def forward(self, images: Tensor) -> list[Tensor]:
-        x = images
-        if x.shape[-2:] != (self.size, self.size):
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False,
-                              antialias=self.size < max(x.shape[-2:]))
-        maps = []
-        for i, stage in enumerate(self.stages):
-            x = stage(x)  # (N, C_i, h_i, w_i)
-            if i in self.taps:
-                maps.append(x)
-        return maps
-
-
 class Dinov2Frames(nn.Module):
     """A transformers ``Dinov2Model``'s patch tokens at ``layers`` as ``(N, C, h, w)`` maps (module doc)."""
 
@@ -197,10 +172,10 @@ class FeatureDiscriminatorConfig(StrictModel):
 
 def build_feature_discriminator(config: FeatureDiscriminatorConfig) -> FeatureDiscriminator:
     """Load the frozen feature network and attach fresh heads."""
-    if config.features == "toy_clip":
-        from ..rewards.toy_clip import ToyClip
+    if config.features != "dinov2":  # a frame encoder registered with the rewards (the toy world's stand-in)
+        from ..rewards import FRAME_FEATURES
 
-        features = ToyClipFrames(ToyClip.load(config.path or "toy-clip"), config.layers)
+        features = FRAME_FEATURES[config.features](config.path, config.layers)
     else:
         from ..eval.generic import VisionFeatures
 

@@ -16,13 +16,15 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import torch
+
 from fewstep.errors import UserError
 
 from .base import Reward
 from .hf import ClipQualityReward, ClipTextReward, XClipReward
 from .jpeg import JpegCompressibility
 from .sharpness import SharpnessReward
-from .toy_clip import ToyClip, ToyClipConfig, ToyClipReward, train_toy_clip
+from .toy_clip import ToyClip, ToyClipConfig, ToyClipReward, toy_clip_frames, train_toy_clip
 
 
 def _toy_clip(head: str) -> Callable[..., Reward]:
@@ -44,6 +46,11 @@ REWARDS: dict[str, Callable[..., Reward]] = {
 }
 
 
+#: Frozen per-frame image encoders by name: ``(path, layers) -> module``, images (N, 3, H, W) in [−1, 1] →
+#: feature maps [(N, C_k, h_k, w_k)] (a discriminator's features; a real teacher's DINOv2 is loaded apart).
+FRAME_FEATURES: dict[str, Callable[..., torch.nn.Module]] = {"toy_clip": toy_clip_frames}
+
+
 def build_reward(name: str, **kwargs: Any) -> Reward:
     """The reward registered as ``name``, built with ``kwargs``; an unknown name is a UserError."""
     if name not in REWARDS:
@@ -54,5 +61,5 @@ def build_reward(name: str, **kwargs: Any) -> Reward:
         raise UserError(f"reward {name!r}: {err}") from None
 
 
-__all__ = ["REWARDS", "Reward", "build_reward", "JpegCompressibility", "SharpnessReward", "ToyClip",
+__all__ = ["FRAME_FEATURES", "REWARDS", "Reward", "build_reward", "JpegCompressibility", "SharpnessReward", "ToyClip",
            "ToyClipConfig", "ToyClipReward", "train_toy_clip"]

@@ -416,3 +416,35 @@ def train_toy_clip(
     results |= {"final_loss": metrics.get("loss", float("nan")), "steps": steps, "batch_size": batch_size,
                 "seed": seed, "render_seconds": render_s, "seconds": time.perf_counter() - start}
     return model, results
+
+
+class ToyClipFrames(nn.Module):
+    """The toy CLIP's frame encoder (its stride-2 conv stages) as a frozen image feature network: images
+    ``(N, 3, H, W)`` in [−1, 1] → ``[(N, C_k, h_k, w_k)]`` at the tapped ``stages`` (SwiftVideo's
+    distribution alignment on the toy world, as DINOv2 on a real teacher)."""
+
+    def __init__(self, clip, stages: list[int] | None = None):
+        super().__init__()
+        n = len(clip.stages)
+        taps = sorted(range(n) if stages is None else {s % n for s in stages})
+        self.size = clip.config.size
+        self.stages = clip.stages[: taps[-1] + 1]  # (shared modules; the text side is not kept)
+        self.taps = taps
+        self.channels = [clip.config.channels[i] for i in taps]
+
+    def forward(self, images: Tensor) -> list[Tensor]:
+        x = images
+        if x.shape[-2:] != (self.size, self.size):
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False,
+                              antialias=self.size < max(x.shape[-2:]))
+        maps = []
+        for i, stage in enumerate(self.stages):
+            x = stage(x)  # (N, C_i, h_i, w_i)
+            if i in self.taps:
+                maps.append(x)
+        return maps
+
+
+def toy_clip_frames(path: str | None = None, stages: list[int] | None = None) -> ToyClipFrames:
+    """:class:`ToyClipFrames` of a shipped toy CLIP (default ``toy-clip``) or a directory."""
+    return ToyClipFrames(ToyClip.load(path or "toy-clip"), stages)
