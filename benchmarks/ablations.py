@@ -127,7 +127,7 @@ def main() -> None:
         synthesize(args.model, store, args.synth, keep="all")  # resumes / is a no-op when complete
         base.append(f"data={store}")
     lines = ["| variant | " + " | ".join(COLUMNS) + " | train min |", "|" + "---|" * (len(COLUMNS) + 2)]
-    for label, steps in (("teacher 50 (CFG)", 50), ("teacher 4 (CFG)", 4)):
+    for label, steps in (("teacher 50 (CFG)", 50), ("teacher 4 (CFG)", 4), ("teacher 2 (CFG)", 2)):
         target = args.out / f"teacher_{steps}"
         metrics_path = target / "metrics.json"
         if not metrics_path.is_file():
@@ -138,7 +138,7 @@ def main() -> None:
     unknown = [n for n in names if n not in known]
     if unknown:
         parser.error(f"unknown variant {unknown[0]!r}; known: {', '.join(known)}")
-    todo = [(name, seed) for name in names for seed in seeds
+    todo = [(name, seed) for seed in seeds for name in names  # seed-major: every variant's seed 0 first
             if not (args.out / run_name(name, seed) / "eval" / "metrics.json").is_file()]
     jobs = max(1, min(args.jobs, len(todo)))
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None

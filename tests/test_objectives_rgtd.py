@@ -208,6 +208,38 @@ def test_tdm_pushes_every_step_along_the_score_difference(form, sampler):
         assert out.metrics[f"step{k}"] == pytest.approx(float(pseudo_huber(delta, c).mean()), rel=1e-6)
 
 
+@pytest.mark.parametrize("sampler", ["consistency", "euler"])
+def test_tdm_one_random_step_per_sample_is_k_times_that_steps_term(sampler):
+    """steps: random — sample b trains at k_b ~ U{0..K−1} only: its loss is K·d(Δ_{k_b}) and step k's shift gets
+    mean_b K·[k_b = k]·J_k·Δ_k/√(‖Δ_k‖² + c²), so the expectation over k_b is the 'all' objective's."""
+    schedule = FlowMatching(shift=2.0)
+    roles, batch, mus = tdm_setup(schedule, sampler, b=12)
+    objective = TDM(TDM.Config(form="flow", real_cfg_scale=None, backprop="last", steps="random"), "traj")
+    ctx = make_ctx(len(batch), times="uniform4", sampler=sampler, seed=5, step=3)
+    out = objective(batch, roles, ctx)
+    out.losses["traj"].mean().backward()
+    grad = roles["student"].module.backbone.b.grad
+    K, c = len(TIMES), huber_c(math.prod(SHAPE))
+    chosen = (make_ctx(len(batch), role="student", seed=5, step=3).rand("tdm/step") * K).long()
+    assert len(set(chosen.tolist())) > 1  # the draw mixes steps within the batch
+    want_loss = torch.zeros(len(batch), dtype=F64)
+    for k, step in enumerate(by_hand(schedule, sampler, roles, batch, mus, "flow")):
+        rows = chosen == k
+        delta = step["delta"]
+        want_loss[rows] = K * pseudo_huber(delta, c)[rows]
+        push = delta / (delta.flatten(1).pow(2).sum(1) + c * c).sqrt().reshape(-1, 1, 1, 1, 1)
+        a_t, _ = coef(schedule, step["tau"])
+        a_s, s_s = coef(schedule, step["s"])
+        if sampler == "consistency":
+            jacobian = a_t
+        else:
+            a_k, s_k = coef(schedule, TIMES[k])
+            jacobian = a_t / a_s * (a_s - s_s * a_k / s_k)
+        weight = (K * rows.to(F64)).reshape(-1, 1, 1, 1, 1)
+        torch.testing.assert_close(grad[k], (weight * jacobian * push).mean(0), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(out.losses["traj"], want_loss, rtol=1e-6, atol=1e-9)
+
+
 def test_tdm_backprop_all_reaches_the_earlier_steps():
     """consistency sampling, backprop all: ∂x_τ_m/∂b_j = α_τm · Π_{i=j+1..m} α(t_i) for every j ≤ m."""
     schedule = FlowMatching()

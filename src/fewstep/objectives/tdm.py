@@ -45,6 +45,13 @@ to ``x̂0_k`` directly: the same direction, another positive per-sample scale); 
 (TDM) detaches each step's input state, so step k trains through its own network call only;
 ``all`` backpropagates through every earlier step as well.
 
+**Which steps (``steps``).** ``all`` sums the K per-step terms for every sample (Eq. 3's sum over
+the trajectory). ``random`` trains each sample at one step ``k ~ U{0, …, K−1}`` (TDM's per-sample
+random stage), its term scaled by K, so that the expectation over ``k`` is the same sum; the
+teacher (with CFG, two calls) and the fake score are then evaluated on each sample once instead
+of K times. The student still runs every step for every sample (its states are shared by the
+batch), so the saving is three of the four network calls per sample and step.
+
 **The fake score (kind ``tdm_fake_score``, role fake_score)**, Eq. 8 / Eq. 10 on the same
 construction (its own draws of ``τ`` and the kernel noise), summed over the steps::
 
@@ -167,6 +174,8 @@ class TDMConfig(_IntervalConfig):
     real_cfg_scale: float | None = Field(4.5, description="teacher CFG w in uncond + w·(cond − uncond) (TDM's "
                                                           "--cfg 4.5); null = none")
     huber_c: float | None = Field(None, gt=0, description="c of the Pseudo-Huber distance; null = 0.00054·√d")
+    steps: Literal["all", "random"] = Field("all", description="'all': every sample trains at all K steps (Eq. 3's "
+                                            "sum); 'random': at one step drawn per sample, its term × K (TDM)")
     teacher: RoleName = Field("teacher", description="the role giving the real score (frozen)")
     fake_score: RoleName = Field("fake_score", description="the role giving the fake score")
 
@@ -194,22 +203,29 @@ class TDM(Objective):
             landed = None
         form = resolve_form(cfg.form, teacher.schedule)
         c = cfg.huber_c if cfg.huber_c is not None else huber_c(sample.x0[0].numel())
-        losses, metrics = [], {}
-        for k in range(len(sample.times)):
+        K, B = len(sample.times), len(batch)
+        chosen = (ctx.rand("tdm/step") * K).long().clamp(max=K - 1) if cfg.steps == "random" else None  # (B,)
+        total, metrics = sample.x0.new_zeros(B, dtype=torch.promote_types(sample.x0.dtype, torch.float32)), {}
+        for k in range(K):
+            rows = torch.arange(B, device=total.device) if chosen is None else (chosen == k).nonzero().flatten()
+            if len(rows) == 0:
+                continue
             s, lo, hi = step_interval(sample.times, k, cfg.tau_min, cfg.tau_max)
             if landed is None:
                 x_s = generator.step(student, sample.states[k].detach(), k, batch, ctx, role=self.role)[1]
             else:
                 x_s = landed[k]  # (B, C, T, H, W) x_{t_{k+1}}, in the graph
             x_tau, tau = diffuse_step(student.schedule, x_s, s, lo, hi, ctx, f"tdm/{k}")
+            x_tau, tau = x_tau[rows], tau[rows]  # (n, C, T, H, W), (n,): the samples trained at step k
             with torch.no_grad():
-                real = teacher.predict(x_tau.detach(), tau, batch.cond, cfg_scale=cfg.real_cfg_scale,
-                                       uncond=batch.uncond)
-                delta = score_difference(real, fake.predict(x_tau.detach(), tau, batch.cond), form)
-            losses.append(pseudo_huber_surrogate(x_tau, delta, c))  # (B,)
-            metrics[f"step{k}"] = float(losses[-1].detach().mean())
+                cond, uncond = batch.cond.index(rows), batch.uncond.index(rows)
+                real = teacher.predict(x_tau.detach(), tau, cond, cfg_scale=cfg.real_cfg_scale, uncond=uncond)
+                delta = score_difference(real, fake.predict(x_tau.detach(), tau, cond), form)
+            term = pseudo_huber_surrogate(x_tau, delta, c)  # (n,)
+            metrics[f"step{k}"] = float(term.detach().mean())
+            total = total.index_add(0, rows, term * (1 if chosen is None else K))
         metrics["huber_c"] = c
-        return self.output({"traj": torch.stack(losses).sum(0)}, metrics)
+        return self.output({"traj": total}, metrics)
 
 
 class TDMFakeScoreConfig(_IntervalConfig):
