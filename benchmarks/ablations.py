@@ -4,6 +4,7 @@
     python benchmarks/ablations.py --recipe dollar --out runs/ablations/dollar --variants vsd,vsd_cd --seeds 0,1,2,3 --jobs 8
     python benchmarks/ablations.py --recipe accvideo --out runs/ablations/accvideo [--synth 512]
     python benchmarks/ablations.py --recipe rgtd --out runs/ablations/rgtd --seeds 0,1,2,3
+    python benchmarks/ablations.py --recipe rgtd --out runs/ablations/rgtd --seeds 0,1,2,3 --report  # so far
 
 Each variant (``benchmarks/ablations/<recipe>.yaml``: name → a YAML overlay of the recipe, its
 presets and keys, passed as the run's ``--config``) is one ``fewstep distill`` run from the same
@@ -75,10 +76,38 @@ def mean_row(name: str, runs: list[dict]) -> str:
         if not isinstance(values[0], float):
             cells.append(str(values[0]))
             continue
-        mean = sum(values) / len(values)
-        sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+        mean, sd = mean_sd(values)
         cells.append(f"{mean:.4g} ± {sd:.2g}")
     return f"| {name}: mean ± sd over {len(runs)} seeds | " + " | ".join(cells) + " | |"
+
+
+#: Each recipe's paper claims tested by its table: (better variant, worse variant, column), read as "the first
+#: scores higher on the column". A claim is reported when both variants were run with more than one seed.
+CLAIMS = {
+    "rgtd": [(a + suffix, b + suffix, column)  # papers/000 Table 2, at 4 steps and at 2 steps
+             for suffix in ("", "_2step")
+             for a, b, column in (("gan", "traj_only", "total"), ("reward", "traj_only", "total"),
+                                  ("reward", "traj_only", "semantic"), ("full", "traj_only", "semantic"),
+                                  ("full", "gan", "semantic"), ("full", "reward", "semantic"))],
+}
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation."""
+    mean = sum(values) / len(values)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def claim_line(better: str, worse: str, column: str, a: list[float], b: list[float]) -> str:
+    """``better > worse`` on ``column``: the difference of the means, and in units of the pooled sd
+    ``√((sd_a² + sd_b²)/2)`` (the seeds' spread), with whether it holds (difference > 0) and clearly (> 2 sd)."""
+    (ma, sa), (mb, sb) = mean_sd(a), mean_sd(b)
+    pooled = math.sqrt((sa * sa + sb * sb) / 2)
+    units = (ma - mb) / pooled if pooled > 0 else math.copysign(math.inf, ma - mb)
+    verdict = "holds" if ma > mb else "does not hold"
+    strength = " (> 2 sd)" if units > 2 else " (within 2 sd)" if ma > mb else ""
+    return (f"- {better} > {worse} on {column}: {ma:.4f} vs {mb:.4f}, difference {ma - mb:+.4f} = {units:+.1f} sd "
+            f"— {verdict}{strength}")
 
 
 def run_name(variant: str, seed: int) -> str:
@@ -115,6 +144,7 @@ def main() -> None:
     parser.add_argument("--synth", type=int, default=512, help="accvideo: trajectories to synthesize")
     parser.add_argument("--seeds", default="0", help="comma-separated training seeds (train.seed) per variant")
     parser.add_argument("--jobs", type=int, default=1, help="variants trained at once (separate processes)")
+    parser.add_argument("--report", action="store_true", help="train nothing: the table of the runs finished so far")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
 
@@ -131,6 +161,8 @@ def main() -> None:
         target = args.out / f"teacher_{steps}"
         metrics_path = target / "metrics.json"
         if not metrics_path.is_file():
+            if args.report:
+                continue
             evaluate_to_dir(args.model, target, steps=steps, num=args.num)
         lines.append(row(label, json.loads(metrics_path.read_text()), None))
         print(lines[-1], flush=True)
@@ -138,8 +170,12 @@ def main() -> None:
     unknown = [n for n in names if n not in known]
     if unknown:
         parser.error(f"unknown variant {unknown[0]!r}; known: {', '.join(known)}")
-    todo = [(name, seed) for seed in seeds for name in names  # seed-major: every variant's seed 0 first
-            if not (args.out / run_name(name, seed) / "eval" / "metrics.json").is_file()]
+
+    def done(name: str, seed: int) -> bool:
+        return (args.out / run_name(name, seed) / "eval" / "metrics.json").is_file()
+
+    # seed-major: every variant's seed 0 first
+    todo = [] if args.report else [(name, seed) for seed in seeds for name in names if not done(name, seed)]
     jobs = max(1, min(args.jobs, len(todo)))
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
     work = [(args.recipe, known[name], [*base, f"train.seed={seed}"], args.out / run_name(name, seed), args.num,
@@ -151,9 +187,10 @@ def main() -> None:
         with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
             for future in [pool.submit(train_and_eval, *item) for item in work]:
                 future.result()
+    results: dict[str, list[dict]] = {}
     for name in names:
         runs = []
-        for seed in seeds:
+        for seed in (s for s in seeds if done(name, s)):
             eval_dir = args.out / run_name(name, seed) / "eval"
             seconds_path = eval_dir / "train_seconds.json"
             seconds = json.loads(seconds_path.read_text())["seconds"] if seconds_path.is_file() else None
@@ -163,6 +200,11 @@ def main() -> None:
         if len(runs) > 1:
             lines.append(mean_row(name, runs))
             print(lines[-1], flush=True)
+            results[name] = [_values(m) for m in runs]
+    claims = [claim_line(a, b, column, [m[column] for m in results[a]], [m[column] for m in results[b]])
+              for a, b, column in CLAIMS.get(args.recipe, []) if a in results and b in results]
+    if claims:
+        lines += ["", "Claims (mean over the seeds run; sd = the pooled sample sd of the two variants):", *claims]
     table = "\n".join(lines) + "\n"
     (args.out / "table.md").write_text(table)
     print(table)
