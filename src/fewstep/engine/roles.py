@@ -24,6 +24,7 @@ linear LR warm-up: update ``n`` (0-based) uses ``lr · min(1, (n + 1) / warmup_s
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,8 +34,11 @@ from torch import nn
 
 from ..config import StrictModel
 from ..errors import UserError
+from ..utils.checkpointing import diffusers_checkpoint
+from ..models.denoiser import Denoiser
 from .ema import EMA
-from .lora import LoraConfig, adapter_names, adapter_state, add_lora
+from .lora import (ADAPTER, AdapterDenoiser, AdapterEMA, AdapterHub, LoraConfig, adapter_names, adapter_state, add_lora,
+                   rename_adapter, rename_optimizer_adapter)
 
 FROZEN_ROLES = ("teacher", "reference")
 
@@ -105,11 +109,19 @@ class Role:
         """The EMA copy if this role has one, else the live module."""
         return self.ema.module if self.ema is not None else self.module
 
+    def hub_adapter(self, ema: bool = False) -> str | None:
+        """The adapter name of this role (or its EMA) in a shared FSDP base (engine/lora.AdapterHub), else None."""
+        module = self.ema.module if ema else self.module
+        return module.adapter if isinstance(module, AdapterDenoiser) else None
+
     def weights(self, ema: bool = False) -> dict[str, torch.Tensor]:
-        """The live (or EMA) full state dict on rank 0 — adapters only for a LoRA role (collective)."""
+        """The live (or EMA) full state dict on rank 0 — adapters only for a LoRA role (collective). A role of a
+        shared base gives its own adapter's entries, named as a role of its own would (``default``)."""
         from .distributed import full_model_state
 
         state = full_model_state(self.ema.module if ema else self.module)
+        if (adapter := self.hub_adapter(ema)) is not None:
+            return rename_adapter(adapter_state(state, adapter), adapter, ADAPTER)
         return adapter_state(state) if self.adapters_only else state
 
     def load_weights(self, state: dict[str, torch.Tensor], env, ema: bool = False) -> None:
@@ -117,12 +129,31 @@ class Role:
         from .distributed import load_model_state
 
         module = self.ema.module if ema else self.module
-        if self.adapters_only:
+        if (adapter := self.hub_adapter(ema)) is not None:
+            state = rename_adapter(state, ADAPTER, adapter)
+            want = {n for n, _ in module.hub.named_parameters(adapter)}
+        elif self.adapters_only:
             want = set(adapter_names(module))
+        if self.adapters_only:
             if set(state) != want:
                 missing = sorted(want - set(state)) or sorted(set(state) - want)
                 raise KeyError(f"role {self.name!r} adapters differ from the checkpoint's (e.g. {missing[0]})")
         load_model_state(module, state, env, strict=not self.adapters_only)
+
+    def optimizer_state(self) -> dict:
+        """The optimiser's full state on rank 0 (collective), parameters named as by :meth:`weights`."""
+        from .distributed import full_optimizer_state
+
+        state = full_optimizer_state(self.module, self.optimizer)
+        adapter = self.hub_adapter()
+        return rename_optimizer_adapter(state, adapter, ADAPTER) if adapter is not None else state
+
+    def load_optimizer_state(self, state: dict) -> None:
+        from .distributed import load_optimizer_state
+
+        if (adapter := self.hub_adapter()) is not None:
+            state = rename_optimizer_adapter(state, ADAPTER, adapter)
+        load_optimizer_state(self.module, self.optimizer, state)
 
     def set_lr(self) -> float:
         """Apply the warm-up for the next update; returns the LR used."""
@@ -153,7 +184,7 @@ def enable_gradient_checkpointing(module: nn.Module) -> int:
     count = 0
     for m in module.modules():
         if hasattr(m, "enable_gradient_checkpointing"):  # diffusers models
-            m.enable_gradient_checkpointing()
+            m.enable_gradient_checkpointing(gradient_checkpointing_func=diffusers_checkpoint)
             count += 1
         elif hasattr(m, "gradient_checkpointing"):  # fewstep's own backbones and similar
             m.gradient_checkpointing = True
@@ -161,36 +192,82 @@ def enable_gradient_checkpointing(module: nn.Module) -> int:
     return count
 
 
+def shared_bases(modules: dict[str, nn.Module], specs: dict[str, RoleSpec], env) -> dict[str, nn.Module]:
+    """Under FSDP2, the modules of the roles that share the model's tensors (the recipe's frozen and LoRA roles):
+    where a LoRA role is among them they become views of one :class:`~fewstep.engine.lora.AdapterHub`, so that
+    the base is sharded once (adapters injected in role order, as :func:`add_lora` would); otherwise each gets a
+    copy of its own. ``name → module``; ``{}`` elsewhere (roles keep their modules). Either way the sharded
+    module owns its tensors, so sharding frees them whatever else held the model's."""
+    if not (env.distributed and env.mode == "fsdp"):
+        return {}
+    groups: dict[int, list[str]] = {}
+    for name, module in modules.items():
+        first = next(iter(module.parameters()), None)
+        if isinstance(module, Denoiser) and first is not None and (specs[name].lora is not None
+                                                                   or not specs[name].trainable):
+            groups.setdefault(id(first), []).append(name)
+    replaced: dict[str, nn.Module] = {}
+    for names in groups.values():
+        if not any(specs[n].lora is not None for n in names):
+            replaced.update({n: copy.deepcopy(modules[n]) for n in names})
+            continue
+        hub = AdapterHub(copy.deepcopy(modules[names[0]]).to(env.device))
+        for name in names:
+            if specs[name].lora is not None:
+                hub.add(name, specs[name].lora)
+            replaced[name] = hub.view(name if specs[name].lora is not None else None)
+    return replaced
+
+
 def build_roles(modules: dict[str, nn.Module], specs: dict[str, RoleSpec], env, gradient_checkpointing: bool) -> Roles:
     """Turn the recipe's modules into roles: device, train/eval mode, EMA copy, DDP/FSDP, optimizer.
 
     The EMA copy is taken before wrapping (and then wrapped like a frozen role), and the optimizer
-    is built after wrapping, over the (possibly sharded) parameters.
+    is built after wrapping, over the (possibly sharded) parameters. Under FSDP2, roles sharing one base
+    are views of one module (:func:`shared_bases`), wrapped once.
     """
-    from .distributed import wrap
+    from .distributed import compute_root, wrap
 
     missing = [n for n in specs if n not in modules]
     if missing:
         raise UserError(f"config key 'roles.{missing[0]}': this recipe does not build a {missing[0]!r} role "
                         f"(it builds {', '.join(modules) or 'none'})")
+    modules = {**modules, **shared_bases(modules, specs, env)}
+    wrapped: dict[int, nn.Module | None] = {}
+
+    def wrap_once(module: nn.Module, trainable: bool) -> nn.Module | None:
+        key = id(compute_root(module))
+        if key not in wrapped:
+            wrapped[key] = wrap(module, env, trainable=trainable)
+        return wrapped[key]
+
     roles = Roles()
     for name, spec in specs.items():
+        view = modules[name] if isinstance(modules[name], AdapterDenoiser) else None
         module = modules[name].to(env.device)
-        if spec.lora is not None:
+        if spec.lora is not None and view is None:
             add_lora(module, spec.lora)
         if spec.trainable:
             module.train()  # which parameters train is the recipe's choice (e.g. LoRA adapters only)
             if gradient_checkpointing:
                 enable_gradient_checkpointing(module)
+        elif view is not None:
+            module.eval()  # the view's mode; the shared base's parameters stay as the hub set them
         else:
             module.eval().requires_grad_(False)
-        ema = EMA(module, spec.ema) if spec.ema is not None else None
-        root = wrap(module, env, trainable=spec.trainable)
+        if spec.ema is None:
+            ema = None
+        elif view is not None:
+            ema = AdapterEMA(view.hub, name, spec.ema)
+        else:
+            ema = EMA(module, spec.ema)
+        root = wrap_once(module, spec.trainable)
         if ema is not None:
-            wrap(ema.module, env, trainable=False)
+            wrap_once(ema.module, False)
         role = Role(name, spec, module, ema=ema, dp_root=root)
         if spec.trainable:
-            role.params = [p for p in module.parameters() if p.requires_grad]
+            role.params = (module.trainable_parameters() if view is not None
+                           else [p for p in module.parameters() if p.requires_grad])
             role.optimizer = make_optimizer(role.params, spec.optim)
         roles[name] = role
     return roles

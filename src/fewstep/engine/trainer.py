@@ -67,8 +67,7 @@ from ..objectives.student import StudentGenerator
 from . import checkpoint as ckpt
 from .config import EngineConfig
 from .data import DataSource, Prefetcher, spare_cores
-from .distributed import (DistEnv, clip_grad_norm, full_optimizer_state, init_distributed, load_optimizer_state,
-                          set_gradient_sync)
+from .distributed import DistEnv, clip_grad_norm, init_distributed, set_gradient_sync
 from .evaluation import Evaluator, run_evaluation
 from .health import HealthIssue, HealthMonitor
 from .logging import NullLogger, RunLogger
@@ -547,7 +546,7 @@ class Trainer:
             if role.ema is not None:
                 data.tensors[f"ema/{role.name}"] = role.weights(ema=True)
             if role.updates > 0:  # an unstepped optimizer has no state (and must not be faked)
-                state = full_optimizer_state(role.module, role.optimizer)
+                state = role.optimizer_state()
                 if env.is_main:
                     tensors, meta = ckpt.flatten_optimizer_state(state)
                     data.tensors[f"optim/{role.name}"], data.json[f"optim/{role.name}"] = tensors, meta
@@ -602,7 +601,7 @@ class Trainer:
                 if f"optim/{role.name}" in data.json:
                     state = ckpt.unflatten_optimizer_state(data.tensors.get(f"optim/{role.name}", {}),
                                                            data.json[f"optim/{role.name}"])
-                    load_optimizer_state(role.module, role.optimizer, state)
+                    role.load_optimizer_state(state)
             for stage in self.stages:
                 for obj in stage.objectives:
                     if (key := f"objectives/{stage.name}.{obj.name}") in data.tensors:

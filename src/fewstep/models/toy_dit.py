@@ -34,10 +34,10 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from fewstep.config import StrictModel, parse_config
 from fewstep.errors import UserError
+from fewstep.utils.checkpointing import checkpoint
 
 
 class ToyDiTConfig(StrictModel):
@@ -373,7 +373,7 @@ class ToyDiT(nn.Module):
         use_checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
             if use_checkpoint:
-                h = checkpoint(block, h, shared_mod, context, attn_mask, context_keep, use_reentrant=False)
+                h = checkpoint(block, h, shared_mod, context, attn_mask, context_keep)
             else:
                 h = block(h, shared_mod, context, attn_mask, context_keep)
             if i in feature_ids:

@@ -248,9 +248,9 @@ class PipelineRecipe(Recipe):
         return modules
 
     def shares_base(self, spec) -> bool:
-        """Frozen and LoRA roles share the model's weights (one copy in memory) in one process and under
-        DDP; under FSDP each role shards a copy of its own (the sharding replaces a module's parameters)."""
-        return (not spec.trainable or spec.lora is not None) and self.config.train.distributed != "fsdp"
+        """Frozen and LoRA roles share the model's weights (one copy in memory); under FSDP the engine makes
+        them views of one sharded base with an adapter per LoRA role (engine/roles.shared_bases)."""
+        return not spec.trainable or spec.lora is not None
 
     def load_student(self, pipe, weights: dict[str, torch.Tensor]) -> None:
         """The student's weights into ``pipe``; a LoRA student's adapters merged into the model's base,
