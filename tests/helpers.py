@@ -299,6 +299,34 @@ def make_tiny_wan_pipeline(directory, *, frames=9, size=32, seed=0, max_sequence
     return Path(directory)
 
 
+def make_tiny_wan22_pipeline(directory, *, boundary_ratio=0.875, shift=3.0, cfg_scale=4.0, steps=6,
+                             guidance_scale_2=None):
+    """Save a tiny random Wan 2.2 ``WanPipeline``: the tiny Wan's text encoder and VAE, two 2-block experts with
+    different random weights (``transformer`` high noise, ``transformer_2`` low noise) and ``boundary_ratio``;
+    the default 6-step grid crosses the boundary (timesteps 1000, 923, 819 < 875, …)."""
+    import json
+
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+
+    directory = Path(directory)
+    wan = make_tiny_wan_pipeline(directory.with_name(directory.name + "-wan21"))
+    base = WanPipeline.from_pretrained(wan, local_files_only=True)
+
+    def expert(seed):
+        torch.manual_seed(seed)
+        transformer = WanTransformer3DModel.from_config(base.transformer.config)
+        return perturb(transformer, seed=seed)
+
+    pipe = WanPipeline(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae, transformer=expert(1),
+                       transformer_2=expert(2), scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
+                       boundary_ratio=boundary_ratio)
+    pipe.save_pretrained(directory)
+    settings = {"frames": 9, "height": 32, "width": 32, "max_sequence_length": 16, "guidance_scale_2": guidance_scale_2,
+                "sampling": {"sampler": "euler", "steps": steps, "cfg_scale": cfg_scale, "spacing": "diffusers"}}
+    (directory / "fewstep_model.json").write_text(json.dumps(settings))
+    return directory
+
+
 def _tiny_bpe(prefix: str = "", suffix: str = "") -> tuple[dict[str, int], list[tuple[str, str]]]:
     """A BPE vocabulary and merges that spell each word of :data:`TINY_WORDS` (``prefix + word + suffix``) as
     one token: every character is a token, and each word grows left to right by one merge per character."""

@@ -316,5 +316,6 @@ def test_without_fewstep_settings_the_pipelines_defaults_apply(dirs, tmp_path):
 
 def test_unsupported_pipelines_name_all_supported_ones(tmp_path):
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
-    with pytest.raises(UserError, match="supported: WanPipeline, CogVideoXPipeline, HunyuanVideoPipeline$"):
+    with pytest.raises(UserError, match="supported: WanPipeline, CogVideoXPipeline, HunyuanVideoPipeline, "
+                                        "WanImageToVideoPipeline, CogVideoXImageToVideoPipeline$"):
         load_model(tmp_path)

@@ -67,7 +67,7 @@ def test_seam_encode_decode_and_sampling_setter(tiny_pipeline):
 def test_unknown_directory_is_one_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     for where in (tmp_path / "empty", tmp_path / "missing"):
-        with pytest.raises(UserError, match=r"not a shipped model \(toy-teacher\) nor a model directory "
+        with pytest.raises(UserError, match=r"not a shipped model \(toy-teacher, toy-teacher-i2v\) nor a model directory "
                                             r"\(expected model.json with \"kind\": \"toy\" \(toy\) or model_index.json of a "
                                             r"diffusers pipeline \(WanPipeline.*\) \(diffusers\)\)"):
             load_model(where)

@@ -7,6 +7,12 @@ start of the item's shard, so a shard is a function of its items and the model a
 run writes it again bit for bit. The null (negative) caption is stored once. The format, resume and
 integrity rules are :mod:`fewstep.data.cache`'s.
 
+**Image-to-video models** (``model.image_conditioned``): each clip's first frame is the condition, so the
+cache also stores ``model.encode_images(frames[:, 0])`` — the visual extras (``image_latent``, ``image_mask``,
+``image_embeds``) — per sample, which the ``latent_cache`` source hands to objectives in ``cond.extra``.
+A text-only cache (``--prompts``) of such a model is a one-line error: it has no frames to condition on,
+and a condition image invented for a caption would be a different training distribution.
+
 **Processes.** With a ``torch.distributed`` process group (``torchrun``), or ``RANK`` and
 ``WORLD_SIZE`` set, process ``r`` of ``W`` makes the shards ``k`` with ``k mod W = r`` — whole shards
 rather than items ``i mod W``, so that shards and their files do not depend on ``W`` and a run may
@@ -133,12 +139,19 @@ def cache_settings(model, inputs: CacheInputs, fps: float, shard_size: int):
     null = model.null_condition(1)
     frames, height, width = model.geometry
     clips = not inputs.text_only
+    visual = None
+    if getattr(model, "image_conditioned", False):
+        if not clips:
+            raise UserError(f"--prompts {inputs.spec}: the model is image-to-video; a text-only cache has no first "
+                            f"frames to condition it on: cache video clips (--videos), whose first frames are stored")
+        probe = model.encode_images(torch.zeros(1, height, width, 3, device=_param(model).device))
+        visual = {name: list(value.shape[1:]) for name, value in sorted(probe.items())}
     settings = CacheSettings(
         text_only=inputs.text_only, fingerprint=model_fingerprint(model),
         frames=frames if clips else None, height=height if clips else None, width=width if clips else None,
         fps=float(fps) if clips else None, latent_shape=list(model.latent_shape(1)[1:]),
         text_shape=list(null.context.shape[1:]), dtype=str(_param(model).dtype).removeprefix("torch."),
-        inputs_sha256=inputs.sha256(), num_items=len(inputs.items), shard_size=shard_size)
+        inputs_sha256=inputs.sha256(), num_items=len(inputs.items), shard_size=shard_size, visual=visual)
     return settings, null
 
 
@@ -271,6 +284,11 @@ def make_shard(model, inputs: CacheInputs, settings: CacheSettings, out: Path, k
                 latents = model.encode(frames)  # (b, C, T', H', W')
                 assert list(latents.shape[1:]) == settings.latent_shape, (tuple(latents.shape), settings.latent_shape)
                 parts["latents"].append(latents.to("cpu", STORAGE_DTYPE))
+                if settings.visual is not None:  # an I2V model: the first frame's condition (module doc)
+                    visual = model.encode_images(frames[:, 0])  # (b, H, W, 3) → {name: (b, ...)}
+                    assert {k: list(v.shape[1:]) for k, v in visual.items()} == settings.visual, settings.visual
+                    for key, value in _extras(visual).items():
+                        parts.setdefault(key, []).append(value)
             kept.extend((i, item) for i, item, _ in batch)
         advance(len(pending), len(skipped) - before)
         pending.clear()

@@ -78,7 +78,8 @@ def timesteps(
 
 @app.command()
 def pretrain(
-    stage: str = typer.Option("all", help="rewards | codec | latents | teacher | export | all (in that order)."),
+    stage: str = typer.Option("all", help="rewards | codec | latents | teacher | export | all (in that order); i2v: "
+                                          "the image-to-video teacher fine-tuned from the T2V one (i2v.source)."),
     work: Path = typer.Option(Path("runs/pretrain"), help="Work directory for checkpoints and caches."),
     out: Path = typer.Option(None, help="Where to export the teacher (default: WORK/toy-teacher)."),
     into_package: bool = typer.Option(False, "--into-package", help="Write the teacher and reward models into the "
@@ -92,18 +93,20 @@ def pretrain(
 
     from .config import load_config
     from .models.family import ASSETS, SHIPPED
-    from .pretrain import PretrainConfig, build_latents, export_teacher, train_codec, train_rewards, train_teacher
+    from .pretrain import (PretrainConfig, build_latents, export_i2v, export_teacher, train_codec, train_i2v,
+                           train_rewards, train_teacher)
     from .utils.io import check_writable, write_text_atomic
     from .utils.progress import StageProgress
 
     stages = ["rewards", "codec", "latents", "teacher", "export"]
-    if stage != "all" and stage not in stages:
-        raise UserError(f"--stage must be one of all, {', '.join(stages)}; got {stage!r}")
+    if stage not in ("all", "i2v") and stage not in stages:
+        raise UserError(f"--stage must be one of all, {', '.join(stages)}, i2v; got {stage!r}")
     if into_package and out is not None:
         raise UserError("give --out or --into-package, not both")
     cfg = load_config(PretrainConfig, config, set_)
     assets = ASSETS if into_package else work
-    out = SHIPPED["toy-teacher"] if into_package else (out or work / "toy-teacher")
+    name = "toy-teacher-i2v" if stage == "i2v" else "toy-teacher"
+    out = SHIPPED[name] if into_package else (out or work / name)
     check_writable(work, "--work")
     check_writable(out.parent, "--out")
     work.mkdir(parents=True, exist_ok=True)
@@ -114,6 +117,12 @@ def pretrain(
     # which slow CPU steps several-fold; flushing them to zero changes nothing measurable
     torch.set_flush_denormal(True)
     with StageProgress() as progress:
+        if stage == "i2v":
+            if not train_i2v(cfg, work, budget, progress):
+                typer.echo(f"time budget reached; run the same command again to continue from {work}")
+                return
+            typer.echo(f"image-to-video teacher written to {export_i2v(cfg, work, out)}")
+            return
         for name in stages if stage == "all" else [stage]:
             left = budget - (time.monotonic() - start)
             if name == "rewards" and (stage == "rewards" or not (ASSETS / "toy-features" / "config.json").is_file()):
@@ -179,6 +188,8 @@ def generate(
     out: str = typer.Option(..., help="Output directory: one mp4 per video + samples.npz."),
     steps: int = typer.Option(None, help="Sampler steps (default: the model's own)."),
     cfg: float = typer.Option(None, help="CFG scale w in uncond + w·(cond − uncond) (default: the model's own)."),
+    cfg_2: float = typer.Option(None, "--cfg-2", help="Wan 2.2: the low-noise expert's CFG scale (default: the "
+                                "model's guidance_scale_2, else --cfg)."),
     num: int = typer.Option(1, help="Videos per prompt."),
     seed: int = typer.Option(0, help="Seed of the initial noise."),
     scale: int = typer.Option(8, help="Nearest-neighbour upscaling of the mp4s (samples.npz keeps the original)."),
@@ -187,12 +198,16 @@ def generate(
     width: int = typer.Option(None, help="Clip width in pixels (default: the model's own)."),
     negative_prompt: str = typer.Option(None, "--negative-prompt", help="Caption of CFG's unconditional branch "
                                         "(default: the model's own, usually empty)."),
+    image: list[str] = typer.Option([], "--image", help="Condition image of an image-to-video model: an RGB "
+                                    "PNG/JPEG at the model's height × width, or toy:CAPTION (the first frame of a toy "
+                                    "clip); once, or once per --prompt."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     dtype: str = typer.Option("auto", help=DTYPE_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty --out (replacing what fewstep "
                                    "wrote there; other files are kept)."),
 ):
-    """Generate videos: OUT/NNN_<prompt>.mp4 and OUT/samples.npz (frames uint8 [K, T, H, W, 3], prompts)."""
+    """Generate videos: OUT/NNN_<prompt>.mp4 and OUT/samples.npz (frames uint8 [K, T, H, W, 3], prompts; images
+    of an image-to-video model)."""
     from .eval.runner import generate_to_dir
     from .utils.progress import StageProgress
 
@@ -203,7 +218,8 @@ def generate(
     with StageProgress(every_seconds=5.0) as progress:
         target = generate_to_dir(model, prompt, out, steps=steps, cfg_scale=cfg, num=num, seed=seed, scale=scale,
                                  device=device, overwrite=overwrite, frames=frames, height=height, width=width,
-                                 negative_prompt=negative_prompt, dtype=_dtype(dtype),
+                                 negative_prompt=negative_prompt, dtype=_dtype(dtype), images=list(image) or None,
+                                 cfg_scale_2=cfg_2,
                                  progress=lambda done, total: progress("generate", done, total, {}))
     typer.echo(f"wrote {len(prompt) * num} videos to {target}")
 
@@ -249,7 +265,9 @@ def eval_(
                                   progress=lambda done, total: progress("eval", done, total, {}))
     keys = (("sharpness", "flicker", "vendi_pixel", "fd") if metrics.get("metric_set") == "generic" else
             ("total", "quality", "semantic", "fvd", "vendi_pixel", "vendi_feature"))
-    summary = {k: metrics[k] for k in (*keys, "nfe", "seconds_per_video", "steps", "grid") if k in metrics}
+    summary = {k: metrics[k] for k in (*keys, "i2v", "total_i2v", "nfe", "seconds_per_video", "steps", "grid")
+               if k in metrics}
+    summary.update({k: v for k, v in metrics.get("dimensions", {}).items() if k.startswith("i2v_")})
     typer.echo(json.dumps(summary))
     typer.echo(f"wrote {out}/metrics.json and {out}/report.html")
 
@@ -373,8 +391,9 @@ def export(
         return
     shown = ", ".join(f"{k}={v!r}" for k, v in record["call"].items() if k not in ("max_sequence_length",
                                                                                   "prompt_template"))
+    inputs = "image, prompt" if record.get("image_to_video") else "prompt"
     typer.echo(f"{record['pipeline']} with {run}'s student ({record['checkpoint']}) in {out}: "
-               f"{record['pipeline']}.from_pretrained('{out}')(prompt, {shown}) (export.json: the whole call)")
+               f"{record['pipeline']}.from_pretrained('{out}')({inputs}, {shown}) (export.json: the whole call)")
     if "note" in record:
         typer.echo(f"note: {record['note']}")
 

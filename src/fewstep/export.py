@@ -30,6 +30,10 @@ timesteps, DOLLAR's [999, 749, 499, 249] among them. CogVideoXPipeline draws a c
 noise in its frames-first layout, so its samples equal fewstep's in distribution, and draw for draw
 only when that noise is laid out as fewstep's (the test does so).
 
+**Image-to-video teachers** (``WanImageToVideoPipeline``, ``CogVideoXImageToVideoPipeline``): the export is the
+same I2V class with the teacher's image encoder and processor, called as ``pipe(image, prompt, …)``; from the
+same image and noise it samples as ``fewstep generate --image`` (``export.json``: ``image_to_video``).
+
 ``--lora-only`` writes the student's adapters alone, in the format ``load_lora_weights`` reads
 (``B`` pre-scaled by α/r), for a run whose student is a LoRA role.
 
@@ -54,6 +58,7 @@ from .engine.lora import diffusers_lora_layers
 from .errors import UserError
 from .utils.io import atomic_directory
 
+LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default weight_name
 EXACT = 1e-5  # max |Δσ| below which the stock grid is the student's (float32 round-off is ~1e-7)
 
 
@@ -130,15 +135,35 @@ def export_run(run: str | Path, out: str | Path, *, lora_only: bool = False, ove
         raise UserError(f"run {run} distils {recipe.config.model!r}, not a diffusers pipeline; its RUN/student "
                         f"directory is the export")
     record: dict[str, Any] = {"run": str(run), "checkpoint": where.name, "pipeline": model.spec.pipeline}
+    if model.image_conditioned:  # the call takes the condition image first: pipe(image, prompt, ...)
+        record["image_to_video"] = True
     if lora_only:
         if lora is None:
             raise UserError(f"--lora-only: run {run}'s student is not a LoRA role (roles.student.lora is not set)")
-        prefix = _transformer_prefix(model)
-        layers = diffusers_lora_layers(weights, prefix, lora.scale)
+        slots = model.expert_slots  # Wan 2.2: one file per expert (the second loads with load_into_transformer_2)
+        build = recipe.config.roles["student"].build or {}
+        single = build.get("kind") == "expert"  # one expert's network for every step (recipes/builders.py)
+        if single:  # its adapters belong to its own expert's base only
+            slots = [build.get("expert", "transformer")]
+        files = {slot: LORA_FILE if slot == "transformer" else LORA_FILE.replace(".", f"_{slot}.", 1) for slot in slots}
         with atomic_directory(out) as tmp:
-            type(model.pipe).save_lora_weights(tmp, transformer_lora_layers=layers, safe_serialization=True)
-            record.update({"lora": {"rank": lora.rank, "alpha": lora.alpha, "scale_folded_into_B": lora.scale,
-                                    "layers": len(layers) // 2}})
+            counts = {}
+            for slot in slots:
+                prefix = _transformer_prefix(model, slot, model.denoisers()[slot] if single else None)
+                layers = diffusers_lora_layers({k: v for k, v in weights.items() if k.startswith(prefix)}, prefix,
+                                               lora.scale)
+                type(model.pipe).save_lora_weights(tmp, transformer_lora_layers=layers, weight_name=files[slot],
+                                                   safe_serialization=True)
+                counts[slot] = len(layers) // 2
+            record["lora"] = {"rank": lora.rank, "alpha": lora.alpha, "scale_folded_into_B": lora.scale,
+                              "layers": counts[slots[0]]}
+            if len(model.expert_slots) > 1:
+                record["lora"]["experts"] = {slot: {"weight_name": files[slot], "layers": counts[slot]}
+                                             for slot in slots}
+            if single and len(model.expert_slots) > 1:
+                route = "None" if slots[0] == "transformer" else "> 1"
+                record["lora"]["note"] = (f"a single student: {slots[0]} with these adapters takes every step "
+                                          f"(WanPipeline: boundary_ratio {route})")
             (tmp / "export.json").write_text(json.dumps(record, indent=2))
         return record
 
@@ -177,11 +202,47 @@ def export_run(run: str | Path, out: str | Path, *, lora_only: bool = False, ove
     settings = model.settings.model_copy(update={"sampling": sampling.model_copy(
         update={"times": [float(t) for t in exported_t], "steps": steps})})
     model.pipe.register_modules(scheduler=scheduler)
+    if len(model.expert_slots) > 1:
+        record["experts"] = _route_experts(model, times, scheduler)
+        model.pipe.register_to_config(boundary_ratio=record["experts"]["boundary_ratio"])
     with atomic_directory(out) as tmp:
         model.write_pipeline(tmp)
         (tmp / SETTINGS_FILE).write_text(json.dumps(settings.model_dump(mode="json"), indent=2))
         (tmp / "export.json").write_text(json.dumps(record, indent=2))
     return record
+
+
+def _route_experts(model, times: torch.Tensor, scheduler) -> dict[str, Any]:
+    """Wan 2.2: a ``boundary_ratio`` under which diffusers gives each exported step to the student that owns it.
+
+    fewstep gives step ``k`` to the expert of its model timestep ``1000·σ(t_k)`` (models/experts.py); WanPipeline
+    gives its step timestep ``τ_k`` (the scheduler's, float32) to ``transformer`` iff ``τ_k ≥ ratio · N``. The
+    teacher's ratio stays when it routes every exported step as fewstep routes the student's; otherwise the ratio
+    lies halfway between the lowest step the high-noise student owns and the highest the low-noise one owns.
+    A ``single`` student sits in both slots (hard-linked files), where any ratio samples alike.
+    """
+    router, schedule = model.denoiser.backbone, model.denoiser.schedule
+    owners = router.route(schedule.model_timestep(times[:-1])).tolist()  # (K,) 0 = transformer (high noise)
+    n = scheduler.config.num_train_timesteps
+    stock = type(scheduler).from_config(scheduler.config)
+    stock.set_timesteps(len(times) - 1)
+    tau = stock.timesteps.float()  # what WanPipeline compares, (K,)
+
+    def routes(ratio: float) -> list[int]:
+        return (tau < torch.tensor(ratio * n, dtype=torch.float32)).long().tolist()
+
+    ratio = float(model.pipe.config["boundary_ratio"])
+    if routes(ratio) != owners:
+        high = [float(t) for t, o in zip(tau, owners) if o == 0]
+        low = [float(t) for t, o in zip(tau, owners) if o == 1]
+        if high and low and min(high) <= max(low):  # the exported grid reorders steps around the boundary
+            raise UserError("the student's steps do not split into high-noise steps followed by low-noise ones; "
+                            "no boundary_ratio routes them")
+        lowest_high = min(high) if high else float(n)
+        highest_low = max(low) if low else 0.0
+        ratio = (lowest_high + highest_low) / 2 / n
+    slots = list(router.experts)
+    return {"boundary_ratio": ratio, "steps": [slots[o] for o in owners], "same_student": model.same_experts()}
 
 
 def _flow_scheduler(schedule: FlowMatching, sampler: str, times: torch.Tensor, pipeline: str):
@@ -226,9 +287,11 @@ def _vp_scheduler(schedule: VPDiscrete, teacher_scheduler, sampler: str, times: 
     return scheduler, grid, stock, torch.cat([stock, torch.zeros(1, dtype=torch.float64)])
 
 
-def _transformer_prefix(model) -> str:
-    """``backbone.model.``: where the transformer sits in the denoiser's parameter names."""
-    for name, module in model.denoiser.named_modules():
-        if module is model.transformer:
+def _transformer_prefix(model, slot: str = "transformer", denoiser=None) -> str:
+    """``backbone.model.`` (Wan 2.2: ``backbone.experts.<slot>.model.``): where the pipeline's transformer ``slot``
+    sits in the parameter names of ``denoiser`` (default: the model's)."""
+    transformer = model.component(slot)
+    for name, module in (denoiser or model.denoiser).named_modules():
+        if module is transformer:
             return f"{name}."
     raise UserError("the student's denoiser does not hold the pipeline's transformer")

@@ -11,6 +11,12 @@ Stages, each resumable and each writing its result under the work directory::
               ‖u_θ(x_t, t, c) − (ε − x0)‖², t ~ logit-normal (Esser et al. 2024), 10% of
               captions dropped to "" for classifier-free guidance, EMA of the weights
     export    the EMA teacher + codec + caption encoder as a VideoPipeline directory
+    i2v       (not part of "all") the image-to-video teacher ``toy-teacher-i2v``, fine-tuned from a T2V
+              teacher (``i2v.source``): its DiT gains the [image_mask, image_latent] input channels with
+              zero weights (models/pipeline.image_to_video, so step 0 is the T2V teacher), then the same
+              flow-matching loss on toy clips conditioned on their own first frame (encode_images), captions
+              dropped as above and the image kept (CFG's unconditional branch of an I2V model keeps it);
+              the text encoder and codec stay the source's; exported when its steps are done
 
 Long stages run in chunks: ``--max-minutes`` bounds one invocation; the state (weights,
 optimizer moments, EMA, step, RNG, data order) is checkpointed atomically every
@@ -36,7 +42,7 @@ from .data.toyworld import VOCAB, ToyWorld
 from .diffusion.schedules import FlowMatchingConfig, LogitNormal
 from .errors import UserError
 from .models.codec import ToyCodec, ToyCodecConfig, frames_to_video
-from .models.pipeline import SamplingConfig, ToyPipelineConfig, VideoPipeline
+from .models.pipeline import SamplingConfig, ToyPipelineConfig, VideoPipeline, image_to_video
 from .models.text_encoder import ToyTextEncoderConfig
 from .models.toy_dit import ToyDiTConfig
 from .objectives.flow_matching import denoising_loss
@@ -89,6 +95,26 @@ class RewardStage(StrictModel):
     pool_size: int = Field(3000, ge=64, description="labelled training clips rendered once for both")
 
 
+class I2VStage(StrictModel):
+    source: str = Field("toy-teacher", description="the text-to-video toy teacher to start from (name or directory)")
+    # sized for ~25 minutes on 2 shared CPU cores (encoding the clips ~4 of them)
+    num_clips: int = Field(3000, ge=64, description="training clips (and their first frames) encoded once")
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(16, ge=1)
+    # 3e-4 (the T2V teacher's) raised the loss of the converged teacher steadily over the first 100 steps
+    lr: float = Field(1e-4, gt=0)
+    # at lr 1e-4 the zero-initialised condition columns of the patch embedding stayed ~100× smaller than the
+    # latent ones after 450 steps (the teacher ignored its image): they get their own, larger rate, and the
+    # latent columns of the patch embedding stay the T2V teacher's
+    condition_lr: float = Field(2e-3, gt=0, description="lr of the patch embedding's image_mask/image_latent columns")
+    warmup_steps: int = Field(20, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    ema_decay: float = Field(0.99, ge=0, lt=1)
+    caption_dropout: float = Field(0.1, ge=0, le=1)
+    logit_normal_mean: float = 0.0
+    logit_normal_std: float = Field(1.0, gt=0)
+
+
 class PretrainConfig(StrictModel):
     seed: int = 0
     checkpoint_every: int = Field(250, ge=1)
@@ -96,6 +122,7 @@ class PretrainConfig(StrictModel):
     latents: LatentStage = Field(default_factory=LatentStage)
     teacher: TeacherStage = Field(default_factory=TeacherStage)
     rewards: RewardStage = Field(default_factory=RewardStage)
+    i2v: I2VStage = Field(default_factory=I2VStage)
 
 
 Progress = Callable[[str, int, int, dict], None]  # (stage, step, total, metrics)
@@ -386,3 +413,145 @@ def train_rewards(cfg: PretrainConfig, assets: Path, progress: Progress | None) 
     directory = net.save(assets / "toy-features", feature_metrics)
     reference_stats(net=net, cache_dir=directory)
     return {"toy-clip": clip_metrics, "toy-features": feature_metrics}
+
+
+# ----------------------------------------------------------------------------------------------
+# image-to-video teacher (fine-tuned from a text-to-video one)
+# ----------------------------------------------------------------------------------------------
+
+def i2v_source(cfg: PretrainConfig) -> VideoPipeline:
+    """The text-to-video toy teacher ``i2v.source`` (a one-line error for anything else)."""
+    from .models.family import load_model
+
+    source = load_model(cfg.i2v.source)
+    if not isinstance(source, VideoPipeline) or source.image_conditioned:
+        raise UserError(f"i2v.source {cfg.i2v.source}: expected a text-to-video toy teacher")
+    return source
+
+
+def build_i2v_latents(cfg: PretrainConfig, work: Path, source: VideoPipeline, progress: Progress | None) -> None:
+    """Encode ``i2v.num_clips`` training clips and their first frames once (``work/i2v_latents.safetensors``):
+    ``latents``, ``image_latent`` and ``image_mask`` (float16) + captions, with the source's codec."""
+    path = work / "i2v_latents.safetensors"
+    if path.is_file():
+        return
+    i2v = image_to_video(source).eval()
+    frames, size, _ = source.geometry
+    world = ToyWorld("train", frames=frames, size=size, length=10**9)
+    n, chunk = cfg.i2v.num_clips, 128
+    tensors: dict[str, list[torch.Tensor]] = {"latents": [], "image_latent": [], "image_mask": []}
+    prompts: list[str] = []
+    with torch.no_grad():
+        for lo in range(0, n, chunk):
+            batch = world.batch(range(lo, min(n, lo + chunk)))
+            frames = batch["frames"]  # (b, T, H, W, 3) in [−1, 1]
+            tensors["latents"].append(i2v.encode(frames).to(torch.float16))  # (b, C, T', H', W')
+            for key, value in i2v.encode_images(frames[:, 0]).items():  # the clip's own first frame
+                tensors[key].append(value.to(torch.float16))
+            prompts += batch["prompts"]
+            if progress:
+                progress("i2v-latents", min(n, lo + chunk), n, {})
+    tmp = path.with_suffix(".tmp")
+    save_file({k: torch.cat(v).contiguous() for k, v in tensors.items()}, tmp, metadata={"prompts": json.dumps(prompts)})
+    os.replace(tmp, path)
+
+
+def train_i2v(cfg: PretrainConfig, work: Path, max_seconds: float, progress: Progress | None) -> bool:
+    """Fine-tune the image-to-video DiT from ``i2v.source`` (module doc); True when ``i2v.steps`` are done."""
+    from safetensors import safe_open
+
+    stage, state_dir = cfg.i2v, work / "i2v_state"
+    source = i2v_source(cfg)
+    build_i2v_latents(cfg, work, source, progress)
+    with safe_open(work / "i2v_latents.safetensors", framework="pt") as f:
+        prompts = json.loads(f.metadata()["prompts"])
+        data = {key: f.get_tensor(key) for key in ("latents", "image_latent", "image_mask")}
+    n = data["latents"].shape[0]
+    torch.manual_seed(cfg.seed)
+    pipe = image_to_video(source)
+    pipe.text_encoder.requires_grad_(False).eval()
+    pipe.codec.requires_grad_(False).eval()
+    params = list(pipe.denoiser.parameters())
+    embed = pipe.denoiser.backbone.module.patch_embed.weight  # (D, (C + 1 + C)·pt·ph·pw), channel-major columns
+    latent_columns = source.config.backbone.in_channels * math.prod(source.config.backbone.patch_size)
+    embed.register_hook(lambda grad: torch.cat([torch.zeros_like(grad[:, :latent_columns]),
+                                                grad[:, latent_columns:]], dim=1))  # only the new columns learn
+    groups = [{"params": [p for p in params if p is not embed], "base_lr": stage.lr},
+              {"params": [embed], "base_lr": stage.condition_lr}]
+    opt = torch.optim.AdamW(groups, lr=stage.lr, weight_decay=0.0, betas=(0.9, 0.99))
+    ema = [p.detach().clone() for p in params]
+    generator = torch.Generator().manual_seed(cfg.seed)
+    step = 0
+    if (state_dir / "state.json").is_file():
+        meta = json.loads((state_dir / "state.json").read_text())
+        model = load_file(state_dir / "model.safetensors")
+        with torch.no_grad():
+            for i, p in enumerate(params):
+                p.copy_(model[f"p{i}"])
+                ema[i].copy_(model[f"ema{i}"])
+        load_optimizer_tensors(opt, load_file(state_dir / "optimizer.safetensors"), meta["optimizer"])
+        generator.set_state(torch.tensor(meta["generator"], dtype=torch.uint8))
+        step = meta["step"]
+    if step >= stage.steps:
+        return True
+    t_dist = LogitNormal(stage.logit_normal_mean, stage.logit_normal_std)
+    pipe.denoiser.train()
+    start = time.monotonic()
+
+    def save_state(directory: Path):
+        tensors, meta = optimizer_tensors(opt)
+        model = {f"p{i}": p.detach().contiguous() for i, p in enumerate(params)}
+        model.update({f"ema{i}": e.contiguous() for i, e in enumerate(ema)})
+        save_file(model, directory / "model.safetensors")
+        save_file(tensors, directory / "optimizer.safetensors")
+        (directory / "state.json").write_text(json.dumps({
+            "step": step, "optimizer": meta, "generator": generator.get_state().tolist()}))
+
+    running = None
+    while step < stage.steps:
+        warmup = min(1.0, (step + 1) / max(1, stage.warmup_steps))
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * warmup
+        lr = stage.lr * warmup
+        # 1. cached clips with their own first frame as the condition; captions dropped to "" (the image kept)
+        idx = torch.randint(n, (stage.batch_size,), generator=generator)
+        x0 = data["latents"][idx].float()  # (B, C, T', H', W')
+        drop = torch.rand(stage.batch_size, generator=generator) < stage.caption_dropout
+        caps = ["" if d else prompts[i] for d, i in zip(drop.tolist(), idx.tolist())]
+        with torch.no_grad():
+            cond = pipe.encode_prompts(caps).with_extra(
+                {key: data[key][idx].float() for key in ("image_latent", "image_mask")})
+        # 2. flow-matching loss, step, EMA
+        t = t_dist.sample(stage.batch_size, generator).to(x0.dtype)
+        eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
+        loss = denoising_loss(pipe.denoiser, x0, t, eps, cond).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, stage.grad_clip)
+        opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - stage.ema_decay)
+        step += 1
+        value = loss.item()
+        running = value if running is None else 0.98 * running + 0.02 * value
+        if progress:
+            progress("i2v", step, stage.steps, {"loss": running, "lr": lr})
+        out_of_time = time.monotonic() - start > max_seconds
+        if step % cfg.checkpoint_every == 0 or out_of_time or step == stage.steps:
+            _atomic_dir(state_dir, save_state)
+            if out_of_time and step < stage.steps:
+                return False
+    return True
+
+
+def export_i2v(cfg: PretrainConfig, work: Path, out: Path) -> Path:
+    """Write the EMA image-to-video teacher as a VideoPipeline directory (the shipped ``toy-teacher-i2v``)."""
+    state_dir = work / "i2v_state"
+    if not (state_dir / "state.json").is_file():
+        raise UserError(f"no image-to-video checkpoint in {state_dir}; run `fewstep pretrain --stage i2v` first")
+    pipe = image_to_video(i2v_source(cfg))
+    model = load_file(state_dir / "model.safetensors")
+    with torch.no_grad():
+        for i, p in enumerate(pipe.denoiser.parameters()):
+            p.copy_(model[f"ema{i}"])
+    return pipe.eval().save(out)

@@ -22,6 +22,11 @@ with its own (float32) encoding of each batch's captions, exactly as before the 
 the store keeps each distinct caption's encoding once, in the store dtype (``--dtype auto``:
 bfloat16 for a real teacher, float32 for the toy one, whose stored results are thus unchanged).
 The store format, its resume and integrity rules are :mod:`fewstep.data.trajectories`'.
+
+**Image-to-video teachers** solve each sample on its own condition image: with ``--prompts toy``, the first
+frame of the toy world's training clip ``i`` (the clip of caption ``i``); the visual extras
+(``encode_images``) are stored per sample in the shards and served back with the caption. A prompt file
+gives no images: an image-to-video teacher takes ``--prompts toy``.
 """
 
 from __future__ import annotations
@@ -88,9 +93,28 @@ class PromptSource:
         return self.lines[index % len(self.lines)][1]
 
     def check(self, pipeline, num: int) -> None:
-        """Every prompt the first ``num`` samples use parses (before anything is written)."""
+        """Every prompt the first ``num`` samples use parses, and an image-to-video model has its images
+        (before anything is written)."""
+        if pipeline.image_conditioned and self.spec != "toy":
+            raise UserError(f"--prompts {self.spec}: an image-to-video model samples each prompt on a condition "
+                            f"image; use --prompts toy (each sample on the first frame of its toy clip)")
         if self.spec != "toy":
             self.encode(pipeline, range(min(num, len(self.lines))))
+
+    def images(self, pipeline, indices: Sequence[int]) -> Tensor:
+        """``(B, H, W, 3)`` in [−1, 1]: the first frames of the toy world's training clips ``indices`` (whose
+        captions are prompts ``indices``) at the model's geometry, on its device."""
+        frames, height, _ = pipeline.geometry
+        world = ToyWorld("train", frames=frames, size=height, length=2**62)  # captions as self.world's
+        return world.batch(list(indices))["frames"][:, 0].to(next(pipeline.parameters()).device)
+
+    def visual(self, pipeline, indices: Sequence[int]) -> dict[str, Tensor]:
+        """The visual extras (``encode_images``) of samples ``indices`` for an image-to-video model; ``{}``
+        for a text-to-video one."""
+        if not pipeline.image_conditioned:
+            return {}
+        with torch.no_grad():
+            return pipeline.encode_images(self.images(pipeline, indices))
 
     def table(self, num: int) -> tuple[list[str], list[int]]:
         """The distinct prompts of samples ``0 … num − 1`` in order of first use (the text table's rows)
@@ -192,7 +216,8 @@ def synthesize(teacher: str | Path, out: str | Path, num: int, *, prompts: str =
         prompts_sha256=source.sha256, num=num, seed=seed, steps=steps, cfg_scale=cfg_scale if guided else None,
         keep=keep, shard_size=shard_size, grid=grid.tolist(), times=grid[keep_index].tolist(),
         latent_shape=latent_shape, text_shape=list(probe.context.shape[1:]), dtype=dtype, num_texts=len(captions),
-        extra_shapes={name: list(value.shape[1:]) for name, value in probe.extra.items()})
+        extra_shapes={name: list(value.shape[1:]) for name, value in probe.extra.items()},
+        visual_shapes={name: list(value.shape[1:]) for name, value in source.visual(pipe, [0]).items()})
 
     # 1. open the store (same settings, same text table) or create it with its text table; drop
     #    leftovers of an interrupted write
@@ -228,6 +253,8 @@ def synthesize(teacher: str | Path, out: str | Path, num: int, *, prompts: str =
         for first in range(start, stop, batch_size):  # batches aligned to the shard start
             indices = list(range(first, min(first + batch_size, stop)))
             _, cond = source.encode(pipe, indices)
+            visual = source.visual(pipe, indices)  # an I2V teacher: each sample's own first frame
+            cond = cond.with_extra(visual)
             noise = sample_noise(latent_shape, seed, indices).to(device)  # (B, C, T, H, W) = l at t = 1
             uncond = pipe.null_condition(len(indices)) if guided else None
             with torch.no_grad():
@@ -236,6 +263,8 @@ def synthesize(teacher: str | Path, out: str | Path, num: int, *, prompts: str =
             path = torch.stack(result.trajectory, dim=1)  # (B, steps + 1, C, T, H, W)
             parts["latents"].append(path[:, keep_index].to("cpu", DTYPES[dtype]))  # (B, K, C, T, H, W)
             parts["text_index"].append(torch.tensor([text_rows[i] for i in indices], dtype=torch.int64))  # (B,)
+            for name, value in visual.items():
+                parts.setdefault(f"visual.{name}", []).append(value.to("cpu", DTYPES[dtype]))  # (B, …)
             finished += len(indices)
             if progress:
                 progress("synth", finished, num, {"shard": start // shard_size})
@@ -295,7 +324,8 @@ def synthesize_pairs(model: str | Path, out: str | Path, num: int, *, preferred:
         prompts=prompts if prompts == "toy" else str(Path(prompts).resolve()), prompts_sha256=source.sha256,
         num=num, seed=seed, preferred=preferred, dispreferred=dispreferred, cfg_scale=cfg_scale if guided else None,
         shard_size=shard_size, latent_shape=latent_shape, text_shape=list(probe.context.shape[1:]), dtype=dtype,
-        num_texts=len(captions), extra_shapes={name: list(value.shape[1:]) for name, value in probe.extra.items()})
+        num_texts=len(captions), extra_shapes={name: list(value.shape[1:]) for name, value in probe.extra.items()},
+        visual_shapes={name: list(value.shape[1:]) for name, value in source.visual(pipe, [0]).items()})
 
     # 1. open the store (same settings and captions) or create it with its text table
     if (out / MANIFEST).is_file() and (overwrite or not PreferenceStore.read_manifest(out).shards):
@@ -328,15 +358,19 @@ def synthesize_pairs(model: str | Path, out: str | Path, num: int, *, preferred:
             indices = list(range(first, min(first + batch_size, stop)))
             texts = [source[i] for i in indices]
             noise = sample_noise(latent_shape, seed, indices)  # (B, C, T, H, W), the same for both samples
+            visual = source.visual(pipe, indices)  # an I2V model: both samples on the clip's first frame
+            images = {"images": source.images(pipe, indices)} if visual else {}
             with torch.no_grad():
-                lose = pipe.sample_latents(texts, steps=dispreferred, noise=noise, cfg_scale=cfg_scale).x
+                lose = pipe.sample_latents(texts, steps=dispreferred, noise=noise, cfg_scale=cfg_scale, **images).x
                 if real:
                     win = pipe.encode(world.batch(indices)["frames"].to(device))  # the real clip of prompt i
                 else:
-                    win = pipe.sample_latents(texts, steps=preferred, noise=noise, cfg_scale=cfg_scale).x
+                    win = pipe.sample_latents(texts, steps=preferred, noise=noise, cfg_scale=cfg_scale, **images).x
             pair = torch.stack([win, lose], dim=1)  # (B, 2, C, T, H, W)
             parts["latents"].append(pair.to("cpu", DTYPES[dtype]))
             parts["text_index"].append(torch.tensor([text_rows[i] for i in indices], dtype=torch.int64))
+            for name, value in visual.items():
+                parts.setdefault(f"visual.{name}", []).append(value.to("cpu", DTYPES[dtype]))  # (B, …)
             finished += len(indices)
             if progress:
                 progress("pairs", finished, num, {"shard": start // shard_size})

@@ -30,7 +30,10 @@ decoded, is too short or has no caption is skipped and counted by reason; the ru
     shard_00000.safetensors      index (n,) int64 (input item) · latents (n, C, T', H', W') bf16
                                  (absent when text-only) · context (n, L, D) bf16 · mask (n, L) bool ·
                                  extra.<name> bf16: the condition's extra tensors (HunyuanVideo's
-                                 pooled CLIP projection), also in null.safetensors;
+                                 pooled CLIP projection), also in null.safetensors; for an
+                                 image-to-video model the clip's first-frame condition too
+                                 (extra.image_latent, extra.image_mask, extra.image_embeds:
+                                 model.encode_images, settings.visual), not in null.safetensors;
                                  header metadata "items": JSON {"captions": […], "paths": […]} of the n
                                  samples (one key: safetensors orders several keys arbitrarily)
     shard_00000.json             ShardRecord: the shard's items, sample count, bytes, sha256, skips
@@ -347,14 +350,20 @@ def model_fingerprint(model) -> dict[str, str | None]:
     caption (``model.settings``, when the model has them). Shapes, geometry and fps are compared
     separately (:class:`CacheSettings`). The denoiser is not part of it: a teacher and its students
     share a cache. A part the model lacks is None. A diffusers model checks its encoders' safetensors
-    files (``component_checksum``: the same values as the loaded modules, read without loading them)."""
+    files (``component_checksum``: the same values as the loaded modules, read without loading them).
+    A model with an image encoder (Wan 2.1 I2V's CLIP) adds ``image``: that encoder's config and checksum
+    (the key is absent otherwise, so the fingerprints of existing caches are unchanged)."""
     settings = getattr(model, "settings", None)
     text_extra = {"max_sequence_length": getattr(settings, "max_sequence_length", None),
                   "negative_prompt": getattr(settings, "negative_prompt", "")}
     if hasattr(model, "component_checksum"):  # a diffusers model: from its files, without loading the encoders
-        return {"latents": _part(None, {}, model.config_of("vae"), model.component_checksum("vae")),
-                "text": _part(None, text_extra, model.config_of("text_encoder"),
-                              model.component_checksum("text_encoder"))}
+        parts = {"latents": _part(None, {}, model.config_of("vae"), model.component_checksum("vae")),
+                 "text": _part(None, text_extra, model.config_of("text_encoder"),
+                               model.component_checksum("text_encoder"))}
+        if model.has_component("image_encoder"):
+            parts["image"] = _part(None, {}, model.config_of("image_encoder"),
+                                   model.component_checksum("image_encoder"))
+        return parts
     encoder = getattr(model, "vae", None) or getattr(model, "codec", None)
     return {"latents": _part(encoder, {}), "text": _part(getattr(model, "text_encoder", None), text_extra)}
 
@@ -375,6 +384,9 @@ class CacheSettings(StrictModel):
     latent_shape: list[int] | None = Field(description="(C, T', H', W') of the stored latents (the model's "
                                                        "when text-only)")
     text_shape: list[int] = Field(description="(L, D) of the stored caption tokens")
+    visual: dict[str, list[int]] | None = Field(
+        None, description="an image-to-video model's first-frame condition stored per sample: visual extra → its "
+                          "shape without the batch (None: a text-to-video model's cache)")
     dtype: str = Field(description="dtype the encoders ran in")
     inputs_sha256: str = Field(description="CacheInputs.sha256 of the listed paths and captions")
     num_items: int = Field(ge=1)
@@ -594,6 +606,7 @@ class LatentCache:
         settings, built = self.settings, self.manifest.model
         found = model_fingerprint(model)
         parts = (("text", "text encoder"),) if self.text_only else (("latents", "VAE"), ("text", "text encoder"))
+        parts += (("image", "image encoder"),) if "image" in found else ()
         for part, name in parts:
             if found[part] is not None and found[part] != settings.fingerprint.get(part):
                 raise UserError(f"{self.where} was built with another model ({built}: its {name} differs from this "
@@ -603,6 +616,10 @@ class LatentCache:
             raise UserError(f"{self.where} holds latents of shape {tuple(settings.latent_shape)} ({settings.frames}×"
                             f"{settings.height}×{settings.width} clips); the model's are {tuple(want)} "
                             f"({'×'.join(map(str, model.geometry))} clips)")
+        if getattr(model, "image_conditioned", False) and settings.visual is None:
+            raise UserError(f"{self.where} holds no first-frame condition ({built} is not image-to-video, or the "
+                            f"cache is text-only); this model is image-to-video: rebuild it with `fewstep cache "
+                            f"--videos … --model` of this model")
         if settings.text_shape[1] != model.text_dim:
             raise UserError(f"{self.where} holds caption tokens of width {settings.text_shape[1]}; the model's text "
                             f"width is {model.text_dim}")

@@ -8,7 +8,8 @@ clip of that prompt as ``x0^w``. Written by ``fewstep pairs`` (:func:`fewstep.sy
 The format is the trajectory store's (:mod:`fewstep.data.trajectories`, format 2: manifest, caption
 text table, shards written atomically and listed only when complete, sha256-checked, resumable with
 bit-identical shards) with its own settings; a shard's ``latents`` are ``(n, 2, C, T, H, W)``: index 0
-the preferred latent, 1 the dispreferred one.
+the preferred latent, 1 the dispreferred one; an image-to-video model's pairs share their condition image,
+whose visual extras the shard keeps per sample (``visual.<name>``, as a trajectory store).
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ class PreferenceSettings(StrictModel):
     dtype: StoreDtype = "float32"
     num_texts: int = Field(ge=1, description="P, rows of the caption text table")
     extra_shapes: dict[str, list[int]] = Field(default_factory=dict)
+    visual_shapes: dict[str, list[int]] = Field(default_factory=dict, description="an image-to-video model's "
+                                                "per-sample visual extras (shards: visual.<name>)")
 
 
 class PreferenceManifest(StoreManifest):

@@ -419,3 +419,18 @@ def eval_suite(num_per_prompt: int) -> list[tuple[str, int]]:
         for p, prompt in enumerate(EVAL_PROMPTS)
         for j in range(num_per_prompt)
     ]
+
+
+def condition_seed(prompt: str, index: int = 0) -> int:
+    """Render seed of the ``index``-th conditioning clip of ``prompt`` (eval namespace; a pure function of the
+    caption text, so every model evaluated or sampled on a caption is conditioned on the same frames)."""
+    eval_id = SPLITS["eval"]
+    condition_tag = 2**31 - 2  # apart from eval_suite's tag and the eval dataset's [1, index]
+    return _split_seed(eval_id, [eval_id, condition_tag, index, *str(prompt).encode()])
+
+
+def condition_frame(prompt: str, index: int = 0, frames: int = FRAMES, size: int = SIZE) -> np.ndarray:
+    """The first frame ``(size, size, 3)`` uint8 of the ``index``-th conditioning clip of ``prompt``: what an
+    image-to-video model is conditioned on for that caption (``--image toy:CAPTION``, the I2V evaluation)."""
+    video, _ = render_clip(prompt, condition_seed(prompt, index), frames, size)  # (T, H, W, 3)
+    return video[0]

@@ -20,7 +20,10 @@ the same way.
                                   extra tensors, e.g. HunyuanVideo's pooled_projections) · captions (bytes,)
                                   uint8, the UTF-8 JSON list of the P captions
     shard_00000.safetensors       index (n,) int64 · latents (n, K, C, T, H, W) at the stored times ·
-                                  text_index (n,) int64, each sample's row of the text table
+                                  text_index (n,) int64, each sample's row of the text table ·
+                                  visual.<name> (n, …) for an image-to-video teacher: each sample's own
+                                  visual extras (image_latent, image_mask, …; models/family.py), which
+                                  the reader returns among the caption's ``extra``
 
 Latents, context and extras are stored in the settings' ``dtype`` (``fewstep synth --dtype``: bfloat16
 for a real teacher, float32 for the toy one); the reader returns float32. A caption's tokens are stored
@@ -147,6 +150,8 @@ class StoreSettings(StrictModel):
                                                           "table (format 1: None, tokens stored per sample)")
     extra_shapes: dict[str, list[int]] = Field(default_factory=dict, description="shape of one caption's extra "
                                                "tensors by name (HunyuanVideo: pooled_projections); format 1: none")
+    visual_shapes: dict[str, list[int]] = Field(default_factory=dict, description="shape of one sample's visual "
+                                                "extras by name (an image-to-video teacher's; stored per sample)")
 
 
 class ShardInfo(StrictModel):
@@ -467,6 +472,9 @@ class TrajectoryStore:
                     "prompts": [shard["prompts"][r] for shard, r in rows]}
         text_index = [int(shard["text_index"][r]) for shard, r in rows]
         table = self.texts.rows(text_index)
+        visual = {name: torch.stack([shard[f"visual.{name}"][r] for shard, r in rows]).float()  # (B, …) per sample
+                  for name in self.settings.visual_shapes}
         return {"latents": latents, "context": table["context"].float(), "mask": table["mask"],
-                "extra": {k.removeprefix("extra."): v.float() for k, v in table.items() if k.startswith("extra.")},
+                "extra": {**{k.removeprefix("extra."): v.float() for k, v in table.items() if k.startswith("extra.")},
+                          **visual},
                 "prompts": [self.texts.captions[j] for j in text_index]}

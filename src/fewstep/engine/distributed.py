@@ -14,9 +14,11 @@ checkpoints are the same files as single-process.
 
 * ``ddp``: trainable roles are replicated; frozen roles and EMA copies are plain replicas.
 * ``fsdp``: every role (frozen ones too, to save memory) and every EMA copy is sharded: each
-  block of a ``ModuleList`` child of the compute root, then the root. With ``train.bf16`` the
-  mixed-precision policy gathers parameters in bf16 and reduces gradients in fp32 (the shards
-  stay fp32 for trainable roles); ``train.cpu_offload`` keeps shards, gradients and optimiser
+  block of a ``ModuleList`` child of the compute root, then the root. A router of experts (Wan 2.2's
+  two transformers, :class:`~fewstep.models.experts.ExpertBackbone`) shards each expert as a root of
+  its own — its blocks, then the expert — so both experts' blocks are sharded (:func:`shard_units`).
+  With ``train.bf16`` the mixed-precision policy gathers parameters in bf16 and reduces gradients
+  in fp32 (the shards stay fp32 for trainable roles); ``train.cpu_offload`` keeps shards, gradients and optimiser
   state in CPU memory between uses (CUDA only).
 
 Checkpoints gather full state dicts with ``torch.distributed.checkpoint.state_dict``
@@ -145,11 +147,10 @@ def wrap(module: nn.Module, env: DistEnv, trainable: bool) -> nn.Module | None:
                   "mp_policy": (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
                                 if env.bf16 else MixedPrecisionPolicy()),
                   "offload_policy": CPUOffloadPolicy() if env.cpu_offload else OffloadPolicy()}
-        for child in root.children():
-            if isinstance(child, nn.ModuleList):
-                for block in child:
-                    fully_shard(block, **policy)
-        fully_shard(root, **policy)
+        for unit in shard_units(root):
+            fully_shard(unit, **policy)
+        if not trainable:  # FSDP2 keeps a root's own parameters gathered after forward, for a backward that a frozen
+            root.register_forward_hook(_reshard)  # copy often never runs: the EMA's lerp and memory want them sharded
         return root
     if trainable:
         from torch.distributed._composable.replicate import replicate
@@ -158,6 +159,32 @@ def wrap(module: nn.Module, env: DistEnv, trainable: bool) -> nn.Module | None:
         replicate(root, **kwargs)
         return root
     return None
+
+
+def _reshard(module, args, output) -> None:
+    """Forward hook of a frozen FSDP2 root: back to sharded parameters after a forward no backward will pass
+    through (an output that requires grad — a GAN on the teacher's features differentiates through it to its
+    input — keeps them gathered for that backward, as FSDP2 does by itself)."""
+    outputs = (output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list))
+               else (output,))
+    if not any(isinstance(o, torch.Tensor) and o.requires_grad for o in outputs):
+        module.reshard()
+
+
+def shard_units(root: nn.Module) -> list[nn.Module]:
+    """What FSDP2 shards, innermost first: each block of the root's ``ModuleList`` children; for each expert of an
+    :class:`~fewstep.models.experts.ExpertBackbone` root, the expert's own units (from its compute root); then the
+    root."""
+    from ..models.experts import ExpertBackbone
+
+    units = []
+    if isinstance(root, ExpertBackbone):
+        for expert in root.experts.values():
+            units += shard_units(compute_root(expert))
+    for child in root.children():
+        if isinstance(child, nn.ModuleList):
+            units += list(child)
+    return [*units, root]
 
 
 def set_gradient_sync(root: nn.Module | None, enabled: bool) -> None:
@@ -197,4 +224,13 @@ def full_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) ->
 
 
 def load_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    """Load what :func:`full_optimizer_state` gave. Not strict about parameters without state: PyTorch's optimisers
+    create a parameter's state at its first gradient, so one that never had a gradient (an expert no sample has
+    been routed to yet, :mod:`fewstep.models.experts`) has none, in the checkpoint as in the optimiser that wrote
+    it. Names that do not match fail earlier, in the strict load of the role's weights. (``set_optimizer_state_dict``
+    first gives every parameter a state by a zero-learning-rate step; those without saved state lose it again.)"""
+    set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=True, strict=False))
+    saved = set(state.get("state", {}))
+    for name, param in module.named_parameters():
+        if name not in saved:
+            optimizer.state.pop(param, None)

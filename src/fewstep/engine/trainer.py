@@ -93,6 +93,7 @@ class Plan(Protocol):
     def load_student(self, pipe, weights: dict[str, torch.Tensor]) -> None: ...  # the student role's weights
     def student_generator(self) -> StudentGenerator: ...  # the one G_θ(ε) every objective samples
     def example_prompt(self) -> str: ...  # shown in the commands printed at the end of a run
+    def example_image(self) -> str | None: ...  # its --image (an image-to-video model), or None
     def start_stage(self, index: int, roles: Roles) -> None: ...
 
 
@@ -466,13 +467,14 @@ class Trainer:
         where = ckpt.checkpoints_dir(run) / f"step_{st.step:06d}"
         lines = [f"{'interrupted' if interrupted else 'done'}: step {st.step} of {steps}; checkpoint {where}"]
         if self._student_step is not None:
-            student, prompt = run / "student", self.plan.example_prompt()
+            student, prompt, image = run / "student", self.plan.example_prompt(), self.plan.example_image()
             q = shlex.quote
             lines += [f"student: {student} holds {describe_student({'step': self._student_step, 'of': steps})}",
                       f"  evaluate it: fewstep eval --model {q(str(student))} --out "
                       f"{q(str(run / f'eval_step{self._student_step}'))}",
                       f"  sample it:   fewstep generate --model {q(str(student))} --prompt {q(prompt)} "
-                      f"--out {q(str(run / f'samples_step{self._student_step}'))}"]
+                      + (f"--image {q(image)} " if image else "")
+                      + f"--out {q(str(run / f'samples_step{self._student_step}'))}"]
         if interrupted:
             lines.append(f"continue training with: {self.resume_command()}")
         for line in lines:

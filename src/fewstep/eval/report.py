@@ -26,6 +26,7 @@ from fewstep.errors import UserError
 from fewstep.utils.io import write_text_atomic
 
 from .analysers import QUALITY_DIMS, SEMANTIC_DIMS
+from .i2v import I2V_DIMS
 
 #: The metrics table's columns in display order, under the group names of its two-row header:
 #: ``(group, ((metrics key, header, better, tooltip), …))`` with ``better`` "↑" (higher is
@@ -39,6 +40,10 @@ COLUMN_GROUPS: tuple[tuple[str, tuple[tuple[str, str, str, str], ...]], ...] = (
         ("total", "total", "↑", "(4·quality + 1·semantic) / 5, VBench's grouping"),
         ("quality", "quality", "↑", "mean of the quality dimensions"),
         ("semantic", "semantic", "↑", "mean of the semantic dimensions"),
+    )),
+    ("VBench-I2V", (
+        ("i2v", "I2V", "↑", "image-to-video models: mean of i2v subject and i2v background (eval/i2v.py)"),
+        ("total_i2v", "total", "↑", "image-to-video models: (quality + I2V) / 2, VBench-I2V's grouping"),
     )),
     ("distribution", (
         ("fvd", "FVD", "↓", "Fréchet distance of toy feature-net embeddings to real eval clips"),
@@ -118,7 +123,7 @@ def write_mp4(path: str | Path, video: np.ndarray, fps: int = 8, scale: int = 8)
 # --- the report ---------------------------------------------------------------------------------------------
 
 #: Groups of the dimensions table (rows); a dimension in neither group is listed under "other".
-DIMENSION_GROUPS = (("semantic", SEMANTIC_DIMS), ("quality", QUALITY_DIMS))
+DIMENSION_GROUPS = (("semantic", SEMANTIC_DIMS), ("quality", QUALITY_DIMS), ("image-to-video", I2V_DIMS))
 
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif; margin: 14px 12px;

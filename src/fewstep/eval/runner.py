@@ -15,6 +15,11 @@
     grid, times      which time grid the sampler used ("model": the model's own, else the spacing
                      of diffusion/schedules.sampling_grid) and the times it visited
     jpeg             mean JPEG compressibility reward (−kB per frame, the clip as one frame grid, rewards/jpeg.py)
+    i2v, total_i2v   an image-conditioned model only: sample j of each prompt is conditioned on the first
+                     frame of toy clip j of that caption (data/toyworld.condition_frame: the same frames for
+                     every model), and ``dimensions`` gains VBench-I2V's i2v_subject and i2v_background
+                     (eval/i2v.py); ``i2v`` is their mean, ``total_i2v`` = (quality + i2v) / 2 as VBench-I2V
+                     groups them; ``total`` stays the text-to-video grouping
 
 :func:`evaluate_generic_with_samples` is the same for a model without the toy world's semantics
 (a diffusers teacher or its student), on captions the user gives, with eval/generic.py's metrics::
@@ -45,16 +50,17 @@ import numpy as np
 import torch
 
 from fewstep.data.cache import LatentCache
-from fewstep.data.toyworld import EVAL_PROMPTS, parse_prompt
+from fewstep.data.toyworld import EVAL_PROMPTS, condition_frame, parse_prompt
 from fewstep.errors import UserError, warn
 from fewstep.models.denoiser import cfg_active
 from fewstep.models.family import load_model, model_family
-from fewstep.utils.frames import to_unit
+from fewstep.utils.frames import to_uint8, to_unit
 
 from .analysers import aggregate, score_clips
 from .diversity import vendi_score, video_vendi
 from .features import REFERENCE_CLIPS, VideoFeatureNet, reference_stats
 from .frechet import FrechetStats, frechet_distance
+from .i2v import i2v_summary, score_i2v_clips
 from .generic import VisionFeatures, cache_reference_stats, feature_frechet, pixel_metrics, read_captions
 from fewstep.utils.io import OutputDir, write_json_atomic
 
@@ -128,8 +134,10 @@ def check_prompts(prompts, grammar: str | None = "toy") -> list[str]:
 
 def generate_videos(pipe, prompts: list[str], *, steps: int | None = None, cfg_scale: float | None = None,
                     seed: int = 0, batch_size: int = 32, warmup: bool = True, progress=None,
-                    negative_prompt: str | None = None) -> Generated:
-    """Sample ``prompts`` with ``pipe`` in batches; ``steps``/``cfg_scale`` default to the model's own.
+                    negative_prompt: str | None = None, images: torch.Tensor | None = None,
+                    cfg_scale_2: float | None = None) -> Generated:
+    """Sample ``prompts`` with ``pipe`` in batches; ``steps``/``cfg_scale`` default to the model's own;
+    ``images`` ``(N, H, W, 3)`` in [−1, 1], one per prompt, condition an image-to-video model.
 
     Phases: validate → draw all initial noise in order → (warm-up call, untimed) → timed batches.
     ``progress(done, total)`` is called after every batch.
@@ -140,19 +148,28 @@ def generate_videos(pipe, prompts: list[str], *, steps: int | None = None, cfg_s
         raise UserError(f"cfg_scale={cfg_scale!r} is invalid; expected a finite number")
     if batch_size < 1:
         raise UserError(f"batch_size={batch_size} is invalid; expected an integer >= 1")
+    if cfg_scale_2 is not None and not (math.isfinite(cfg_scale_2) and cfg_scale_2 >= 0):
+        raise UserError(f"--cfg-2 {cfg_scale_2}: the low-noise expert's guidance scale must be a finite number >= 0")
+    if cfg_scale_2 is not None and len(getattr(pipe, "expert_slots", ())) < 2:  # Wan 2.2's low-noise expert
+        raise UserError("--cfg-2 is the low-noise expert's CFG scale of a two-expert model (Wan 2.2); this model has "
+                        "one denoiser")
     with torch.no_grad():
         pipe.encode_prompts(list(dict.fromkeys(prompts)))  # words the model does not know are a UserError here
 
     n = len(prompts)
     noise = torch.randn(pipe.latent_shape(n), generator=torch.Generator().manual_seed(seed))  # (N, C, T', H', W')
+    visual = (lambda lo, hi: {}) if images is None else (lambda lo, hi: {"images": images[lo:hi]})
     if warmup:
-        pipe.generate(prompts[:1], steps=1, cfg_scale=cfg_scale, seed=seed, noise=noise[:1])
+        pipe.generate(prompts[:1], steps=1, cfg_scale=cfg_scale, seed=seed, noise=noise[:1], **visual(0, 1))
     chunks, seconds, nfe = [], 0.0, 0
     if progress is not None:
         progress(0, n)  # starts the clock of the ETA
     for lo in range(0, n, batch_size):
         start = time.perf_counter()
         extra = {} if negative_prompt is None else {"negative_prompt": negative_prompt}
+        extra.update(visual(lo, lo + batch_size))
+        if cfg_scale_2 is not None:
+            extra["cfg_scale_2"] = cfg_scale_2
         frames, result = pipe.generate(prompts[lo: lo + batch_size], steps=steps, cfg_scale=cfg_scale,
                                        seed=seed + lo, noise=noise[lo: lo + batch_size], **extra)
         seconds += time.perf_counter() - start
@@ -188,16 +205,21 @@ def evaluate_with_samples(
     prompts = check_prompts(prompts)
     feature_net = feature_net or VideoFeatureNet.load()  # fail before generating when it is missing
 
-    # 1. Generate every prompt's videos, prompt-major.
+    # 1. Generate every prompt's videos, prompt-major (an I2V model: each on its toy first frame).
     suite = [p for p in prompts for _ in range(num_per_prompt)]
+    images = condition_frames(pipe, prompts, num_per_prompt) if pipe.image_conditioned else None
     gen = generate_videos(pipe, suite, steps=steps, cfg_scale=cfg_scale, seed=seed, batch_size=batch_size,
-                          progress=progress)
+                          progress=progress, images=None if images is None else torch.from_numpy(to_unit(images)))
     N, T, H, W, _ = gen.frames.shape
     by_prompt = {p: gen.frames[i * num_per_prompt: (i + 1) * num_per_prompt] for i, p in enumerate(prompts)}
 
-    # 2. Toy VBench dimensions and their grouping.
+    # 2. Toy VBench dimensions and their grouping (+ VBench-I2V's, reported beside them).
     dimensions = score_clips(gen.frames, suite)
     groups = aggregate(dimensions)
+    i2v = {}
+    if images is not None:
+        dimensions.update(score_i2v_clips(images, gen.frames))
+        i2v = i2v_summary(dimensions, groups["quality"])
 
     # 3. Fréchet distance to real eval clips rendered at the model's geometry.
     if ref_stats is None:
@@ -221,9 +243,17 @@ def evaluate_with_samples(
         "dimensions": dimensions, "fvd": float(fvd), "vendi_pixel": float(vendi_pixel),
         "vendi_feature": float(vendi_feature), "nfe": gen.nfe, "seconds_per_video": gen.seconds / N,
         "steps": gen.steps, "grid": gen.grid, "times": list(gen.times), "cfg_scale": gen.cfg_scale, "num_videos": N, "num_per_prompt": num_per_prompt,
-        "seed": seed, "jpeg": float(jpeg.mean()),
+        "seed": seed, "jpeg": float(jpeg.mean()), **i2v,
     }
     return metrics, by_prompt
+
+
+def condition_frames(pipe, prompts: list[str], num_per_prompt: int) -> np.ndarray:
+    """``(P·n, H, W, 3)`` uint8, prompt-major: the first frame of conditioning clip j of each prompt."""
+    frames, height, width = pipe.geometry
+    if height != width:
+        raise UserError(f"the toy evaluation renders square conditioning frames; the model makes {height}×{width} clips")
+    return np.stack([condition_frame(p, j, frames, height) for p in prompts for j in range(num_per_prompt)])
 
 
 def evaluate(
@@ -312,10 +342,13 @@ def generate_to_dir(model: str, prompts: list[str], out: str | Path, *, steps: i
                     cfg_scale: float | None = None, num: int = 1, seed: int = 0, fps: int = 8,
                     scale: int = 8, batch_size: int = 32, device: str = "cpu", overwrite: bool = False,
                     progress=None, frames: int | None = None, height: int | None = None, width: int | None = None,
-                    negative_prompt: str | None = None, dtype: torch.dtype | None = None) -> Path:
+                    negative_prompt: str | None = None, dtype: torch.dtype | None = None,
+                    images: list[str] | None = None, cfg_scale_2: float | None = None) -> Path:
     """``fewstep generate``: ``num`` videos per prompt → ``out/NNN_<prompt>.mp4`` (×``scale``,
     nearest neighbour) and ``out/samples.npz`` (``frames (K, T, H, W, 3)`` uint8 at the model's
-    resolution, ``prompts (K,)``), prompt-major. ``out`` is checked before anything is generated."""
+    resolution, ``prompts (K,)``), prompt-major. ``out`` is checked before anything is generated.
+    ``images`` (``--image``, once or once per prompt: a PNG/JPEG file or ``toy:CAPTION``) condition an
+    image-to-video model (:func:`condition_images`); ``samples.npz`` then also holds ``images (K, H, W, 3)``."""
     if not isinstance(num, int) or num < 1:
         raise UserError(f"--num {num!r} is invalid; expected an integer >= 1")
     check_steps(steps)
@@ -329,13 +362,48 @@ def generate_to_dir(model: str, prompts: list[str], out: str | Path, *, steps: i
         pipe.to(dtype)
     set_geometry(pipe, frames, height, width)
     check_sampling(pipe, steps, cfg_scale)
+    condition = condition_images(pipe, images, prompts)
+    condition = None if condition is None else condition.repeat_interleave(num, dim=0)  # (K, H, W, 3), prompt-major
     with output as stage:
         gen = generate_videos(pipe, suite, steps=steps, cfg_scale=cfg_scale, seed=seed, batch_size=batch_size,
-                              warmup=False, progress=progress, negative_prompt=negative_prompt)
+                              warmup=False, progress=progress, negative_prompt=negative_prompt, images=condition,
+                              cfg_scale_2=cfg_scale_2)
         for name, video in zip(names, gen.frames):
             write_mp4(stage / name, video, fps=fps, scale=scale)
-        np.savez(stage / "samples.npz", frames=gen.frames, prompts=np.array(suite, dtype=str))
+        stored = {} if condition is None else {"images": to_uint8(condition).numpy()}
+        np.savez(stage / "samples.npz", frames=gen.frames, prompts=np.array(suite, dtype=str), **stored)
     return Path(out)
+
+
+def condition_images(pipe, images: list[str] | None, prompts: list[str]) -> torch.Tensor | None:
+    """``--image`` values → ``(len(prompts), H, W, 3)`` float in [−1, 1] for an image-to-video model, None for
+    a text-to-video one. Each value is a PNG/JPEG file at the model's size (utils/images) or ``toy:CAPTION``,
+    the first frame of a toy clip of CAPTION (data/toyworld.condition_frame); one value serves every prompt.
+    An I2V model without ``--image``, a T2V model with one: one-line errors."""
+    from fewstep.models.family import no_image_input
+    from fewstep.utils.images import load_condition_image
+
+    if not pipe.image_conditioned:
+        if images:
+            raise no_image_input(pipe)
+        return None
+    if not images:
+        raise UserError("this model is image-to-video: give the condition image with --image FILE (a PNG/JPEG at "
+                        "the model's size) or --image toy:CAPTION (the first frame of a toy clip)")
+    if len(images) not in (1, len(prompts)):
+        raise UserError(f"--image given {len(images)} times; expected once or once per --prompt ({len(prompts)})")
+    _, height, width = pipe.geometry
+    loaded = {}
+    for spec in dict.fromkeys(images):
+        if spec.startswith("toy:"):
+            if height != width:
+                raise UserError(f"--image {spec}: toy clips are square; the model makes {height}×{width} clips")
+            caption = str(parse_prompt(spec[4:].strip()))  # a caption outside the toy grammar: one line
+            loaded[spec] = torch.from_numpy(to_unit(condition_frame(caption, frames=pipe.geometry.frames, size=height)))
+        else:
+            loaded[spec] = load_condition_image(spec, height, width)
+    specs = images * len(prompts) if len(images) == 1 else images
+    return torch.stack([loaded[s] for s in specs])  # (P, H, W, 3)
 
 
 def evaluate_to_dir(model: str, out: str | Path, *, steps: int | None = None, cfg_scale: float | None = None,

@@ -35,6 +35,10 @@ from torch import Tensor, nn
 from ..errors import UserError
 
 
+#: Extras whose key starts with this are *visual* conditions (an I2V model's image latent, mask, embeds).
+VISUAL_PREFIX = "image"
+
+
 @dataclass
 class Conditioning:
     """What a backbone is conditioned on, batched like the latents."""
@@ -45,6 +49,27 @@ class Conditioning:
 
     def __len__(self) -> int:
         return self.context.shape[0]
+
+    def with_extra(self, extra: dict[str, Tensor]) -> "Conditioning":
+        """This condition with ``extra`` added (same batch; a key already present is replaced), e.g.
+        ``model.encode_prompts(prompts).with_extra(model.encode_images(images))``."""
+        for name, value in extra.items():
+            if value.shape[0] != len(self):
+                raise ValueError(f"extra {name!r} has batch {value.shape[0]}; the condition has {len(self)}")
+        return Conditioning(self.context, self.mask, {**self.extra, **extra})
+
+    def visual(self) -> dict[str, Tensor]:
+        """The visual conditions among the extras: keys starting with ``image`` (the I2V seam)."""
+        return {k: v for k, v in self.extra.items() if k.startswith(VISUAL_PREFIX)}
+
+    def with_visual_of(self, other: "Conditioning") -> "Conditioning":
+        """This condition plus the visual extras of ``other`` it lacks (same batch).
+
+        CFG's unconditional branch of an image-to-video model keeps the image and drops only the
+        caption, as diffusers' ``WanImageToVideoPipeline`` and ``CogVideoXImageToVideoPipeline`` do
+        (their negative pass gets the same ``condition``/``image_latents``)."""
+        missing = {k: v for k, v in other.visual().items() if k not in self.extra}
+        return self.with_extra(missing) if missing else self
 
     def to(self, *args, **kwargs) -> "Conditioning":
         return Conditioning(
@@ -119,6 +144,11 @@ class Backbone(nn.Module):
     def forward(self, x: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:  # pragma: no cover
         raise NotImplementedError
 
+    def cfg_scales(self, timestep: Tensor, cfg_scale: float) -> float | Tensor:
+        """The CFG scale of each sample of a guided call at model timesteps ``(B,)``: ``cfg_scale`` for every sample,
+        unless the backbone routes samples to experts with scales of their own (:mod:`fewstep.models.experts`)."""
+        return cfg_scale
+
     def blockwise(self, x: Tensor, timestep: Tensor, cond: Conditioning) -> BlockwiseForward:
         """The forward split for a block-wise JVP (module doc); adapters that have one override this."""
         raise UserError(f"{type(self).__name__} has no block-wise split (SwiftVideo Alg. 2; the toy DiT and Wan "
@@ -133,16 +163,22 @@ def model_dtype(model: nn.Module) -> torch.dtype:
 
 
 class ModuleBackbone(Backbone):
-    """(a) A plain module called as ``module(x, timestep, context[, context_mask=mask])``.
+    """(a) A plain module called as ``module(x, timestep, context[, context_mask=mask][, **visual])``.
 
-    This is how the toy DiT plugs in; any network with that signature works.
+    This is how the toy DiT plugs in; any network with that signature works. ``visual`` are the
+    extras of :data:`VISUAL_KEYS` that the module's ``forward`` names as parameters (an image-conditioned
+    toy DiT takes ``image_mask`` and ``image_latent``), cast to the module's dtype.
     """
+
+    #: The visual extras a plain module may take as keyword arguments.
+    VISUAL_KEYS = ("image_mask", "image_latent")
 
     def __init__(self, module: nn.Module):
         super().__init__()
         self.module = module
         params = inspect.signature(module.forward).parameters
         self._takes_mask = "context_mask" in params
+        self._visual = tuple(k for k in self.VISUAL_KEYS if k in params)
 
     def forward(self, x, timestep, cond):
         dtype = model_dtype(self.module)  # a module kept in bf16 gets bf16 inputs, returns the caller's dtype
@@ -150,16 +186,19 @@ class ModuleBackbone(Backbone):
             return self._call(x, timestep, cond)
         return self._call(x.to(dtype), timestep, Conditioning(cond.context.to(dtype), cond.mask, cond.extra)).to(x.dtype)
 
+    def _kwargs(self, cond: Conditioning, dtype: torch.dtype) -> dict:
+        kwargs = {"context_mask": cond.mask} if self._takes_mask and cond.mask is not None else {}
+        kwargs.update({k: cond.extra[k].to(dtype) for k in self._visual if k in cond.extra})
+        return kwargs
+
     def _call(self, x, timestep, cond):
-        if self._takes_mask and cond.mask is not None:
-            return self.module(x, timestep, cond.context, context_mask=cond.mask)
-        return self.module(x, timestep, cond.context)
+        return self.module(x, timestep, cond.context, **self._kwargs(cond, x.dtype))
 
     def blockwise(self, x, timestep, cond) -> BlockwiseForward:
-        """The module's own split (``module.blockwise(x, timestep, context, context_mask)``, as the toy DiT's)."""
+        """The module's own split (``module.blockwise(x, timestep, context, context_mask, …)``, as the toy DiT's)."""
         if not hasattr(self.module, "blockwise"):
             return super().blockwise(x, timestep, cond)
-        return self.module.blockwise(x, timestep, cond.context, context_mask=cond.mask)
+        return self.module.blockwise(x, timestep, cond.context, **self._kwargs(cond, model_dtype(self.module)))
 
 
 class WanBackbone(Backbone):

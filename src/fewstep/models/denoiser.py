@@ -10,7 +10,10 @@ CFG is DESIGN §2's single formula ``uncond + w·(cond − uncond)``; the condit
 unconditional passes run as one batch and count as two function evaluations (NFE). Whether a call
 is guided is decided here and nowhere else (DESIGN §1): only when a scale is set and differs from
 1 (:func:`cfg_active`; ``w = 1`` *is* the conditional prediction). Callers — samplers, objectives,
-pipelines — pass the scale and the unconditional condition they have without deciding.
+pipelines — pass the scale and the unconditional condition they have without deciding. For an
+image-to-video model the unconditional branch drops the caption only: ``uncond`` gets the visual
+extras of ``cond`` it lacks (:meth:`Conditioning.with_visual_of`), as the Wan and CogVideoX I2V pipelines
+keep the image in their negative pass, so every caller passing ``null_condition(B)`` stays correct.
 
 Forward-mode derivatives (SwiftVideo's continuous-time consistency needs dF/dt along the
 PF-ODE) come from :meth:`Denoiser.jvp`: ``torch.func.jvp`` over the whole network under the math
@@ -105,14 +108,22 @@ class Denoiser(nn.Module):
             return Prediction.from_output(self.prediction_type, out, x_t, alpha, sigma)
         if uncond is None:
             raise ValueError(f"CFG scale {cfg_scale} needs the unconditional condition (uncond)")
-        # one batched pass over [cond; uncond]: (2B, C, T, H, W)
-        both = Conditioning.cat([cond, uncond])
+        # one batched pass over [cond; uncond]: (2B, C, T, H, W); the unconditional branch of an
+        # image-conditioned model keeps cond's image (Conditioning.with_visual_of)
+        both = Conditioning.cat([cond, uncond.with_visual_of(cond)])
         out = self.backbone(torch.cat([x_t, x_t]), self.schedule.model_timestep(torch.cat([t, t])), both)
         self.nfe += 2
         out_c, out_u = out.chunk(2)
         pred_c = Prediction.from_output(self.prediction_type, out_c, x_t, alpha, sigma)
         pred_u = Prediction.from_output(self.prediction_type, out_u, x_t, alpha, sigma)
-        return pred_c.guided(pred_u, cfg_scale)
+        return pred_c.guided(pred_u, self.cfg_scales(t, cfg_scale, x_t))
+
+    def cfg_scales(self, t: Tensor, cfg_scale: float, x_t: Tensor) -> float | Tensor:
+        """The CFG scale ``w`` of each sample of a guided call: ``cfg_scale``, or per sample where the backbone
+        says so (:meth:`~fewstep.models.backbones.Backbone.cfg_scales`: Wan 2.2's low-noise expert has its own
+        ``guidance_scale_2``), broadcast like ``x_t``."""
+        scale = self.backbone.cfg_scales(self.schedule.model_timestep(t), cfg_scale)
+        return expand_like(scale, x_t) if isinstance(scale, Tensor) else scale
 
     # ----------------------------------------------------------------------------------------
     def jvp(self, x_t: Tensor, t: Tensor, cond: Conditioning, tangent_x: Tensor, tangent_t: Tensor,
@@ -160,7 +171,8 @@ class Denoiser(nn.Module):
             timestep, d_timestep = torch.func.jvp(self.schedule.model_timestep, (t,), (tangent_t,))  # (B,) each
             x, d_x, both = x_t, tangent_x, cond
             if guided:  # one batched pass over [cond; uncond], as predict does
-                x, d_x, both = torch.cat([x_t, x_t]), torch.cat([tangent_x, tangent_x]), Conditioning.cat([cond, uncond])
+                x, d_x = torch.cat([x_t, x_t]), torch.cat([tangent_x, tangent_x])
+                both = Conditioning.cat([cond, uncond.with_visual_of(cond)])  # the image kept, as predict does
                 timestep, d_timestep = torch.cat([timestep, timestep]), torch.cat([d_timestep, d_timestep])
             out, d_out = blockwise_jvp(self.backbone.blockwise(x, timestep, both), x, timestep, d_x, d_timestep)
             self.nfe += 2 if guided else 1
@@ -172,6 +184,6 @@ class Denoiser(nn.Module):
                 out_c, out_u = out_.chunk(2)
                 pred_c = Prediction.from_output(self.prediction_type, out_c, x_, alpha, sigma)
                 pred_u = Prediction.from_output(self.prediction_type, out_u, x_, alpha, sigma)
-                return read(pred_c.guided(pred_u, cfg_scale))
+                return read(pred_c.guided(pred_u, self.cfg_scales(t_, cfg_scale, x_)))
 
             return torch.func.jvp(convert, (x_t, t, out), (tangent_x, tangent_t, d_out))

@@ -18,6 +18,14 @@ student, its times), so ``fewstep generate --model RUN/student`` samples as the 
     ``FlowMatchEulerDiscreteScheduler`` step for step; a teacher saved with UniPC is sampled by
     Euler on the same sigmas (fewstep's samplers are its own).
 
+``WanPipeline`` with ``transformer_2`` and ``boundary_ratio`` (Wan 2.2 A14B T2V)
+    Two experts as one denoiser (:mod:`fewstep.models.experts`): a sample whose model timestep is at least
+    ``boundary_ratio · num_train_timesteps`` goes to ``transformer`` (high noise), any other to
+    ``transformer_2`` (low noise), each sample by its own timestep; the low-noise expert's CFG scale is
+    ``guidance_scale_2`` (``fewstep_model.json``; None: the call's scale, as the pipeline's default).
+    Both experts load on first use. Not Wan-specific: any pipeline here whose config has a
+    ``boundary_ratio`` and whose index a ``transformer_2`` denoises so.
+
 ``CogVideoXPipeline`` (CogVideoX 1.0 and 1.5 T2V)
     T5 captions as ``_get_t5_prompt_embeds``: padded to ``max_sequence_length`` (default 226), no mask
     (the transformer attends to the padding too). ``z = mode(E(video)) · scaling_factor``, decode
@@ -73,8 +81,9 @@ from ..errors import UserError
 from ..utils.frames import to_uint8
 from ..utils.io import atomic_directory, read_json
 from .backbones import CogVideoXBackbone, Conditioning, HunyuanVideoBackbone, WanBackbone
+from .experts import ExpertBackbone
 from .denoiser import Denoiser, cfg_active
-from .family import Family, Geometry, SamplingConfig, SamplingMixin, register_family
+from .family import Family, Geometry, SamplingConfig, SamplingMixin, check_images, no_image_input, register_family
 
 SETTINGS_FILE = "fewstep_model.json"
 INDEX_FILE = "model_index.json"
@@ -110,6 +119,9 @@ class DiffusersSettings(StrictModel):
                           "(not CFG)")
     prompt_template: PromptTemplate | None = Field(
         None, description="HunyuanVideo: the Llama prompt template; None: the pipeline's default")
+    guidance_scale_2: float | None = Field(
+        None, description="Wan 2.2: the low-noise expert's (transformer_2's) CFG scale in a guided call; None: the "
+                          "call's scale (WanPipeline's guidance_scale_2)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,6 +145,9 @@ class PipelineSpec:
     pipeline_defaults: Callable[[Any, Any], dict[str, Any]] = lambda transformer_config, vae_config: {}  # from configs
     check_settings: Callable[[Any, Any], None] = lambda transformer_config, settings: None  # before loading
     settings_keys: tuple[str, ...] = ()  # the optional DiffusersSettings keys this class reads
+    check_pipeline: Callable[[Any], None] = lambda pipe: None  # the loaded pipeline object, at load
+    # image-to-video classes (models/diffusers_i2v.py): images (B, H, W, 3) in [−1, 1] → the visual extras
+    encode_images: Callable[["DiffusersVideoModel", Tensor], dict[str, Tensor]] | None = None
 
 
 def _check_clip(frames: int, height: int, width: int, temporal: int, spatial: int, patch: int) -> None:
@@ -157,12 +172,15 @@ def _flow_shift(scheduler) -> FlowMatching:
 
 def _wan_prompts(model: "DiffusersVideoModel", prompts: list[str]) -> Conditioning:
     """Captions as ``WanPipeline._get_t5_prompt_embeds``: padded to the caption length, zeros after the
-    real tokens (B, L, D), and the token mask (B, L)."""
+    real tokens (B, L, D), and the token mask (B, L). ``WanPipeline``'s own method for every Wan class (the I2V
+    pipeline's copy of it requires ftfy; this one cleans with ftfy when it is installed)."""
+    from diffusers import WanPipeline
+    from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
     pipe, length = model.pipe, model.settings.max_sequence_length
     device = next(model.text_encoder.parameters()).device
-    context = pipe._get_t5_prompt_embeds(list(prompts), max_sequence_length=length, device=device,
-                                         dtype=model.dtype)
-    from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+    context = WanPipeline._get_t5_prompt_embeds(pipe, list(prompts), max_sequence_length=length, device=device,
+                                                dtype=model.dtype)
 
     mask = pipe.tokenizer([prompt_clean(p) for p in prompts], padding="max_length", max_length=length,
                           truncation=True, add_special_tokens=True, return_tensors="pt").attention_mask
@@ -450,8 +468,10 @@ class DiffusersVideoModel(SamplingMixin, nn.Module):
     """
 
     prompt_grammar = None  # any text
-    LAZY = ("transformer", "vae", "text_encoder", "text_encoder_2")
+    LAZY = ("transformer", "transformer_2", "vae", "text_encoder", "text_encoder_2", "image_encoder")
     transformer, vae, text_encoder, text_encoder_2 = _Component(), _Component(), _Component(), _Component()
+    transformer_2 = _Component()  # Wan 2.2's low-noise expert (models/experts.py)
+    image_encoder = _Component()  # Wan 2.1 I2V's CLIP vision encoder (models/diffusers_i2v.py)
 
     def __init__(self, pipe, spec: PipelineSpec, settings: DiffusersSettings, source: Path | None = None,
                  lazy: dict[str, tuple[str, str]] | None = None, load_dtype: torch.dtype | None = None):
@@ -469,6 +489,8 @@ class DiffusersVideoModel(SamplingMixin, nn.Module):
         object.__setattr__(self, "pipe", pipe)  # not a submodule: its components are registered above
         self._schedule = spec.schedule(pipe.scheduler)  # (schedule, prediction type)
         spec.check_settings(self.config_of("transformer"), settings)
+        self._check_experts()
+        spec.check_pipeline(pipe)
         spec.check_geometry(self, settings.frames, settings.height, settings.width)
 
     @property
@@ -477,9 +499,29 @@ class DiffusersVideoModel(SamplingMixin, nn.Module):
         on first use)."""
         if "denoiser" not in self._modules:
             schedule, prediction_type = self._schedule
-            self._modules["denoiser"] = Denoiser(self.spec.backbone(self.transformer, self.settings), schedule,
-                                                 prediction_type)
+            backbones = {name: self.spec.backbone(self.component(name), self.settings) for name in self.expert_slots}
+            backbone = backbones["transformer"]
+            if len(backbones) > 1:  # Wan 2.2: routed by timestep (module doc)
+                boundary = self.pipe.config["boundary_ratio"] * self.pipe.scheduler.config.num_train_timesteps
+                backbone = ExpertBackbone(backbones, [boundary], [None, self.settings.guidance_scale_2])
+            self._modules["denoiser"] = Denoiser(backbone, schedule, prediction_type)
         return self._modules["denoiser"]
+
+    @property
+    def expert_slots(self) -> list[str]:
+        """The pipeline's transformers from high noise to low: ``["transformer", "transformer_2"]`` for a pipeline
+        with a ``boundary_ratio`` (Wan 2.2), else ``["transformer"]``."""
+        two = self.pipe.config.get("boundary_ratio") is not None
+        return ["transformer", "transformer_2"] if two else ["transformer"]
+
+    def _check_experts(self) -> None:
+        has_second = "transformer_2" in self._modules or "transformer_2" in self.lazy
+        if self.pipe.config.get("boundary_ratio") is not None and not has_second:
+            raise UserError(f"model {self.source}: the pipeline has a boundary_ratio but no transformer_2 (the "
+                            f"low-noise expert)")
+        if self.settings.guidance_scale_2 is not None and len(self.expert_slots) < 2:
+            raise UserError(f"{SETTINGS_FILE}: guidance_scale_2 applies to a two-expert pipeline (Wan 2.2: "
+                            f"transformer_2 and boundary_ratio), not to this {self.spec.pipeline}")
 
     def to(self, *args, **kwargs):
         """``nn.Module.to``; a dtype given also applies to the encoders not loaded yet."""
@@ -587,7 +629,13 @@ class DiffusersVideoModel(SamplingMixin, nn.Module):
         return int(cfg.num_attention_heads * cfg.attention_head_dim)
 
     def denoisers(self) -> dict[str, Denoiser]:
-        return {"transformer": self.denoiser}
+        """One denoiser per transformer, by pipeline slot (Wan 2.2: each expert alone, sharing its weights with
+        :attr:`denoiser`, which routes between them)."""
+        if len(self.expert_slots) == 1:
+            return {"transformer": self.denoiser}
+        schedule, prediction_type = self._schedule
+        return {name: Denoiser(expert, schedule, prediction_type)
+                for name, expert in self.denoiser.backbone.experts.items()}
 
     # ---------------------------------------------------------------------------- conditioning, latents
     @torch.no_grad()
@@ -598,6 +646,28 @@ class DiffusersVideoModel(SamplingMixin, nn.Module):
 
     def null_condition(self, batch: int) -> Conditioning:
         return self.encode_prompts([self.settings.negative_prompt] * batch)
+
+    @property
+    def image_conditioned(self) -> bool:
+        """Whether the pipeline class is image-to-video (its spec encodes images: models/diffusers_i2v.py)."""
+        return self.spec.encode_images is not None
+
+    @torch.no_grad()
+    def encode_images(self, images: Tensor) -> dict[str, Tensor]:
+        """Condition images ``(B, H, W, 3)`` in [−1, 1] at the model's height × width → the visual extras
+        (``image_latent``, ``image_mask``, ``image_embeds``: as the pipeline class builds them); a
+        text-to-video pipeline: a one-line error."""
+        if self.spec.encode_images is None:
+            raise no_image_input(self)
+        _, height, width = self.geometry
+        if images.ndim != 4 or tuple(images.shape[1:]) != (height, width, 3):
+            raise UserError(f"--image: condition images of shape {tuple(images.shape)}; this model takes "
+                            f"(B, {height}, {width}, 3) (its height × width)")
+        return self.spec.encode_images(self, images.to(next(self.vae.parameters()).device))
+
+    def has_component(self, name: str) -> bool:
+        """Whether the pipeline has component ``name`` (loaded or deferred)."""
+        return name in self._modules or name in self.lazy
 
     def latent_shape(self, batch: int) -> tuple[int, int, int, int, int]:
         return self.spec.latent_shape(self, batch)
@@ -614,8 +684,13 @@ class DiffusersVideoModel(SamplingMixin, nn.Module):
     @torch.no_grad()
     def sample_latents(self, prompts: list[str], *, steps: int | None = None, cfg_scale: float | None = None,
                        sampler: str | None = None, seed: int | None = None, noise: Tensor | None = None,
-                       return_trajectory: bool = False, negative_prompt: str | None = None) -> SampleResult:
-        """Sample normalised latents; ``cfg_scale`` defaults to the model's own (1 or None: no CFG)."""
+                       return_trajectory: bool = False, negative_prompt: str | None = None,
+                       images: Tensor | None = None, cfg_scale_2: float | None = None) -> SampleResult:
+        """Sample normalised latents; ``cfg_scale`` defaults to the model's own (1 or None: no CFG); ``images``
+        ``(B, H, W, 3)`` in [−1, 1] condition an image-to-video model (family.check_images); ``cfg_scale_2``:
+        Wan 2.2's low-noise expert's scale in a guided call (default: the settings' ``guidance_scale_2``)."""
+        if cfg_scale_2 is not None and len(self.expert_slots) < 2:
+            raise UserError(f"--cfg-2 applies to a two-expert model (Wan 2.2), not to this {self.spec.pipeline}")
         sampling = self.settings.sampling
         sampler = sampler or sampling.sampler
         if sampler not in SAMPLERS:
@@ -626,7 +701,10 @@ class DiffusersVideoModel(SamplingMixin, nn.Module):
         if noise is None:
             noise = torch.randn(self.latent_shape(len(prompts)), generator=generator)
         noise = noise.to(device=device, dtype=torch.float32)
+        images = check_images(self, images, len(prompts))
         cond = self.encode_prompts(prompts)
+        if images is not None:  # CFG's unconditional branch keeps the image (Denoiser.predict)
+            cond = cond.with_extra(self.encode_images(images.to(device)))
         uncond = None
         if cfg_active(cfg_scale):
             negative = self.settings.negative_prompt if negative_prompt is None else negative_prompt
@@ -634,7 +712,14 @@ class DiffusersVideoModel(SamplingMixin, nn.Module):
         kwargs = {"cfg_scale": cfg_scale, "uncond": uncond, "return_trajectory": return_trajectory}
         if sampler == "consistency":
             kwargs["generator"] = generator
-        return SAMPLERS[sampler](self.denoiser, noise, self.sampling_times(steps), cond, **kwargs)
+        if cfg_scale_2 is None:
+            return SAMPLERS[sampler](self.denoiser, noise, self.sampling_times(steps), cond, **kwargs)
+        router = self.denoiser.backbone  # the low-noise expert's scale for this call only
+        saved, router.expert_cfg_scales = router.expert_cfg_scales, [None, cfg_scale_2]
+        try:
+            return SAMPLERS[sampler](self.denoiser, noise, self.sampling_times(steps), cond, **kwargs)
+        finally:
+            router.expert_cfg_scales = saved
 
     @torch.no_grad()
     def generate(self, prompts: list[str], **kwargs) -> tuple[np.ndarray, SampleResult]:
@@ -661,6 +746,15 @@ class DiffusersVideoModel(SamplingMixin, nn.Module):
                 shutil.copytree(self.source / name, directory / name, copy_function=_link_or_copy)
                 index[name] = source_index[name]
             (directory / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True))
+        if self.same_experts():
+            _link_weights(directory / "transformer", directory / "transformer_2")
+
+    def same_experts(self) -> bool:
+        """Whether the experts are loaded and hold the same weights (a ``single`` student in both Wan 2.2 slots)."""
+        if len(self.expert_slots) < 2 or "denoiser" not in self._modules:
+            return False
+        high, low = (expert.state_dict() for expert in self.denoiser.backbone.experts.values())
+        return high.keys() == low.keys() and all(torch.equal(high[k], low[k]) for k in high)
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device = "cpu",
@@ -721,6 +815,15 @@ def _quiet():
         transformers.utils.logging.enable_progress_bar()
 
 
+def _link_weights(source: Path, target: Path) -> None:
+    """``target``'s weight files replaced by hard links to ``source``'s same-named ones (one copy on disk; diffusers
+    reads each slot from its own folder, so both folders stay)."""
+    for file in target.iterdir():
+        if file.name != "config.json" and (source / file.name).is_file():
+            file.unlink()
+            _link_or_copy(source / file.name, file)
+
+
 def _link_or_copy(src, dst):
     """Hard-link a file (same filesystem: instant, no space), else copy it."""
     try:
@@ -751,6 +854,10 @@ def is_diffusers_model(directory: Path) -> bool:
     """The family's ``detect``: a diffusers ``model_index.json``."""
     return (directory / INDEX_FILE).is_file()
 
+
+from .diffusers_i2v import i2v_specs  # noqa: E402  (the image-to-video classes: models/diffusers_i2v.py)
+
+SPECS.update(i2v_specs())
 
 DIFFUSERS = register_family(Family("diffusers", is_diffusers_model, DiffusersVideoModel,
                                    f"{INDEX_FILE} of a diffusers pipeline ({', '.join(SPECS)})"))

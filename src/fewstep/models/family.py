@@ -8,6 +8,16 @@ What ``--model M`` names everywhere (``fewstep generate/eval/distill/synth/bench
     toy        model.json with "kind": "toy"               fewstep.models.pipeline.VideoPipeline
     diffusers  model_index.json of a diffusers pipeline    fewstep.models.diffusers_family.DiffusersVideoModel
 
+Image-to-video models (``image_conditioned``) take the condition image with the prompt: callers build a
+condition as ``model.encode_prompts(prompts).with_extra(model.encode_images(images))``, ``images`` being
+``(B, H, W, 3)`` float in [−1, 1] at the model's geometry. ``encode_images`` returns the *visual extras*
+(keys starting with ``image``, carried by :class:`Conditioning` like any extra): ``image_latent``
+``(B, C, T', H', W')``, the normalised latent of the conditioning video (first latent frame = the encoded
+image, the rest what the family's diffusers pipeline puts there), ``image_mask`` ``(B, M, T', H', W')``
+where the family needs one, ``image_embeds`` for Wan 2.1 I2V's CLIP image tokens. A text-to-video
+model's ``encode_images`` is a one-line error (:func:`no_image_input`); ``sample_latents``/``generate``
+take ``images=`` and check it with :func:`check_images`.
+
 Objectives, recipes, the engine and the evaluators only use the protocol; none of them asks
 which family it got. A family registers itself with :func:`register_family` when its module is
 imported; :data:`FAMILY_MODULES` lists the modules :func:`load_model` imports first.
@@ -34,7 +44,7 @@ from .denoiser import Denoiser
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 #: Models shipped inside the package, loadable by name.
-SHIPPED = {"toy-teacher": ASSETS / "toy-teacher"}
+SHIPPED = {"toy-teacher": ASSETS / "toy-teacher", "toy-teacher-i2v": ASSETS / "toy-teacher-i2v"}
 #: Modules that register the built-in families (imported on the first lookup).
 FAMILY_MODULES = ("fewstep.models.pipeline", "fewstep.models.diffusers_family")
 
@@ -86,7 +96,8 @@ class VideoModel(Protocol):
     """A loadable text-to-video model (an ``nn.Module``: ``to``, ``eval``, ``parameters`` …).
 
     ``denoiser`` is the network a distillation run copies into its roles; ``denoisers()`` names
-    every denoiser the model samples with (one for most families; Wan 2.2's two experts later).
+    every denoiser the model samples with (one for most families; Wan 2.2's two experts, which
+    ``denoiser`` routes between by t: models/experts.py).
     Frames are ``(B, T, H, W, 3)``: float in [−1, 1] for :meth:`encode`/:meth:`decode`, uint8 from
     :meth:`generate`; latents are ``(B, C, T', H', W')``.
     """
@@ -108,6 +119,9 @@ class VideoModel(Protocol):
     # -- conditioning and latents ------------------------------------------------------------------
     def encode_prompts(self, prompts: list[str]) -> Conditioning: ...  # "" is the unconditional prompt
     def null_condition(self, batch: int) -> Conditioning: ...
+    @property
+    def image_conditioned(self) -> bool: ...  # an image-to-video model (sampling needs images=)
+    def encode_images(self, images: Tensor) -> dict[str, Tensor]: ...  # visual extras; module doc
     def latent_shape(self, batch: int) -> tuple[int, int, int, int, int]: ...
     def encode(self, frames: Tensor) -> Tensor: ...  # (B, T, H, W, 3) in [−1, 1] → (B, C, T', H', W')
     def decode(self, latents: Tensor) -> Tensor: ...  # (B, C, T', H', W') → (B, T, H, W, 3) in [−1, 1]
@@ -118,13 +132,36 @@ class VideoModel(Protocol):
     def default_steps(self) -> int: ...
     def sample_latents(self, prompts: list[str], *, steps: int | None = None, cfg_scale: float | None = None,
                        sampler: str | None = None, seed: int | None = None, noise: Tensor | None = None,
-                       return_trajectory: bool = False, negative_prompt: str | None = None) -> SampleResult: ...
+                       return_trajectory: bool = False, negative_prompt: str | None = None,
+                       images: Tensor | None = None) -> SampleResult: ...
     def generate(self, prompts: list[str], **kwargs) -> tuple[np.ndarray, SampleResult]: ...
 
     # -- persistence -------------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path: ...
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> "VideoModel": ...
+
+
+def no_image_input(model: object) -> UserError:
+    """The one-line error of a text-to-video model given a condition image."""
+    return UserError(f"--image: {type(model).__name__} is a text-to-video model; it takes no condition image "
+                     f"(give an image-to-video model, or drop --image)")
+
+
+def check_images(model: VideoModel, images: Tensor | None, batch: int) -> Tensor | None:
+    """``images=`` of ``sample_latents``: ``(batch, H, W, 3)`` float at the model's geometry for an
+    image-to-video model (missing: a one-line error naming ``--image``), None for a text-to-video one."""
+    if not model.image_conditioned:
+        if images is not None:
+            raise no_image_input(model)
+        return None
+    if images is None:
+        raise UserError("this model is image-to-video: give the condition image (--image FILE)")
+    _, height, width = model.geometry
+    if tuple(images.shape) != (batch, height, width, 3) or not images.is_floating_point():
+        raise UserError(f"--image: condition images have shape {tuple(images.shape)} ({images.dtype}); expected "
+                        f"({batch}, {height}, {width}, 3) float in [-1, 1] (one per prompt, the model's height × width)")
+    return images
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ network inside. The network runs as usual and forward hooks on its blocks catch 
 no adapter needs a feature method of its own: any backbone exposing its blocks as a ``ModuleList``
 named ``blocks`` (the toy DiT, Wan) or ``transformer_blocks`` (CogVideoX, HunyuanVideo's
 double-stream blocks) works. Tokens ``(B, N, D)`` are laid out on the ``(T', H', W')`` grid that
-the backbone's ``patch_size`` implies by :func:`token_grid`.
+the backbone's ``patch_size`` implies by :func:`token_grid`. Behind a router of experts (Wan 2.2,
+:mod:`fewstep.models.experts`) block ``i`` is block ``i`` of the expert each sample goes to.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import torch
 from torch import Tensor, nn
 
 from ..errors import UserError
@@ -62,22 +64,36 @@ def extract_features(model: nn.Module, x_t: Tensor, t: Tensor, cond: Conditionin
     wrappers rely on) and its output is discarded; gradients flow to ``x_t`` when the caller's mode
     allows. A Denoiser counts the call as one NFE.
     """
-    modules = find_blocks(model)[1]
-    n = len(modules)
+    from .experts import ExpertBackbone
+
+    router = next((m for m in model.modules() if isinstance(m, ExpertBackbone)), None)
+    experts = list(router.experts.values()) if router is not None else [model]
+    lists = [find_blocks(expert)[1] for expert in experts]
+    n = len(lists[0])
+    if any(len(m) != n for m in lists):
+        raise UserError(f"feature blocks of experts of different depths ({', '.join(str(len(m)) for m in lists)})")
     if any(not -n <= b < n for b in blocks):
         raise UserError(f"feature blocks {list(blocks)} out of range for a backbone of depth {n}")
     ids = [b % n for b in blocks]
-    caught: dict[int, Tensor] = {}
+    caught: dict[tuple[int, int], Tensor] = {}  # (expert, block) → tokens of the expert's samples
+    which: list[Tensor] = []  # the router's assignment of the call's samples (B,)
 
-    def catch(i):
+    def catch(e, i):
         def hook(module, args, output):
-            caught[i] = output[0] if isinstance(output, tuple) else output  # diffusers blocks return tuples
+            if router is None or bool((which[0] == e).any()):  # not an idle expert's one-token run
+                caught[e, i] = output[0] if isinstance(output, tuple) else output  # diffusers blocks return tuples
         return hook
 
-    handles = [modules[i].register_forward_hook(catch(i)) for i in set(ids)]
+    handles = [m[i].register_forward_hook(catch(e, i)) for e, m in enumerate(lists) for i in set(ids)]
+    if router is not None:
+        handles.append(router.register_forward_pre_hook(lambda module, args: which.append(module.route(args[1]))))
     try:
         model(x_t, t, cond)
     finally:
         for handle in handles:
             handle.remove()
-    return [caught[i] for i in ids]
+    if router is None:
+        return [caught[0, i] for i in ids]
+    used = [e for e in range(len(experts)) if bool((which[0] == e).any())]
+    inverse = torch.argsort(torch.cat([(which[0] == e).nonzero()[:, 0] for e in used]))
+    return [torch.cat([caught[e, i] for e in used])[inverse] for i in ids]  # (B, N, D) in the batch's order

@@ -8,7 +8,12 @@ at ``RUN/student`` of a toy teacher — holds::
     codec.safetensors          video autoencoder weights
     text_encoder.safetensors   caption encoder weights
 
-and is recognised by its ``model.json``. Saving is atomic (write to a temporary sibling
+and is recognised by its ``model.json``. ``"conditioning": "image"`` makes an image-to-video model (the
+shipped ``toy-teacher-i2v``): its DiT takes ``[x_t, image_mask, image_latent]`` on channels
+(``backbone.condition_channels`` = 1 + the codec's latent channels) and :meth:`VideoPipeline.encode_images`
+builds them from the condition image as Wan's I2V pipeline does: the clip ``[image, 0, …, 0]`` (0 = mid
+grey in [−1, 1]) through the codec, normalised like every latent, and a 1-channel mask, 1 on the first
+latent frame. Saving is atomic (write to a temporary sibling
 directory, fsync, rename), so a reader never sees a half-written model.
 """
 
@@ -20,6 +25,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+import pydantic
 from pydantic import Field
 from safetensors.torch import save_file
 from torch import Tensor, nn
@@ -34,7 +40,7 @@ from .backbones import Conditioning
 from .codec import ToyCodec, ToyCodecConfig, frames_to_video, video_to_frames
 from .denoiser import Denoiser, cfg_active
 from .family import (ASSETS, SHIPPED, Family, Geometry,  # noqa: F401 (ASSETS, SHIPPED: re-exported)
-                     SamplingConfig, SamplingMixin, register_family, resolve_model)
+                     SamplingConfig, SamplingMixin, check_images, no_image_input, register_family, resolve_model)
 from .text_encoder import ToyTextEncoder, ToyTextEncoderConfig
 from .toy_dit import ToyDiT, ToyDiTConfig
 
@@ -53,6 +59,16 @@ class ToyPipelineConfig(StrictModel):
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     frames: int = 16
     size: int = 32
+    conditioning: Literal["text", "image"] = Field(
+        "text", description="text: text-to-video; image: image-to-video on the first frame (module doc)")
+
+    @pydantic.model_validator(mode="after")
+    def _check_conditioning(self) -> "ToyPipelineConfig":
+        want = 1 + self.codec.latent_channels if self.conditioning == "image" else 0
+        if self.backbone.condition_channels != want:
+            raise ValueError(f"conditioning {self.conditioning!r} needs backbone.condition_channels = {want} "
+                             f"(image_mask + image_latent channels); got {self.backbone.condition_channels}")
+        return self
 
 
 class VideoPipeline(SamplingMixin, nn.Module):
@@ -109,6 +125,28 @@ class VideoPipeline(SamplingMixin, nn.Module):
     def null_condition(self, batch: int) -> Conditioning:
         return self.encode_prompts([""] * batch)
 
+    @property
+    def image_conditioned(self) -> bool:
+        return self.config.conditioning == "image"
+
+    def encode_images(self, images: Tensor) -> dict[str, Tensor]:
+        """Condition images ``(B, H, W, 3)`` in [−1, 1] → ``image_latent`` ``(B, C, T', H', W')`` (the clip
+        ``[image, 0, …, 0]`` through the codec) and ``image_mask`` ``(B, 1, T', H', W')`` (1 on the first
+        latent frame), in ``images``' dtype. A text-to-video model: a one-line error."""
+        if not self.image_conditioned:
+            raise no_image_input(self)
+        _, height, width = self.geometry
+        if images.ndim != 4 or tuple(images.shape[1:]) != (height, width, 3):
+            raise UserError(f"--image: condition images have shape {tuple(images.shape)}; expected (B, {height}, "
+                            f"{width}, 3)")
+        B = images.shape[0]
+        video = images.new_zeros(B, self.config.frames, height, width, 3)  # (B, T, H, W, 3): grey after frame 0
+        video[:, 0] = images
+        image_latent = self.encode(video)  # (B, C, T', H', W')
+        image_mask = torch.zeros_like(image_latent[:, :1])  # (B, 1, T', H', W')
+        image_mask[:, :, 0] = 1.0
+        return {"image_mask": image_mask, "image_latent": image_latent}
+
     def latent_shape(self, batch: int) -> tuple[int, int, int, int, int]:
         """``(B, C, T', H', W')`` of this model's latents."""
         return self.codec.latent_shape((batch, 3, self.config.frames, self.config.size, self.config.size))
@@ -117,9 +155,11 @@ class VideoPipeline(SamplingMixin, nn.Module):
     @torch.no_grad()
     def sample_latents(self, prompts: list[str], *, steps: int | None = None, cfg_scale: float | None = None,
                        sampler: str | None = None, seed: int | None = None, noise: Tensor | None = None,
-                       return_trajectory: bool = False, negative_prompt: str | None = None) -> SampleResult:
+                       return_trajectory: bool = False, negative_prompt: str | None = None,
+                       images: Tensor | None = None) -> SampleResult:
         """Sample latents for ``prompts``. ``cfg_scale`` defaults to the model's own; 1 or None = no CFG;
-        ``negative_prompt`` replaces the empty caption of CFG's unconditional branch."""
+        ``negative_prompt`` replaces the empty caption of CFG's unconditional branch; ``images``
+        ``(B, H, W, 3)`` in [−1, 1] condition an image-to-video model (kept in CFG's unconditional branch)."""
         sampling = self.config.sampling
         sampler = sampler or sampling.sampler
         if sampler not in SAMPLERS:
@@ -130,7 +170,10 @@ class VideoPipeline(SamplingMixin, nn.Module):
         if noise is None:
             noise = torch.randn(self.latent_shape(len(prompts)), generator=generator)
         noise = noise.to(device)
+        images = check_images(self, images, len(prompts))
         cond = self.encode_prompts(prompts)
+        if images is not None:
+            cond = cond.with_extra(self.encode_images(images.to(device)))
         uncond = None
         if cfg_active(cfg_scale):  # only when it is used
             uncond = self.encode_prompts([negative_prompt or ""] * len(prompts))
@@ -203,3 +246,22 @@ def is_toy_model(directory: Path) -> bool:
 
 
 TOY = register_family(Family("toy", is_toy_model, VideoPipeline, 'model.json with "kind": "toy"'))
+
+
+def image_to_video(pipe: VideoPipeline) -> VideoPipeline:
+    """An image-to-video copy of the text-to-video toy ``pipe`` (``"conditioning": "image"``): same codec, caption
+    encoder, schedule and sampling; the DiT gains the ``[image_mask, image_latent]`` input channels with zero
+    patch-embedding weights (:func:`~fewstep.models.toy_dit.add_condition_channels`), so before any
+    fine-tuning it predicts exactly what ``pipe`` does. ``fewstep pretrain --stage i2v`` starts here."""
+    from .toy_dit import add_condition_channels
+
+    if pipe.image_conditioned:
+        raise UserError("the model is already image-to-video")
+    dit = add_condition_channels(pipe.denoiser.backbone.module, 1 + pipe.config.codec.latent_channels)
+    config = pipe.config.model_copy(update={"conditioning": "image", "backbone": dit.config})
+    out = VideoPipeline(config)
+    out.denoiser.backbone.module.load_state_dict(dit.state_dict())
+    out.codec.load_state_dict(pipe.codec.state_dict())
+    out.text_encoder.load_state_dict(pipe.text_encoder.state_dict())
+    device = next(pipe.parameters()).device
+    return out.to(device).train(pipe.training)

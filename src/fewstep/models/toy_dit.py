@@ -10,6 +10,12 @@ Architecture (Peebles & Xie, "Scalable Diffusion Models with Transformers", 2023
   vector ``c = timestep embedding + pooled text embedding``;
 - final layer: adaLN + linear, unpatchify back to ``(B, C, T, H, W)``.
 
+Image-to-video (``condition_channels > 0``): the first-frame condition enters as extra input channels,
+``cat([x_t, image_mask, image_latent], dim=1)`` before the patch embedding — the channel order of
+diffusers' ``WanImageToVideoPipeline`` (``latent_model_input = cat([latents, condition])`` with
+``condition = cat([mask, latent_condition])``) and of Wan-FUN-inp. :func:`add_condition_channels` turns
+a text-to-video DiT into one with zero weights on the new channels, so it starts as the T2V model.
+
 adaLN-Zero (DiT §3.2): the modulation and the final linear layer are zero-initialised, so at
 init every block is the identity on its residual stream (gates are zero) and the model
 outputs exactly zero.
@@ -45,6 +51,8 @@ class ToyDiTConfig(StrictModel):
     ``(8, 8, 8)`` latent (patch ``(1, 2, 2)`` → 8·4·4 tokens)."""
 
     in_channels: int = 4
+    # image-to-video: channels of [image_mask, image_latent] concatenated after x_t (0 = text-to-video)
+    condition_channels: int = 0
     patch_size: tuple[int, int, int] = (1, 2, 2)  # (pt, ph, pw)
     latent_frames: int = 8  # default grid for the positional-embedding buffer
     latent_height: int = 8
@@ -251,7 +259,7 @@ class ToyDiT(nn.Module):
         self.out_channels = config.resolved_out_channels
         self.gradient_checkpointing = False
 
-        self.patch_embed = nn.Linear(config.in_channels * pt * ph * pw, dim)
+        self.patch_embed = nn.Linear((config.in_channels + config.condition_channels) * pt * ph * pw, dim)
         self.t_embedder = nn.Sequential(nn.Linear(config.timestep_freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.text_pool_embedder = nn.Sequential(nn.Linear(config.text_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         # adaLN-single shared projection c → 6 modulation vectors per block (zero-init).
@@ -322,6 +330,22 @@ class ToyDiT(nn.Module):
 
     # -- forward
 
+    def _with_condition(self, x: torch.Tensor, image_mask: torch.Tensor | None,
+                        image_latent: torch.Tensor | None) -> torch.Tensor:
+        """``x`` (B, C, T, H, W), or ``cat([x, image_mask, image_latent])`` (B, C + condition_channels, T, H, W)
+        for an image-conditioned DiT."""
+        need = self.config.condition_channels
+        if not need:
+            return x
+        if image_mask is None or image_latent is None:
+            raise UserError("ToyDiT: this model is image-conditioned; the condition needs 'image_mask' and "
+                            "'image_latent' extras (model.encode_images)")
+        xc = torch.cat([x, image_mask.to(x.dtype), image_latent.to(x.dtype)], dim=1)  # (B, C + M + C_img, T, H, W)
+        if xc.shape[1] != x.shape[1] + need or xc.shape[2:] != x.shape[2:]:
+            raise UserError(f"ToyDiT: image_mask {tuple(image_mask.shape)} and image_latent {tuple(image_latent.shape)} "
+                            f"must add {need} channels of x's grid {tuple(x.shape[2:])}")
+        return xc
+
     def _check_inputs(self, x: torch.Tensor, context: torch.Tensor) -> tuple[int, int, int]:
         cfg = self.config
         if x.ndim != 5 or x.shape[1] != cfg.in_channels:
@@ -343,6 +367,8 @@ class ToyDiT(nn.Module):
         context: torch.Tensor,
         context_mask: torch.Tensor | None = None,
         return_features: list[int] | None = None,
+        image_mask: torch.Tensor | None = None,
+        image_latent: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         grid = self._check_inputs(x, context)
         B = x.shape[0]
@@ -352,8 +378,8 @@ class ToyDiT(nn.Module):
             context_mask = torch.ones(context.shape[:2], dtype=torch.bool, device=context.device)
         feature_ids = self._resolve_feature_ids(return_features)
 
-        # 1. tokens: patchify + fixed positional embedding
-        h = self.patch_embed(self.patchify(x))  # (B, N, D)
+        # 1. tokens: patchify [x_t (, image_mask, image_latent)] + fixed positional embedding
+        h = self.patch_embed(self.patchify(self._with_condition(x, image_mask, image_latent)))  # (B, N, D)
         h = h + self.pos_embed_for(grid, h.device, h.dtype)
 
         # 2. conditioning c = timestep embedding + pooled caption embedding
@@ -387,11 +413,13 @@ class ToyDiT(nn.Module):
         return out, [by_id[i] for i in feature_ids]
 
     def blockwise(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
-                  context_mask: torch.Tensor | None = None):
+                  context_mask: torch.Tensor | None = None, image_mask: torch.Tensor | None = None,
+                  image_latent: torch.Tensor | None = None):
         """:meth:`forward` as the pieces of SwiftVideo's block-wise JVP (003 Alg. 2): a
         :class:`~fewstep.models.backbones.BlockwiseForward` whose time state is ``(c, shared_mod)``.
 
-        The caption (pooled embedding, cross-attention mask) is computed here once and closed over;
+        The caption (pooled embedding, cross-attention mask) and an I2V model's image channels (no tangent)
+        are computed here once and closed over;
         phases and shapes are those of :meth:`forward` (steps 1–5), which it must equal (tested).
         Inputs in another dtype than the weights are cast in, the output cast back.
         """
@@ -416,7 +444,7 @@ class ToyDiT(nn.Module):
             return c, rearrange(self.adaLN_modulation(c), "b (six d) -> b six d", six=6)  # (B, D), (B, 6, D)
 
         def patch_embed(x_):  # 1. tokens
-            h = self.patch_embed(self.patchify(x_.to(dtype)))  # (B, N, D)
+            h = self.patch_embed(self.patchify(self._with_condition(x_.to(dtype), image_mask, image_latent)))  # (B, N, D)
             return h + self.pos_embed_for(grid, h.device, h.dtype)
 
         def make_block(block):  # 4. one transformer block
@@ -435,3 +463,23 @@ class ToyDiT(nn.Module):
         if bad:
             raise UserError(f"ToyDiT: return_features {bad} out of range for depth {depth} (use -{depth}..{depth - 1})")
         return [i % depth for i in return_features]
+
+
+def add_condition_channels(model: ToyDiT, channels: int) -> ToyDiT:
+    """A copy of the text-to-video ``model`` that takes ``channels`` condition channels after ``x_t``.
+
+    Every weight is copied; the patch embedding's columns of the new channels are zero, so the copy
+    computes exactly what ``model`` does whatever the condition holds, and fine-tuning starts from the
+    text-to-video teacher (the way image-to-video and inpainting models are initialised from a T2V one:
+    Wan-FUN-inp, SVD's extra input channels). Columns are channel-major (``patchify``'s ``(c pt ph pw)``).
+    """
+    if model.config.condition_channels:
+        raise UserError("add_condition_channels: the model is already image-conditioned")
+    config = model.config.model_copy(update={"condition_channels": channels})
+    out = ToyDiT(config).to(model.patch_embed.weight.device, model.patch_embed.weight.dtype)
+    state = dict(model.state_dict())
+    weight = state.pop("patch_embed.weight")  # (D, C·pt·ph·pw)
+    pv = math.prod(config.patch_size)
+    state["patch_embed.weight"] = torch.cat([weight, weight.new_zeros(weight.shape[0], channels * pv)], dim=1)
+    out.load_state_dict(state)
+    return out

@@ -37,8 +37,9 @@ class FlowMatchingLossConfig(ObjectiveConfig):
 
 
 def drop_captions(cond: Conditioning, uncond: Conditioning, drop: torch.Tensor) -> Conditioning:
-    """Per sample, ``uncond`` where ``drop`` (B,) is True, else ``cond``."""
-    both = Conditioning.cat([cond, uncond])  # (2B, L, D): pads both to one token length
+    """Per sample, ``uncond`` where ``drop`` (B,) is True, else ``cond``; a dropped sample keeps its
+    image (``uncond.with_visual_of(cond)``, the unconditional branch of an I2V model's CFG)."""
+    both = Conditioning.cat([cond, uncond.with_visual_of(cond)])  # (2B, L, D): pads both to one token length
     c, u = both.index(slice(0, len(cond))), both.index(slice(len(cond), None))
     pick = drop.to(c.context.device)
     context = torch.where(pick[:, None, None], u.context, c.context)  # (B, L, D)

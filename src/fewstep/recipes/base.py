@@ -203,6 +203,10 @@ class Recipe:
     def example_prompt(self) -> str:
         return self.config.evaluator.example_prompt()
 
+    def example_image(self) -> str | None:
+        """``fewstep generate --image`` value for the end-of-run hint (an image-to-video model), or None."""
+        return None
+
     def start_stage(self, index: int, roles: Roles) -> None:
         """Called when stage ``index`` begins (and replayed in order on resume, before loading)."""
 
@@ -247,6 +251,12 @@ class PipelineRecipe(Recipe):
                 modules[name] = module.float() if spec.trainable else module
         return modules
 
+    def example_image(self) -> str | None:
+        if not self.pipeline.image_conditioned:
+            return None
+        toy = getattr(self.pipeline, "prompt_grammar", None) == "toy"
+        return f"toy:{self.example_prompt()}" if toy else "FIRST_FRAME.png"
+
     def shares_base(self, spec) -> bool:
         """Frozen and LoRA roles share the model's weights (one copy in memory); under FSDP the engine makes
         them views of one sharded base with an adapter per LoRA role (engine/roles.shared_bases)."""
@@ -254,10 +264,13 @@ class PipelineRecipe(Recipe):
 
     def load_student(self, pipe, weights: dict[str, torch.Tensor]) -> None:
         """The student's weights into ``pipe``; a LoRA student's adapters merged into the model's base,
-        ``W' = W + (α / r)·B A`` (engine/lora.py)."""
-        lora = self.config.roles["student"].lora
-        if lora is not None:
-            weights = merge_adapters(self.pipeline.denoiser.state_dict(), weights, lora.scale)
+        ``W' = W + (α / r)·B A`` (engine/lora.py) — the base its ``build`` starts from where the builder names one
+        (``source``: Wan 2.2's one expert of a ``single`` student, recipes/builders.py)."""
+        spec = self.config.roles["student"]
+        if spec.lora is not None:
+            build = None if spec.build is None else parse_build(spec.build, "student")
+            base = self.pipeline.denoiser if not hasattr(build, "source") else build.source(self.pipeline)
+            weights = merge_adapters(base.state_dict(), weights, spec.lora.scale)
         pipe.denoiser.load_state_dict(weights)
 
     def prepare_objective(self, objective, device: torch.device) -> None:

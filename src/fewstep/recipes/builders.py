@@ -9,6 +9,7 @@
       discriminator: {build: {kind: feature_discriminator, features: dinov2, path: DIR}, optim: …}  SwiftVideo Eq. 10
       discriminator: {build: {kind: feature_heads, blocks: [1, 2, 3]}, optim: …}  RGTD §3.3 multi-head D
       reward_video_text: {build: {kind: reward, name: toy-clip-video}}   a frozen reward model (RGTD Eq. 13–14)
+      student: {build: {kind: expert, expert: transformer}, optim: …}    one expert of Wan 2.2 as a single student
 
 Any recipe builds any registered kind, under any role name (two discriminators, two LRMs), so
 mixing objectives across papers is a config change. A builder reads what it needs from the model
@@ -18,6 +19,7 @@ being distilled (latent channels, caption width, hidden width); a new one is a c
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
@@ -109,3 +111,35 @@ class FeatureDiscriminatorBuild(FeatureDiscriminatorConfig):
 
     def build(self, model: VideoModel) -> nn.Module:
         return build_feature_discriminator(self)
+
+
+@register_builder
+class ExpertBuild(StrictModel):
+    """One expert of a two-expert model (Wan 2.2) as a network of its own: the ``single`` student layout.
+
+    A role without ``build`` is a copy of the model's denoiser, which for Wan 2.2 routes each sample by its t
+    to a copy of its expert (models/experts.py): the ``per_expert`` layout, one student per expert, each owning
+    the student steps on its side of the boundary and handing its output to the next (LightX2V's phased Wan 2.2
+    scheme). ``{kind: expert}`` instead trains one network for every student step, initialised from one expert.
+    Default: the high-noise ``transformer``. A few-step student spends most of its steps at high noise — on a
+    Wan 2.2 T2V teacher (shift 12, boundary 0.875) ``dollar4``'s t = 1, 0.75, 0.5 lie on the high-noise side
+    and only t = 0.25 (σ = 0.8) below — and its first step, which lays out the whole clip from pure noise, is
+    the high-noise expert's job; the low-noise expert has never denoised from pure noise.
+    ``RUN/student`` and the export hold this one network in both slots.
+    """
+
+    kind: Literal["expert"] = "expert"
+    expert: str = Field("transformer", description="the pipeline slot of the expert the role starts from "
+                                                   "(Wan 2.2: transformer = high noise, transformer_2 = low noise)")
+
+    def source(self, model: VideoModel) -> nn.Module:
+        """The expert's denoiser in ``model`` (shared weights: the base a LoRA student's adapters merge into)."""
+        experts = model.denoisers()
+        if self.expert not in experts:
+            raise UserError(f"build key 'expert': {self.expert!r} is not one of the model's denoisers "
+                            f"({', '.join(experts)})")
+        return experts[self.expert]
+
+    def build(self, model: VideoModel) -> nn.Module:
+        """A trainable float32 copy (a LoRA role's engine freezes it and adds adapters; the copy is not shared)."""
+        return copy.deepcopy(self.source(model)).float().requires_grad_(True)

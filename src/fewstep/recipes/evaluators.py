@@ -8,7 +8,10 @@ samples each with the fixed seeds of ``toyworld.eval_suite``: with the student's
 evaluation per count on the model's default grid. The clips are scored with the toy VBench analysers (``score_clips`` +
 ``aggregate``), checked against reference videos of the same prompts and seeds (diversity,
 static, constant; :mod:`fewstep.engine.health`) — the teacher's own samples when the recipe has
-a teacher, else toy-world clips — and logged. It needs a toy model (captions in the toy grammar).
+a teacher, else toy-world clips — and logged. It needs a toy model (captions in the toy grammar). An
+image-to-video model (and its teacher) samples each (prompt, seed) on the first frame of the toy clip of
+that prompt and seed — the first frame of the toy-world reference clip — and is also scored on
+VBench-I2V's i2v_subject and i2v_background (eval/i2v.py).
 
 ``evaluator: {kind: videos, prompts: FILE}`` — any model (a real teacher's student): the same
 sampling on the first ``train.eval_prompts`` captions of ``prompts``, scored with metrics that need
@@ -38,11 +41,13 @@ from ..engine.health import HealthMonitor
 from ..errors import UserError
 from ..eval.analysers import aggregate, score_clips
 from ..eval.frechet import FrechetStats
+from ..eval.i2v import score_i2v_clips
 from ..eval.generic import (VisionFeatures, cache_reference_stats, feature_frechet, pixel_metrics, read_captions,
                             vision_model_class)
 from ..eval.report import write_mp4
 from ..eval.runner import check_prompts, slug
 from ..models.family import VideoModel
+from ..utils.frames import to_unit
 
 #: ``(prompt, seeds) -> (n, T, H, W, 3) uint8`` videos the student's samples are compared with.
 ReferenceFn = Callable[[str, list[int]], np.ndarray]
@@ -117,10 +122,25 @@ class ToyVBenchConfig(EvaluatorConfig):
         return EVAL_PROMPTS[0]
 
 
+def first_frames(model: VideoModel, prompts: list[str], seeds: list[int]) -> np.ndarray | None:
+    """``(N, H, W, 3)`` uint8 condition images of an image-to-video model: the first frame of the toy clip of
+    each (prompt, seed); None for a text-to-video model."""
+    if not model.image_conditioned:
+        return None
+    frames, size, _ = model.geometry
+    return np.stack([render_clip(prompt, seed, frames, size)[0][0] for prompt, seed in zip(prompts, seeds)])
+
+
+def _images(first: np.ndarray | None) -> dict:
+    """``generate``'s ``images=`` keyword for condition images ``first`` (none for a text-to-video model)."""
+    return {} if first is None else {"images": torch.from_numpy(to_unit(first))}
+
+
 def teacher_reference(teacher: VideoModel) -> ReferenceFn:
-    """The teacher's own default sampler on the eval seeds."""
+    """The teacher's own default sampler on the eval seeds (an I2V teacher on the seeds' first frames)."""
     def reference(prompt: str, seeds: list[int]) -> np.ndarray:
-        videos, _ = teacher.generate([prompt] * len(seeds), noise=seeded_noise(teacher, seeds))
+        images = _images(first_frames(teacher, [prompt] * len(seeds), seeds))
+        videos, _ = teacher.generate([prompt] * len(seeds), noise=seeded_noise(teacher, seeds), **images)
         return videos
     return reference
 
@@ -150,12 +170,15 @@ class ToyVBench:
         prompts = [p for p, _ in self.suite]
         seeds = [s for _, s in self.suite]
         noise = seeded_noise(model, seeds)  # (N, C, T, H, W)
+        first = first_frames(model, prompts, seeds)  # (N, H, W, 3) of an image-to-video model, else None
         results, issues, record = {}, [], {}
         for steps in self.steps:
             n_steps = model.default_steps() if steps is None else steps
-            videos, _ = model.generate(prompts, steps=steps, noise=noise)  # (N, T, H, W, 3) uint8
+            videos, _ = model.generate(prompts, steps=steps, noise=noise, **_images(first))  # (N, T, H, W, 3) uint8
             scores = score_clips(videos, prompts)
             scores.update(aggregate(scores))
+            if first is not None:
+                scores.update(score_i2v_clips(first, videos))
             per_prompt = {}
             for prompt in dict.fromkeys(prompts):
                 idx = [i for i, p in enumerate(prompts) if p == prompt]

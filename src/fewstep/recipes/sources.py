@@ -12,6 +12,11 @@ encoder); ``data/`` below only holds the formats. Registered kinds::
 
 A new source is a config class with ``kind`` and ``build(model, seed)``, registered with
 :func:`register_source`.
+
+Image-to-video models (``model.image_conditioned``): every sample's condition carries the visual extras of
+its *own* first frame (``cond.with_extra(model.encode_images(first frames))`` for toy clips; stored per
+sample in trajectory and preference stores by ``fewstep synth`` / ``fewstep pairs``), and ``uncond`` keeps
+them (``null.with_visual_of(cond)``: CFG and caption dropout drop the caption, not the image).
 """
 
 from __future__ import annotations
@@ -101,9 +106,22 @@ class ToyWorldSource:
         frames = items["frames"].to(device)  # (B, T, H, W, 3) in [−1, 1]
         latents = self.model.encode(frames)  # (B, C, T', H', W')
         cond = self.model.encode_prompts(items["prompts"])
-        uncond = self.model.null_condition(len(positions))
+        if self.model.image_conditioned:  # each clip conditioned on its own first frame
+            cond = cond.with_extra(self.model.encode_images(frames[:, 0]))
+        uncond = self.model.null_condition(len(positions)).with_visual_of(cond)
         return Batch(latents=latents, cond=cond, uncond=uncond, prompts=items["prompts"],
                      sample_ids=torch.as_tensor(list(positions), dtype=torch.int64))
+
+
+def visual_shapes(model: VideoModel) -> dict[str, list[int]]:
+    """Shape of one sample's visual extras of ``model`` by name (``{}`` for a text-to-video model)."""
+    if not model.image_conditioned:
+        return {}
+    _, height, width = model.geometry
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        visual = model.encode_images(torch.zeros(1, height, width, 3, device=device))
+    return {name: list(value.shape[1:]) for name, value in visual.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,6 +176,11 @@ class TrajectorySource:
             old = " (a format-1 store keeps none: synthesize it again)" if self.store.manifest.format == 1 else ""
             raise UserError(f"{where} holds caption extras {settings.extra_shapes}; the model's text encoder gives "
                             f"{extras}{old}")
+        visual = visual_shapes(model)
+        if getattr(settings, "visual_shapes", {}) != visual:
+            raise UserError(f"{where} holds visual extras {getattr(settings, 'visual_shapes', {})}; the model "
+                            f"{'takes ' + str(visual) if visual else 'is text-to-video and takes none'} (synthesize "
+                            f"the store with this model)")
 
     @torch.no_grad()
     def batch(self, positions: Sequence[int], device: torch.device) -> Batch:
@@ -167,7 +190,8 @@ class TrajectorySource:
         times = self.store.times.to(device).expand(len(positions), -1)  # (B, K)
         cond = Conditioning(items["context"].to(device), items["mask"].to(device),
                             {name: value.to(device) for name, value in items["extra"].items()})  # (B, L, D), (B, L)
-        return Batch(latents=trajectory[:, -1], cond=cond, uncond=self.model.null_condition(len(positions)),
+        uncond = self.model.null_condition(len(positions)).with_visual_of(cond)
+        return Batch(latents=trajectory[:, -1], cond=cond, uncond=uncond,
                      prompts=items["prompts"], sample_ids=torch.as_tensor(list(positions), dtype=torch.int64),
                      extra={"trajectory": trajectory, "key_times": times})
 
@@ -238,7 +262,7 @@ class LatentCacheSource:
         null = Conditioning(self.cache.null_context.to(device=device, dtype=torch.float32),
                             self.cache.null_mask.to(device),
                             {k: v.to(device=device, dtype=torch.float32) for k, v in self.cache.null_extra.items()})
-        return Batch(latents=latents, cond=cond, uncond=null.repeat(B), prompts=items["captions"],
+        return Batch(latents=latents, cond=cond, uncond=null.repeat(B).with_visual_of(cond), prompts=items["captions"],
                      sample_ids=torch.as_tensor(list(positions), dtype=torch.int64))
 
 
@@ -285,6 +309,7 @@ class PreferenceSource(TrajectorySource):
         cond = Conditioning(items["context"].to(device), items["mask"].to(device),
                             {name: value.to(device) for name, value in items["extra"].items()})
         win, lose = items["preferred"].to(device), items["dispreferred"].to(device)  # (B, C, T, H, W) each
-        return Batch(latents=win, cond=cond, uncond=self.model.null_condition(len(positions)), prompts=items["prompts"],
+        uncond = self.model.null_condition(len(positions)).with_visual_of(cond)
+        return Batch(latents=win, cond=cond, uncond=uncond, prompts=items["prompts"],
                      sample_ids=torch.as_tensor(list(positions), dtype=torch.int64),
                      extra={"preferred": win, "dispreferred": lose})
