@@ -489,3 +489,24 @@ def make_tiny_xclip(directory, num_frames=4):
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return Path(directory)
+
+
+def assert_runs_match(one, two, step: int, stems=("roles/student", "ema/student", "roles/fake_score")) -> dict:
+    """Run ``two`` (e.g. FSDP on 2 processes) logged the losses of run ``one`` step by step, and its checkpoint of
+    ``step`` holds the same tensors under ``stems``; returns ``stem → tensors`` of ``one`` for further checks."""
+    import pytest
+    import torch
+
+    want, got = losses(one), losses(two)
+    assert sorted(got) == sorted(want)
+    for s in want:
+        for key, value in want[s].items():
+            assert got[s][key] == pytest.approx(value, rel=1e-4, abs=1e-6), (s, key)
+    found = {}
+    for stem in stems:
+        a, b = tensors(one, step, stem), tensors(two, step, stem)
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+        found[stem] = a
+    return found

@@ -137,6 +137,26 @@ def _atomic_dir(target: Path, write: Callable[[Path], None]) -> None:
         write(tmp)
 
 
+def _optimizer_step(opt, loss: torch.Tensor, params: list, ema: list, grad_clip: float, ema_decay: float) -> float:
+    """Back-propagate ``loss``, clip, step, then move the EMA copies ``ema`` of ``params``; the loss value."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+    with torch.no_grad():
+        torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - ema_decay)
+    return loss.item()
+
+
+def _checkpoint(cfg: "PretrainConfig", step: int, steps: int, out_of_time: bool, state_dir: Path,
+                save_state: Callable[[Path], None]) -> bool:
+    """Save the state every ``checkpoint_every`` steps, at the end and when out of time; True when out of time
+    before the end (the stage stops there, to be resumed)."""
+    if step % cfg.checkpoint_every == 0 or out_of_time or step == steps:
+        _atomic_dir(state_dir, save_state)
+    return out_of_time and step < steps
+
+
 def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     """An optimizer's state as (flat tensors, JSON-able rest) for safetensors."""
     sd = opt.state_dict()
@@ -358,22 +378,13 @@ def train_teacher(cfg: PretrainConfig, work: Path, max_seconds: float, progress:
         caps = ["" if d else prompts[i] for d, i in zip(drop.tolist(), idx.tolist())]
         # 2. flow-matching loss, step, EMA
         loss = flow_matching_loss(pipe, x0, caps, generator, t_dist).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, stage.grad_clip)
-        opt.step()
-        with torch.no_grad():
-            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - stage.ema_decay)
+        value = _optimizer_step(opt, loss, params, ema, stage.grad_clip, stage.ema_decay)
         step += 1
-        value = loss.item()
         running = value if running is None else 0.98 * running + 0.02 * value
         if progress:
             progress("teacher", step, stage.steps, {"loss": running, "lr": lr})
-        out_of_time = time.monotonic() - start > max_seconds
-        if step % cfg.checkpoint_every == 0 or out_of_time or step == stage.steps:
-            _atomic_dir(state_dir, save_state)
-            if out_of_time and step < stage.steps:
-                return False
+        if _checkpoint(cfg, step, stage.steps, time.monotonic() - start > max_seconds, state_dir, save_state):
+            return False
     return True
 
 
@@ -525,22 +536,13 @@ def train_i2v(cfg: PretrainConfig, work: Path, max_seconds: float, progress: Pro
         t = t_dist.sample(stage.batch_size, generator).to(x0.dtype)
         eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
         loss = denoising_loss(pipe.denoiser, x0, t, eps, cond).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, stage.grad_clip)
-        opt.step()
-        with torch.no_grad():
-            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - stage.ema_decay)
+        value = _optimizer_step(opt, loss, params, ema, stage.grad_clip, stage.ema_decay)
         step += 1
-        value = loss.item()
         running = value if running is None else 0.98 * running + 0.02 * value
         if progress:
             progress("i2v", step, stage.steps, {"loss": running, "lr": lr})
-        out_of_time = time.monotonic() - start > max_seconds
-        if step % cfg.checkpoint_every == 0 or out_of_time or step == stage.steps:
-            _atomic_dir(state_dir, save_state)
-            if out_of_time and step < stage.steps:
-                return False
+        if _checkpoint(cfg, step, stage.steps, time.monotonic() - start > max_seconds, state_dir, save_state):
+            return False
     return True
 
 

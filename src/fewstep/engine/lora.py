@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from ..config import StrictModel
 from ..errors import UserError
 from ..models.denoiser import Denoiser
+from .ema import EMA
 
 ADAPTER = "default"  # peft's adapter name; it appears in the parameter names (…lora_A.default.weight)
 _LORA_KEY = re.compile(rf"^(?P<layer>.+)\.lora_(?P<ab>[AB])\.{ADAPTER}\.weight$")
@@ -311,9 +312,9 @@ class AdapterDenoiser(Denoiser):
         return [p for _, p in self.hub.named_parameters(self.adapter)] if self.adapter else []
 
 
-class AdapterEMA:
+class AdapterEMA(EMA):
     """The EMA of a hub role: adapter ``<role>_ema`` of the same hub, lerped towards the role's adapter
-    (the interface of :class:`~fewstep.engine.ema.EMA`)."""
+    (:class:`~fewstep.engine.ema.EMA` with the pairs of the two adapters; the buffers are the hub's own)."""
 
     def __init__(self, hub: AdapterHub, live: str, decay: float):
         assert 0.0 < decay < 1.0, decay
@@ -321,7 +322,7 @@ class AdapterEMA:
         name = f"{live}_ema"
         hub.add(name, hub.adapters[live], like=live)
         self.module = hub.view(name).eval()
-        self._pairs: tuple[list, list] | None = None
+        self._pairs = None
 
     def pairs(self, live: nn.Module) -> tuple[list, list]:
         if self._pairs is None:
@@ -330,9 +331,3 @@ class AdapterEMA:
             self._pairs = ([p for _, p in ema], [source[swap_adapter(n, self.module.adapter, self.live)]
                                                  for n, _ in ema])
         return self._pairs
-
-    @torch.no_grad()
-    def update(self, live: nn.Module) -> None:
-        ema, params = self.pairs(live)
-        if ema:
-            torch._foreach_lerp_(ema, params, 1.0 - self.decay)
