@@ -157,6 +157,32 @@ def _checkpoint(cfg: "PretrainConfig", step: int, steps: int, out_of_time: bool,
     return out_of_time and step < steps
 
 
+def _save_state(directory: Path, params: list, ema: list, opt, generator: torch.Generator, step: int) -> None:
+    """A training stage's resumable state: parameters, their EMA copies, the optimiser, the data generator, step."""
+    tensors, meta = optimizer_tensors(opt)
+    model = {f"p{i}": p.detach().contiguous() for i, p in enumerate(params)}
+    model.update({f"ema{i}": e.contiguous() for i, e in enumerate(ema)})
+    save_file(model, directory / "model.safetensors")
+    save_file(tensors, directory / "optimizer.safetensors")
+    (directory / "state.json").write_text(json.dumps({
+        "step": step, "optimizer": meta, "generator": generator.get_state().tolist()}))
+
+
+def _restore_state(state_dir: Path, params: list, ema: list, opt, generator: torch.Generator) -> int:
+    """Load what :func:`_save_state` wrote into the live objects (nothing there: a fresh start); the step."""
+    if not (state_dir / "state.json").is_file():
+        return 0
+    meta = json.loads((state_dir / "state.json").read_text())
+    model = load_file(state_dir / "model.safetensors")
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            p.copy_(model[f"p{i}"])
+            ema[i].copy_(model[f"ema{i}"])
+    load_optimizer_tensors(opt, load_file(state_dir / "optimizer.safetensors"), meta["optimizer"])
+    generator.set_state(torch.tensor(meta["generator"], dtype=torch.uint8))
+    return meta["step"]
+
+
 def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     """An optimizer's state as (flat tensors, JSON-able rest) for safetensors."""
     sd = opt.state_dict()
@@ -340,16 +366,7 @@ def train_teacher(cfg: PretrainConfig, work: Path, max_seconds: float, progress:
     opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay, betas=(0.9, 0.99))
     ema = [p.detach().clone() for p in params]
     generator = torch.Generator().manual_seed(cfg.seed)
-    step = 0
-    if (state_dir / "state.json").is_file():
-        meta = json.loads((state_dir / "state.json").read_text())
-        model = load_file(state_dir / "model.safetensors")
-        for i, p in enumerate(params):
-            p.data.copy_(model[f"p{i}"])
-            ema[i].copy_(model[f"ema{i}"])
-        load_optimizer_tensors(opt, load_file(state_dir / "optimizer.safetensors"), meta["optimizer"])
-        generator.set_state(torch.tensor(meta["generator"], dtype=torch.uint8))
-        step = meta["step"]
+    step = _restore_state(state_dir, params, ema, opt, generator)
     if step >= stage.steps:
         return True
     t_dist = LogitNormal(stage.logit_normal_mean, stage.logit_normal_std)
@@ -358,13 +375,7 @@ def train_teacher(cfg: PretrainConfig, work: Path, max_seconds: float, progress:
     start = time.monotonic()
 
     def save_state(directory: Path):
-        tensors, meta = optimizer_tensors(opt)
-        model = {f"p{i}": p.detach().contiguous() for i, p in enumerate(params)}
-        model.update({f"ema{i}": e.contiguous() for i, e in enumerate(ema)})
-        save_file(model, directory / "model.safetensors")
-        save_file(tensors, directory / "optimizer.safetensors")
-        (directory / "state.json").write_text(json.dumps({
-            "step": step, "optimizer": meta, "generator": generator.get_state().tolist()}))
+        _save_state(directory, params, ema, opt, generator, step)
 
     running = None
     while step < stage.steps:
@@ -492,17 +503,7 @@ def train_i2v(cfg: PretrainConfig, work: Path, max_seconds: float, progress: Pro
     opt = torch.optim.AdamW(groups, lr=stage.lr, weight_decay=0.0, betas=(0.9, 0.99))
     ema = [p.detach().clone() for p in params]
     generator = torch.Generator().manual_seed(cfg.seed)
-    step = 0
-    if (state_dir / "state.json").is_file():
-        meta = json.loads((state_dir / "state.json").read_text())
-        model = load_file(state_dir / "model.safetensors")
-        with torch.no_grad():
-            for i, p in enumerate(params):
-                p.copy_(model[f"p{i}"])
-                ema[i].copy_(model[f"ema{i}"])
-        load_optimizer_tensors(opt, load_file(state_dir / "optimizer.safetensors"), meta["optimizer"])
-        generator.set_state(torch.tensor(meta["generator"], dtype=torch.uint8))
-        step = meta["step"]
+    step = _restore_state(state_dir, params, ema, opt, generator)
     if step >= stage.steps:
         return True
     t_dist = LogitNormal(stage.logit_normal_mean, stage.logit_normal_std)
@@ -510,13 +511,7 @@ def train_i2v(cfg: PretrainConfig, work: Path, max_seconds: float, progress: Pro
     start = time.monotonic()
 
     def save_state(directory: Path):
-        tensors, meta = optimizer_tensors(opt)
-        model = {f"p{i}": p.detach().contiguous() for i, p in enumerate(params)}
-        model.update({f"ema{i}": e.contiguous() for i, e in enumerate(ema)})
-        save_file(model, directory / "model.safetensors")
-        save_file(tensors, directory / "optimizer.safetensors")
-        (directory / "state.json").write_text(json.dumps({
-            "step": step, "optimizer": meta, "generator": generator.get_state().tolist()}))
+        _save_state(directory, params, ema, opt, generator, step)
 
     running = None
     while step < stage.steps:

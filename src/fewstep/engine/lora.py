@@ -99,9 +99,10 @@ def add_lora(module: nn.Module, config: LoraConfig) -> nn.Module:
     return module
 
 
-def adapter_names(module: nn.Module) -> list[str]:
-    """Parameter names of the adapters (what a LoRA role trains and checkpoints)."""
-    return [name for name, _ in module.named_parameters() if ".lora_" in name]
+def adapter_names(module: nn.Module, adapter: str | None = None) -> list[str]:
+    """Parameter names of the adapters (what a LoRA role trains and checkpoints); of adapter ``adapter`` only,
+    when given (a role's view of a shared base)."""
+    return list(adapter_state(dict(module.named_parameters()), adapter))
 
 
 def adapter_state(state: dict[str, Tensor], adapter: str | None = None) -> dict[str, Tensor]:
@@ -242,8 +243,7 @@ class AdapterHub:
 
     def named_parameters(self, name: str) -> list[tuple[str, nn.Parameter]]:
         """The parameters of adapter ``name``, by their names in the base."""
-        marks = (f".lora_A.{name}.", f".lora_B.{name}.")
-        return [(n, p) for n, p in self.base.named_parameters() if any(m in n for m in marks)]
+        return list(adapter_state(dict(self.base.named_parameters()), name).items())
 
     def _apply(self, state: tuple[str | None, bool]) -> None:
         adapter, training = state

@@ -131,10 +131,8 @@ class Role:
         module = self.ema.module if ema else self.module
         if (adapter := self.hub_adapter(ema)) is not None:
             state = rename_adapter(state, ADAPTER, adapter)
-            want = {n for n, _ in module.hub.named_parameters(adapter)}
-        elif self.adapters_only:
-            want = set(adapter_names(module))
         if self.adapters_only:
+            want = set(adapter_names(module, adapter))
             if set(state) != want:
                 missing = sorted(want - set(state)) or sorted(set(state) - want)
                 raise KeyError(f"role {self.name!r} adapters differ from the checkpoint's (e.g. {missing[0]})")
