@@ -11,7 +11,10 @@ presets and keys, passed as the run's ``--config``) is one ``fewstep distill`` r
 teacher, seed and budget (for DOLLAR the
 demo's, :data:`fewstep.demo.DEMO_SETTINGS`), followed by ``fewstep eval`` of its student at its
 own step count on the eval suite; the teacher is evaluated at 50 steps with its CFG and at 4
-steps. A finished variant (``OUT/<name>/eval/metrics.json``) is not rerun. Prints a Markdown
+steps. A finished variant (``OUT/<name>/eval/metrics.json``) is not rerun. Each finished run's metrics
+are also recorded in ``--results`` (default ``benchmarks/results/<OUT's name>/<run>.json``, committed: the
+runs' folders are not), and a run recorded there is not rerun either, so a table of many seeds is built
+over several sessions or machines; ``--report`` reads both. Prints a Markdown
 table and writes it to ``OUT/table.md``:
 
 * ``dollar`` — papers/001 Table 3 (VSD, VSD+CD, + LRM: quality / semantic / total, sharpness, FVD,
@@ -45,6 +48,8 @@ from fewstep.recipes.launch import distill
 #: Each recipe's variants: ``benchmarks/ablations/<recipe>.yaml``, name → a YAML overlay of the recipe
 #: (its presets, then any keys), and the variants run when --variants is not given.
 VARIANT_DIR = Path(__file__).with_name("ablations")
+#: Where finished runs' metrics are recorded (one JSON per run, under the output folder's name).
+RESULTS_DIR = Path(__file__).with_name("results")
 DEFAULTS = {"dollar": "vsd,vsd_cd,vsd_cd_lrm_jpeg", "accvideo": "synthetic,forward",
             "rgtd": "traj_only,gan,reward,full"}
 
@@ -110,6 +115,26 @@ def claim_line(better: str, worse: str, column: str, a: list[float], b: list[flo
             f"— {verdict}{strength}")
 
 
+def recorded(results: Path, run: str, metrics_path: Path) -> tuple[dict, float | None] | None:
+    """A finished run's (metrics, training seconds): from its ``metrics_path`` (recording it in ``results``
+    when it is not yet), else from ``results``; None when neither has it."""
+    record = results / f"{run}.json"
+    if metrics_path.is_file():
+        seconds_path = metrics_path.with_name("train_seconds.json")
+        seconds = json.loads(seconds_path.read_text())["seconds"] if seconds_path.is_file() else None
+        metrics = json.loads(metrics_path.read_text())
+        if not record.is_file():
+            results.mkdir(parents=True, exist_ok=True)
+            tmp = record.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"metrics": metrics, "train_seconds": seconds}, indent=1))
+            tmp.replace(record)
+        return metrics, seconds
+    if record.is_file():
+        data = json.loads(record.read_text())
+        return data["metrics"], data["train_seconds"]
+    return None
+
+
 def run_name(variant: str, seed: int) -> str:
     return variant if seed == 0 else f"{variant}_s{seed}"
 
@@ -145,7 +170,10 @@ def main() -> None:
     parser.add_argument("--seeds", default="0", help="comma-separated training seeds (train.seed) per variant")
     parser.add_argument("--jobs", type=int, default=1, help="variants trained at once (separate processes)")
     parser.add_argument("--report", action="store_true", help="train nothing: the table of the runs finished so far")
+    parser.add_argument("--results", type=Path, default=None,
+                        help="where finished runs are recorded (default: benchmarks/results/<OUT's name>)")
     args = parser.parse_args()
+    results_dir = args.results or RESULTS_DIR / args.out.name
     seeds = [int(s) for s in args.seeds.split(",")]
 
     known, default = variants(args.recipe), DEFAULTS[args.recipe]
@@ -159,20 +187,20 @@ def main() -> None:
     lines = ["| variant | " + " | ".join(COLUMNS) + " | train min |", "|" + "---|" * (len(COLUMNS) + 2)]
     for label, steps in (("teacher 50 (CFG)", 50), ("teacher 4 (CFG)", 4), ("teacher 2 (CFG)", 2)):
         target = args.out / f"teacher_{steps}"
-        metrics_path = target / "metrics.json"
-        if not metrics_path.is_file():
+        if recorded(results_dir, target.name, target / "metrics.json") is None:
             if args.report:
                 continue
             evaluate_to_dir(args.model, target, steps=steps, num=args.num)
-        lines.append(row(label, json.loads(metrics_path.read_text()), None))
+        lines.append(row(label, recorded(results_dir, target.name, target / "metrics.json")[0], None))
         print(lines[-1], flush=True)
     names = (args.variants or default).split(",")
     unknown = [n for n in names if n not in known]
     if unknown:
         parser.error(f"unknown variant {unknown[0]!r}; known: {', '.join(known)}")
 
-    def done(name: str, seed: int) -> bool:
-        return (args.out / run_name(name, seed) / "eval" / "metrics.json").is_file()
+    def done(name: str, seed: int) -> tuple[dict, float | None] | None:
+        run = run_name(name, seed)
+        return recorded(results_dir, run, args.out / run / "eval" / "metrics.json")
 
     # seed-major: every variant's seed 0 first
     todo = [] if args.report else [(name, seed) for seed in seeds for name in names if not done(name, seed)]
@@ -181,8 +209,9 @@ def main() -> None:
     work = [(args.recipe, known[name], [*base, f"train.seed={seed}"], args.out / run_name(name, seed), args.num,
              threads) for name, seed in todo]
     if jobs == 1:
-        for item in work:
+        for item, (name, seed) in zip(work, todo):
             train_and_eval(*item)
+            done(name, seed)  # recorded at once
     else:
         with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
             for future in [pool.submit(train_and_eval, *item) for item in work]:
@@ -190,12 +219,11 @@ def main() -> None:
     results: dict[str, list[dict]] = {}
     for name in names:
         runs = []
-        for seed in (s for s in seeds if done(name, s)):
-            eval_dir = args.out / run_name(name, seed) / "eval"
-            seconds_path = eval_dir / "train_seconds.json"
-            seconds = json.loads(seconds_path.read_text())["seconds"] if seconds_path.is_file() else None
-            runs.append(json.loads((eval_dir / "metrics.json").read_text()))
-            lines.append(row(run_name(name, seed), runs[-1], seconds))
+        for seed in seeds:
+            if (finished := done(name, seed)) is None:
+                continue
+            runs.append(finished[0])
+            lines.append(row(run_name(name, seed), runs[-1], finished[1]))
             print(lines[-1], flush=True)
         if len(runs) > 1:
             lines.append(mean_row(name, runs))
