@@ -506,3 +506,25 @@ def test_an_i2v_form_fewstep_does_not_model_is_one_line(case, message, i2v_dirs,
     rc, _, err = cli(capsys, "generate", "--model", model, "--prompt", PROMPT, "--image", png, "--out", tmp_path / "g")
     assert rc == 2 and err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "g").exists()
+
+
+def test_eval_cli_with_an_image(i2v_dirs, tmp_path, capsys):
+    """fewstep eval on a real image-to-video model takes --image (once for every prompt) and generates from it
+    what fewstep generate does; without it, one line and nothing written."""
+    png = _write_png(tmp_path / "first.png", condition_image(SIZE))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(PROMPT + "\n")
+    rc, _, err = cli(capsys, "eval", "--model", i2v_dirs["wan"], "--prompts", prompts, "--image", png, "--steps", "2",
+                     "--num", "2", "--out", tmp_path / "eval")
+    assert rc == 0, err
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["nfe"] > 0 and np.isfinite(metrics["sharpness"])
+    model = load_model(i2v_dirs["wan"])
+    ours = model.generate([PROMPT, PROMPT], steps=2, seed=0,
+                          images=as_condition(condition_image(SIZE)).repeat(2, 1, 1, 1))[0]
+    rc, _, err = cli(capsys, "generate", "--model", i2v_dirs["wan"], "--prompt", PROMPT, "--image", png, "--steps",
+                     "2", "--num", "2", "--out", tmp_path / "gen", "--scale", "1")
+    assert rc == 0 and np.array_equal(np.load(tmp_path / "gen" / "samples.npz")["frames"], ours), err
+    rc, _, err = cli(capsys, "eval", "--model", i2v_dirs["wan"], "--prompts", prompts, "--out", tmp_path / "none")
+    assert rc == 2 and err.count("\n") == 1 and "this model is image-to-video" in err, err
+    assert not (tmp_path / "none").exists()

@@ -276,3 +276,21 @@ def test_generate_takes_the_low_noise_experts_scale(wan22_dir, wan_dir, tmp_path
                      "--cfg-2", "2")
     assert rc == 2 and err.count("\n") == 1 and "--cfg-2" in err, err
     assert not (tmp_path / "one").exists()
+
+
+def test_eval_takes_the_low_noise_experts_scale(wan22_dir, tmp_path, capsys):
+    """fewstep eval --cfg-2 reaches the sampler (it changes the metrics of the same noise); a toy model refuses it
+    in one line."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(PROMPT + "\n")
+
+    def sharpness(out, *extra):
+        rc, _, err = cli(capsys, "eval", "--model", wan22_dir, "--prompts", prompts, "--out", out, "--cfg", "4",
+                         "--num", "1", *extra)
+        assert rc == 0, err
+        return json.loads((out / "metrics.json").read_text())["sharpness"]
+
+    assert sharpness(tmp_path / "flag", "--cfg-2", "1.5") != sharpness(tmp_path / "plain")
+    rc, _, err = cli(capsys, "eval", "--model", "toy-teacher", "--out", tmp_path / "toy", "--cfg-2", "2")
+    assert rc == 2 and err.count("\n") == 1 and "--cfg-2" in err, err
+    assert not (tmp_path / "toy").exists()

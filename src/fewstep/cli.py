@@ -232,6 +232,11 @@ def eval_(
                                            "other model needs them)."),
     steps: int = typer.Option(None, help="Sampler steps (default: the model's own)."),
     cfg: float = typer.Option(None, help="CFG scale w in uncond + w·(cond − uncond) (default: the model's own)."),
+    cfg_2: float = typer.Option(None, "--cfg-2", help="Wan 2.2: the low-noise expert's CFG scale (default: the "
+                                "model's guidance_scale_2, else --cfg)."),
+    image: list[str] = typer.Option([], "--image", help="Condition image of a non-toy image-to-video model: an RGB "
+                                    "PNG/JPEG at the model's height × width, once or once per line of --prompts (a "
+                                    "toy one is conditioned on each eval prompt's own first frame)."),
     num: int = typer.Option(4, help="Videos per eval prompt."),
     seed: int = typer.Option(0, help="Seed of the initial noise."),
     features: str = typer.Option(None, help="Fréchet feature net: a toy model's (shipped name or directory; default "
@@ -261,7 +266,8 @@ def eval_(
         metrics = evaluate_to_dir(model, out, steps=steps, cfg_scale=cfg, num=num, seed=seed, features=features,
                                   batch_size=batch_size, device=device, overwrite=overwrite, frames=frames,
                                   height=height, width=width, prompts=prompts, reference=reference,
-                                  reference_clips=reference_clips, dtype=_dtype(dtype),
+                                  reference_clips=reference_clips, dtype=_dtype(dtype), images=list(image) or None,
+                                  cfg_scale_2=cfg_2,
                                   progress=lambda done, total: progress("eval", done, total, {}))
     keys = (("sharpness", "flicker", "vendi_pixel", "fd") if metrics.get("metric_set") == "generic" else
             ("total", "quality", "semantic", "fvd", "vendi_pixel", "vendi_feature"))

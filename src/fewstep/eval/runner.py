@@ -284,17 +284,22 @@ def evaluate_generic_with_samples(
     ref_stats: FrechetStats | None = None,
     batch_size: int = 32,
     progress=None,
+    images: torch.Tensor | None = None,
+    cfg_scale_2: float | None = None,
 ) -> tuple[dict, dict[str, np.ndarray]]:
     """Metrics that need no toy semantics (module docstring, eval/generic.py) of ``pipe`` on ``prompts``,
-    and the videos by prompt; ``fd`` when ``features`` and ``ref_stats`` are given."""
+    and the videos by prompt; ``fd`` when ``features`` and ``ref_stats`` are given. ``images``
+    ``(len(prompts), H, W, 3)``: each prompt's condition image (an image-to-video model); ``cfg_scale_2``: Wan
+    2.2's low-noise expert's CFG scale."""
     if not isinstance(num_per_prompt, int) or num_per_prompt < 1:
         raise UserError(f"num_per_prompt={num_per_prompt!r} is invalid; expected an integer >= 1")
     prompts = check_prompts(prompts, getattr(pipe, "prompt_grammar", None))
 
     # 1. Generate every prompt's videos, prompt-major.
     suite = [p for p in prompts for _ in range(num_per_prompt)]
+    condition = None if images is None else images.repeat_interleave(num_per_prompt, dim=0)  # prompt-major
     gen = generate_videos(pipe, suite, steps=steps, cfg_scale=cfg_scale, seed=seed, batch_size=batch_size,
-                          progress=progress)
+                          progress=progress, images=condition, cfg_scale_2=cfg_scale_2)
     N = len(gen.frames)
     by_prompt = {p: gen.frames[i * num_per_prompt: (i + 1) * num_per_prompt] for i, p in enumerate(prompts)}
 
@@ -412,7 +417,8 @@ def evaluate_to_dir(model: str, out: str | Path, *, steps: int | None = None, cf
                     progress=None, frames: int | None = None, height: int | None = None,
                     width: int | None = None, prompts: str | Path | None = None,
                     reference: str | Path | None = None, reference_clips: int = 64,
-                    dtype: torch.dtype | None = None) -> dict:
+                    dtype: torch.dtype | None = None, images: list[str] | None = None,
+                    cfg_scale_2: float | None = None) -> dict:
     """``fewstep eval``: ``out/metrics.json`` and ``out/report.html`` (+ ``out/gifs/``); ``out`` is
     checked before anything is generated.
 
@@ -420,7 +426,10 @@ def evaluate_to_dir(model: str, out: str | Path, *, steps: int | None = None, cf
     the eval prompts) with the ``features`` feature net (default the shipped ``toy-features``). Any other
     model gets the generic metrics (:func:`evaluate_generic_with_samples`) on ``prompts`` (required), with
     a Fréchet distance when ``features`` (a CLIP or DINOv2 directory) and ``reference`` (a latent cache of
-    real clips, its first ``reference_clips`` decoded by the model) are given."""
+    real clips, its first ``reference_clips`` decoded by the model) are given; an image-to-video one also needs
+    ``images`` (``--image``, once or once per prompt, as ``fewstep generate``). ``cfg_scale_2``: Wan 2.2's
+    low-noise expert's CFG scale. A toy image-to-video model is conditioned on each eval prompt's own toy clip's
+    first frame (eval/i2v.py), so it takes no ``--image``."""
     if not isinstance(num, int) or num < 1:
         raise UserError(f"--num {num!r} is invalid; expected an integer >= 1")
     check_steps(steps)
@@ -431,6 +440,12 @@ def evaluate_to_dir(model: str, out: str | Path, *, steps: int | None = None, cf
             raise UserError("--reference is for models outside the toy world; a toy model's FVD compares with "
                             "rendered eval clips (eval/features.py)")
         captions = check_prompts(captions if captions is not None else EVAL_PROMPTS, "toy")
+        if images:
+            raise UserError("--image is for models outside the toy world; a toy image-to-video model is evaluated "
+                            "on each eval prompt's own first frame")
+        if cfg_scale_2 is not None:
+            raise UserError("--cfg-2 is the low-noise expert's CFG scale of a two-expert model (Wan 2.2); a toy "
+                            "model has one denoiser")
     else:
         if captions is None:
             raise UserError(f"--model {model} is not a toy-world model: give --prompts FILE (one caption per line) "
@@ -452,6 +467,7 @@ def evaluate_to_dir(model: str, out: str | Path, *, steps: int | None = None, cf
         pipe.to(dtype)
     set_geometry(pipe, frames, height, width)
     check_sampling(pipe, steps, cfg_scale)
+    condition = None if toy else condition_images(pipe, images, captions)
     name = label or Path(str(model)).name
     if toy:
         feature_net = VideoFeatureNet.load(features or "toy-features")
@@ -472,7 +488,8 @@ def evaluate_to_dir(model: str, out: str | Path, *, steps: int | None = None, cf
     with output as stage:
         metrics, by_prompt = evaluate_generic_with_samples(pipe, captions, steps, cfg_scale, num, seed=seed,
                                                            features=vision_net, ref_stats=ref_stats, batch_size=batch_size,
-                                                           progress=progress)
+                                                           progress=progress, images=condition,
+                                                           cfg_scale_2=cfg_scale_2)
         metrics = {"model": str(model), **metrics,
                    **({"features": str(features), "reference": str(reference)} if features is not None else {})}
         write_json_atomic(stage / "metrics.json", metrics)
