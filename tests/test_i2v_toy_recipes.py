@@ -120,3 +120,16 @@ def test_recipe_runs_on_an_image_to_video_teacher_by_config(models, recipe, tmp_
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         evals = [r for r in records if any(k.endswith("/i2v_subject") for k in r)]
         assert evals and all(0 <= v <= 1 for r in evals for k, v in r.items() if "/i2v_" in k)
+
+
+def test_bench_speed_of_an_image_to_video_student(models):
+    """fewstep bench samples an image-to-video pair on each prompt's first frame (it would refuse without);
+    a text-to-video student against an image-to-video teacher is one line."""
+    from fewstep.bench import bench_speed
+
+    i2v = VideoPipeline.load(models["i2v"])
+    result = bench_speed(i2v, i2v, student_steps=(2,), teacher_steps=4, num_videos=2, repeats=1)
+    assert result["students"]["2"]["nfe"] == 2 and result["teacher"]["nfe"] in (4, 8)  # CFG or not
+    assert result["students"]["2"]["speedup"]["sampling"] > 0
+    with pytest.raises(UserError, match="differ in conditioning"):
+        bench_speed(VideoPipeline.load(models["t2v"]), i2v, student_steps=(2,), teacher_steps=4, num_videos=2)

@@ -66,11 +66,12 @@ def _clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def _time_model(pipe, prompts, steps, cfg_scale, noise) -> tuple[float, float, int]:
+def _time_model(pipe, prompts, steps, cfg_scale, noise, images=None) -> tuple[float, float, int]:
     device = next(pipe.parameters()).device
     noise = noise.to(device)  # the copy is not timed
+    visual = {} if images is None else {"images": images.to(device)}
     start = _clock(device)
-    result = pipe.sample_latents(prompts, steps=steps, cfg_scale=cfg_scale, noise=noise)
+    result = pipe.sample_latents(prompts, steps=steps, cfg_scale=cfg_scale, noise=noise, **visual)
     sampled = _clock(device)
     pipe.decode(result.x)
     done = _clock(device)
@@ -79,17 +80,27 @@ def _time_model(pipe, prompts, steps, cfg_scale, noise) -> tuple[float, float, i
 
 def bench_speed(student, teacher, *, student_steps=(4, 2, 1), teacher_steps: int = 50, num_videos: int = 32,
                 repeats: int = 3, seed: int = 0) -> dict:
-    """Seconds per video and NFE of the teacher and of the student at each step count (module doc)."""
+    """Seconds per video and NFE of the teacher and of the student at each step count (module doc). An
+    image-to-video pair samples each prompt on the first frame of its toy clip, as ``fewstep eval`` does (the
+    image's encoding is timed with the sampling, alike for both)."""
+    from .eval.runner import condition_frames
+    from .utils.frames import to_unit
+
+    if student.image_conditioned != teacher.image_conditioned:
+        raise UserError("the student and the teacher differ in conditioning (one is image-to-video, the other "
+                        "text-to-video); bench a student against its own teacher")
     prompts = [EVAL_PROMPTS[i % len(EVAL_PROMPTS)] for i in range(num_videos)]
     noise = torch.randn(teacher.latent_shape(num_videos), generator=torch.Generator().manual_seed(seed))
+    images = (torch.from_numpy(to_unit(condition_frames(teacher, prompts, 1))) if teacher.image_conditioned
+              else None)  # (N, H, W, 3) in [−1, 1]
     runs = [("teacher", teacher, teacher_steps, None), *((f"student/{n}", student, n, None) for n in student_steps)]
     for _, pipe, _, cfg in runs:  # warm-up (allocator, kernels), untimed
-        pipe.sample_latents(prompts[:1], steps=1, cfg_scale=cfg, noise=noise[:1])
+        _time_model(pipe, prompts[:1], 1, cfg, noise[:1], None if images is None else images[:1])
     samples: dict[str, list[tuple[float, float, int]]] = {name: [] for name, *_ in runs}
     with torch.inference_mode():
         for _ in range(repeats):
             for name, pipe, steps, cfg in runs:
-                samples[name].append(_time_model(pipe, prompts, steps, cfg, noise))
+                samples[name].append(_time_model(pipe, prompts, steps, cfg, noise, images))
     timings = {name: Timing(statistics.median(s[0] for s in rows) / num_videos,
                             statistics.median(s[1] for s in rows) / num_videos, rows[0][2])
                for name, rows in samples.items()}
