@@ -340,6 +340,38 @@ def test_cache_stores_each_clips_first_frame_condition(wan_cache, models):
     torch.testing.assert_close(batch.cond.extra["image_latent"], want["image_latent"][2:].to(torch.bfloat16).float())
 
 
+def test_synth_from_a_cache_solves_on_each_clips_real_first_frame(wan_cache, i2v_dirs, wan_dir, tmp_path, capsys):
+    """fewstep synth --prompts CACHE: sample i takes clip (i mod N)'s caption and stored first-frame condition
+    (AccVideo / SwiftVideo I2V from real first frames); its trajectory is the teacher's Euler path on them. A cache
+    of another model is one line, nothing written."""
+    from fewstep.data.cache import LatentCache
+    from fewstep.data.trajectories import TrajectoryStore, solver_grid
+    from fewstep.diffusion.samplers import sample_euler
+    from fewstep.synth import sample_noise
+
+    out = tmp_path / "store"
+    rc, _, err = cli(capsys, "synth", "--teacher", i2v_dirs["wan"], "--prompts", wan_cache, "--num", "5", "--steps",
+                     "5", "--out", out, "--batch-size", "5", "--cfg", "1", "--dtype", "fp32")
+    assert rc == 0, err
+    store, cache = TrajectoryStore(out), LatentCache(wan_cache)
+    clips = cache.samples([0, 1, 2, 3, 0])  # sample 4 wraps to clip 0
+    assert store.settings.visual_shapes == cache.settings.visual
+    got = store.samples(list(range(5)))
+    assert got["prompts"] == clips["captions"]
+    visual = {name: clips[f"extra.{name}"].float() for name in cache.settings.visual}
+    assert all(torch.equal(got["extra"][name], value) for name, value in visual.items())
+    model = load_model(i2v_dirs["wan"])
+    with torch.no_grad():
+        cond = model.encode_prompts(clips["captions"]).with_extra(visual)
+        want = sample_euler(model.denoiser, sample_noise(model.latent_shape(1)[1:], 0, range(5)), solver_grid(5), cond,
+                            return_trajectory=True).trajectory[-1]
+    torch.testing.assert_close(got["latents"][:, -1], want)
+    rc, _, err = cli(capsys, "synth", "--teacher", wan_dir, "--prompts", wan_cache, "--num", "2", "--out",
+                     tmp_path / "other")
+    assert rc == 2 and err.count("\n") == 1 and "built with another model" in err, err
+    assert not (tmp_path / "other").exists()
+
+
 def test_an_i2v_cache_needs_clips(i2v_dirs, wan_dir, clips, tmp_path, capsys):
     (tmp_path / "p.txt").write_text(PROMPT + "\n")
     rc, _, err = cli(capsys, "cache", "--model", i2v_dirs["wan"], "--prompts", tmp_path / "p.txt", "--out",

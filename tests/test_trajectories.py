@@ -218,6 +218,7 @@ def test_corrupt_shard_is_reported_by_name(reference_store, teacher_dir, tmp_pat
     (["--keep", "some"], "--keep must be 'keys' or 'all'"),
     (["--steps", "3"], "--steps 3: the solver needs at least 5 steps"),
     (["--prompts", "missing.txt"], "--prompts missing.txt: no such file"),
+    (["--prompts", "."], "--prompts .: a directory that is not a latent cache"),
 ])
 def test_bad_synth_input_is_one_line_exit_2(teacher_dir, tmp_path, capsys, argv, message):
     rc, _, err = cli(capsys, "synth", "--teacher", teacher_dir, "--num", 2, "--out", tmp_path / "store", *argv)

@@ -425,8 +425,10 @@ def recipes(name: str = typer.Argument(None, help="A recipe: list its presets.")
 @app.command()
 def synth(
     teacher: str = typer.Option(..., help="The teacher: a shipped model name (toy-teacher) or a model directory."),
-    prompts: str = typer.Option("toy", help="'toy' (the toy world's training prompts, by index) or a text file "
-                                            "with one prompt per line (sample i uses line i mod P)."),
+    prompts: str = typer.Option("toy", help="'toy' (the toy world's training prompts, by index), a text file "
+                                            "with one prompt per line (sample i uses line i mod P), or a latent "
+                                            "cache of the teacher (clip i mod N's caption; an image-to-video "
+                                            "teacher: and its first frame)."),
     num: int = typer.Option(..., help="Trajectories to synthesize (sample i: prompt i, noise seeded by (seed, i))."),
     out: Path = typer.Option(..., help="Store directory: manifest.json + shards; rerun the same command to resume."),
     steps: int = typer.Option(50, help="Euler steps of the teacher's solver (its grid contains the key timesteps)."),

@@ -23,14 +23,21 @@ the store keeps each distinct caption's encoding once, in the store dtype (``--d
 bfloat16 for a real teacher, float32 for the toy one, whose stored results are thus unchanged).
 The store format, its resume and integrity rules are :mod:`fewstep.data.trajectories`'.
 
+**A latent cache as the prompts** (``--prompts CACHE``, a directory made by ``fewstep cache`` with the
+teacher): sample ``i`` takes clip ``i mod N``'s caption and, for an image-to-video teacher, that real clip's
+stored first-frame condition — AccVideo's and SwiftVideo's I2V setting, trajectories from real first frames.
+The cache must have been built with this teacher (its encoders and shapes, checked first).
+
 **Image-to-video teachers** solve each sample on its own condition image: with ``--prompts toy``, the first
-frame of the toy world's training clip ``i`` (the clip of caption ``i``); the visual extras
-(``encode_images``) are stored per sample in the shards and served back with the caption. A prompt file
-gives no images: an image-to-video teacher takes ``--prompts toy``.
+frame of the toy world's training clip ``i`` (the clip of caption ``i``); with ``--prompts CACHE``, the
+stored condition of clip ``i mod N``; the visual extras (``encode_images``) are stored per sample in the
+shards and served back with the caption. A prompt file gives no images: an image-to-video teacher takes
+``--prompts toy`` or a cache.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from pathlib import Path
 from typing import Callable, Sequence
@@ -39,6 +46,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .data.cache import MANIFEST as CACHE_MANIFEST
 from .data.toyworld import ToyWorld
 from .data.trajectories import (DTYPES, FORMAT, MANIFEST, TEXTS, Keep, StoreSettings, TrajectoryStore, key_indices,
                                 read_manifest, solver_grid)
@@ -66,16 +74,27 @@ def sample_noise(shape: Sequence[int], seed: int, indices: Sequence[int]) -> Ten
 
 
 class PromptSource:
-    """Prompt ``i`` of a run: the toy world's training caption ``i`` (``"toy"``) or line ``i mod P`` of a file."""
+    """Prompt ``i`` of a run: the toy world's training caption ``i`` (``"toy"``), line ``i mod P`` of a file, or
+    the caption of clip ``i mod N`` of a latent cache (with its stored first-frame condition; module doc)."""
 
     def __init__(self, spec: str):
         self.spec = spec
         self.lines: list[tuple[int, str]] = []  # (line number, prompt) of the file's non-empty lines
         self.sha256: str | None = None
+        self.cache = None
         if spec == "toy":
             self.world = ToyWorld("train", length=2**62)
             return
         path = Path(spec)
+        if path.is_dir() and (path / CACHE_MANIFEST).is_file():
+            from .data.cache import LatentCache
+
+            self.cache = LatentCache(path)
+            self.sha256 = hashlib.sha256((path / CACHE_MANIFEST).read_bytes()).hexdigest()
+            return
+        if path.is_dir():
+            raise UserError(f"--prompts {spec}: a directory that is not a latent cache (no {CACHE_MANIFEST}; make "
+                            f"one with `fewstep cache`), or give 'toy' or a text file with one prompt per line")
         if not path.is_file():
             raise UserError(f"--prompts {spec}: no such file (give 'toy' or a text file with one prompt per line)")
         try:
@@ -90,20 +109,34 @@ class PromptSource:
     def __getitem__(self, index: int) -> str:
         if self.spec == "toy":
             return self.world.prompt_and_seed(index)[0]
+        if self.cache is not None:
+            return self.captions[index % len(self.captions)]
         return self.lines[index % len(self.lines)][1]
+
+    @functools.cached_property
+    def captions(self) -> list[str]:
+        """A cache's captions, clip by clip."""
+        return [c for j in range(len(self.cache.shards)) for c in self.cache.load_shard(j)["captions"]]
 
     def check(self, pipeline, num: int) -> None:
         """Every prompt the first ``num`` samples use parses, and an image-to-video model has its images
-        (before anything is written)."""
+        (before anything is written); a cache was built with ``pipeline`` (same encoders and shapes)."""
+        if self.cache is not None:
+            self.cache.check_model(pipeline)  # an I2V model and a cache without first frames: one line
+            return
         if pipeline.image_conditioned and self.spec != "toy":
             raise UserError(f"--prompts {self.spec}: an image-to-video model samples each prompt on a condition "
-                            f"image; use --prompts toy (each sample on the first frame of its toy clip)")
+                            f"image; use --prompts toy (each sample on the first frame of its toy clip) or a latent "
+                            f"cache of clips (fewstep cache --videos, each sample on its clip's first frame)")
         if self.spec != "toy":
             self.encode(pipeline, range(min(num, len(self.lines))))
 
     def images(self, pipeline, indices: Sequence[int]) -> Tensor:
         """``(B, H, W, 3)`` in [−1, 1]: the first frames of the toy world's training clips ``indices`` (whose
         captions are prompts ``indices``) at the model's geometry, on its device."""
+        if self.cache is not None:
+            raise UserError(f"--prompts {self.spec}: a latent cache holds each clip's encoded condition, not its "
+                            f"image; preference pairs of an image-to-video model take --prompts toy")
         frames, height, _ = pipeline.geometry
         world = ToyWorld("train", frames=frames, size=height, length=2**62)  # captions as self.world's
         return world.batch(list(indices))["frames"][:, 0].to(next(pipeline.parameters()).device)
@@ -113,6 +146,11 @@ class PromptSource:
         for a text-to-video one."""
         if not pipeline.image_conditioned:
             return {}
+        device = next(pipeline.parameters()).device
+        if self.cache is not None:  # the stored condition of clips i mod N (checked to fit by check())
+            rows = self.cache.samples([i % len(self.cache) for i in indices])
+            return {name: rows[f"extra.{name}"].to(device=device, dtype=torch.float32)
+                    for name in self.cache.settings.visual}
         with torch.no_grad():
             return pipeline.encode_images(self.images(pipeline, indices))
 
@@ -127,6 +165,11 @@ class PromptSource:
         """``(prompts, Conditioning)`` of ``indices`` through ``pipeline``'s text encoder."""
         prompts = [self[i] for i in indices]
         return prompts, self.encode_texts(pipeline, prompts)
+
+    @property
+    def label(self) -> str:
+        """The prompts as a store records them: ``toy``, or the file's or cache's absolute path."""
+        return self.spec if self.spec == "toy" else str(Path(self.spec).resolve())
 
     def encode_texts(self, pipeline, prompts: list[str]):
         """The ``Conditioning`` of ``prompts`` (a prompt the text encoder refuses: a one-line error naming the file)."""
@@ -212,8 +255,8 @@ def synthesize(teacher: str | Path, out: str | Path, num: int, *, prompts: str =
     dtype = store_dtype(dtype, pipe)
     settings = StoreSettings(
         teacher=str(teacher) if str(teacher) in SHIPPED else str(Path(teacher).resolve()),
-        prompts=prompts if prompts == "toy" else str(Path(prompts).resolve()),
-        prompts_sha256=source.sha256, num=num, seed=seed, steps=steps, cfg_scale=cfg_scale if guided else None,
+        prompts=source.label, prompts_sha256=source.sha256, num=num, seed=seed, steps=steps,
+        cfg_scale=cfg_scale if guided else None,
         keep=keep, shard_size=shard_size, grid=grid.tolist(), times=grid[keep_index].tolist(),
         latent_shape=latent_shape, text_shape=list(probe.context.shape[1:]), dtype=dtype, num_texts=len(captions),
         extra_shapes={name: list(value.shape[1:]) for name, value in probe.extra.items()},
@@ -321,7 +364,7 @@ def synthesize_pairs(model: str | Path, out: str | Path, num: int, *, preferred:
     dtype = store_dtype(dtype, pipe)
     settings = PreferenceSettings(
         model=str(model) if str(model) in SHIPPED else str(Path(model).resolve()),
-        prompts=prompts if prompts == "toy" else str(Path(prompts).resolve()), prompts_sha256=source.sha256,
+        prompts=source.label, prompts_sha256=source.sha256,
         num=num, seed=seed, preferred=preferred, dispreferred=dispreferred, cfg_scale=cfg_scale if guided else None,
         shard_size=shard_size, latent_shape=latent_shape, text_shape=list(probe.context.shape[1:]), dtype=dtype,
         num_texts=len(captions), extra_shapes={name: list(value.shape[1:]) for name, value in probe.extra.items()},
