@@ -450,6 +450,38 @@ def test_export_writes_the_i2v_pipeline_that_samples_as_fewstep_generate(referen
                                ours, rtol=1e-4, atol=1e-4)
 
 
+def test_a_wan22_i2v_distillation_resumes_exactly_and_exports(i2v_dirs, clips, tmp_path, capsys, monkeypatch):
+    """Wan 2.2 A14B I2V (two experts, no image encoder): a 10-step DOLLAR run, one student per expert, from its own
+    cache, resumes exactly; its export is a two-expert WanImageToVideoPipeline that samples as fewstep generate."""
+    from fewstep.cli import main
+
+    model, cache = i2v_dirs["wan22x2"], tmp_path / "cache"
+    assert main(["cache", "--model", str(model), "--videos", str(clips), "--out", str(cache), "--fps", "10",
+                 "--batch-size", "2", "--shard-size", "2"]) == 0
+    reference = tmp_path / "reference"
+    assert main(distill_args(model, cache, reference)) == 0
+    run = tmp_path / "run"
+    rc, _, err = cli(capsys, *distill_args(model, cache, run, "train.steps=5"))
+    assert rc == 0, err
+    rc, _, err = cli(capsys, "distill", "--resume", run, "--set", f"train.steps={STEPS}")
+    assert rc == 0, err
+    assert_same_checkpoint(run, reference, STEPS, must=("roles/student", "optim/student", "roles/fake_score"))
+    out = tmp_path / "export"
+    rc, _, err = cli(capsys, "export", reference, "--out", out)
+    assert rc == 0, err
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["_class_name"] == "WanImageToVideoPipeline" and index["transformer_2"][1] == "WanTransformer3DModel"
+    assert index.get("image_encoder") in (None, [None, None])
+    record = json.loads((out / "export.json").read_text())
+    student = load_model(reference / "student")
+    image = condition_image(SIZE, seed=4)
+    noise = torch.randn(student.latent_shape(1), generator=torch.Generator().manual_seed(4))
+    ours = student.sample_latents([PROMPT], noise=noise, seed=7, images=as_condition(image)).x
+    theirs = diffusers_latents(out, image, noise, record["call"]["num_inference_steps"], 1.0, monkeypatch, seed=7)
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+    assert float((ours - noise).abs().mean()) > 0.05
+
+
 def _write_png(path, image):
     import imageio
 
