@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from fewstep.errors import UserError
+from fewstep.models.backbones import Conditioning
 from fewstep.models.family import load_model
 from helpers import TEXT_DIM, assert_same_checkpoint, cli, losses, perturb, tiny_t5_tokenizer
 
@@ -269,20 +270,37 @@ def test_cfg_keeps_the_image_in_the_unconditional_branch(name, models):
         denoiser(x, t, null)  # without any image: a one-line error, not a shape error
 
 
-def test_the_encoderless_wan_i2v_has_a_blockwise_split(models):
-    """The block-wise JVP's split (SwiftVideo Alg. 2) of Wan 2.2 A14B-style I2V: the condition channels join
-    before the patch embedding; pieces in sequence equal the forward."""
-    model = models["wan22"]
+@pytest.mark.parametrize("name", ["wan22", "wan"])
+def test_the_wan_i2v_blockwise_split_and_jvp(name, models):
+    """The block-wise JVP's split (SwiftVideo Alg. 2) of Wan I2V: the condition channels join before the patch
+    embedding and, for Wan 2.1 I2V, the CLIP image tokens the cross-attention context; pieces in sequence equal
+    the forward, and the block-wise JVP equals torch.func.jvp over the whole backbone (float64)."""
+    import copy
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from fewstep.models.denoiser import blockwise_jvp
+
+    model = models[name]
     image = as_condition(condition_image(SIZE))
-    cond = model.encode_prompts([PROMPT]).with_extra(model.encode_images(image))
-    x = torch.randn(model.latent_shape(1), generator=torch.Generator().manual_seed(0))
-    timestep = torch.tensor([700.0])
-    backbone = model.denoiser.backbone
     with torch.no_grad():
-        torch.testing.assert_close(backbone.blockwise(x, timestep, cond)(x, timestep), backbone(x, timestep, cond),
-                                   rtol=1e-5, atol=1e-5)
-    with pytest.raises(UserError, match="block-wise"):
-        models["wan"].denoiser.backbone.blockwise(x, timestep, cond.with_extra(models["wan"].encode_images(image)))
+        cond = model.encode_prompts([PROMPT]).with_extra(model.encode_images(image))
+    assert ("image_embeds" in cond.extra) == (name == "wan")
+    backbone = copy.deepcopy(model.denoiser.backbone).double()
+    cond = Conditioning(cond.context.double(), cond.mask, {k: v.double() for k, v in cond.extra.items()})
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(model.latent_shape(1), generator=generator, dtype=torch.float64)
+    dx = torch.randn(x.shape, generator=generator, dtype=torch.float64)
+    timestep, dt = torch.tensor([700.0], dtype=torch.float64), torch.tensor([-40.0], dtype=torch.float64)
+    parts = backbone.blockwise(x, timestep, cond)
+    with torch.no_grad():
+        torch.testing.assert_close(parts(x, timestep), backbone(x, timestep, cond), rtol=1e-10, atol=1e-10)
+        value, tangent = blockwise_jvp(parts, x, timestep, dx, dt)
+        with sdpa_kernel(SDPBackend.MATH):
+            want, want_tangent = torch.func.jvp(lambda x_, t_: backbone(x_, t_, cond), (x, timestep), (dx, dt))
+    torch.testing.assert_close(value, want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(tangent, want_tangent, rtol=1e-8, atol=1e-8)
+    assert tangent.abs().max() > 1e-3
 
 
 # ---------------------------------------------------------------------------------------------

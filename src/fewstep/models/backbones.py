@@ -218,25 +218,31 @@ class WanBackbone(Backbone):
         return self.model(hidden_states=x.to(dtype), timestep=timestep, encoder_hidden_states=cond.context.to(dtype),
                           return_dict=False)[0].to(x.dtype)
 
+    def image_tokens(self, cond: Conditioning) -> Tensor:
+        """The image tokens of a transformer with an image embedder (the I2V adapter's; text-to-video has none)."""
+        raise UserError("this Wan transformer has an image embedder: load it as a WanImageToVideoPipeline")
+
     def blockwise(self, x, timestep, cond) -> BlockwiseForward:
-        """``WanTransformer3DModel.forward`` (T2V: no image tokens, a ``(B,)`` timestep) as Alg. 2's pieces.
+        """``WanTransformer3DModel.forward`` (a ``(B,)`` timestep) as Alg. 2's pieces.
 
         Phases as in diffusers: rotary tables and caption projection (constants); T = timestep
         sinusoid → ``time_embedder`` → ``time_proj`` (temb (B, D), modulation (B, 6, D)); P = 3D patch
         conv → tokens; the blocks; O = adaLN-modulated ``norm_out`` → ``proj_out`` → unpatchify. Kept in
-        step with the forward by the equality test (tests/test_blockwise_jvp.py).
+        step with the forward by the equality test (tests/test_blockwise_jvp.py). A transformer with an image
+        embedder (Wan 2.1 I2V) gets ``image_tokens(cond)`` through it, before the caption tokens in the
+        cross-attention's context, as its forward does (constants too: they depend on the image only).
         """
         model, out_dtype = self.model, x.dtype
         dtype = model_dtype(model)
         embedder = model.condition_embedder
-        if embedder.image_embedder is not None:
-            raise UserError("the block-wise JVP covers text-to-video Wan (no image embedder); use jvp method "
-                            "'autograd' or 'finite_difference'")
         batch, _, frames, height, width = x.shape  # (B, C, F, H, W)
         p_t, p_h, p_w = model.config.patch_size
         grid = (frames // p_t, height // p_h, width // p_w)
         rotary = model.rope(x.to(dtype))  # depends on the grid only
         context = embedder.text_embedder(cond.context.to(dtype))  # (B, L, D) caption tokens in the model's width
+        if embedder.image_embedder is not None:
+            image = embedder.image_embedder(self.image_tokens(cond).to(dtype))  # (B, N_img, D)
+            context = torch.cat([image, context], dim=1)
         time_dtype = next(embedder.time_embedder.parameters()).dtype
 
         def time_embed(ts):

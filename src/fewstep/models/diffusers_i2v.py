@@ -72,19 +72,23 @@ class WanI2VBackbone(WanBackbone):
         mask, latent = _visual(cond, ("image_mask", "image_latent"), "WanImageToVideoPipeline")
         return torch.cat([x, mask.to(x.dtype), latent.to(x.dtype)], dim=1)  # (B, C + M + C, T', H', W')
 
+    def image_tokens(self, cond: Conditioning) -> Tensor:
+        """The CLIP image tokens ``image_embeds`` (B, N, D_img) of a transformer with an image embedder."""
+        return _visual(cond, ("image_embeds",), "WanImageToVideoPipeline")[0]
+
     def forward(self, x, timestep, cond):
         dtype = model_dtype(self.model)
         image = None
         if self.model.config.image_dim is not None:
-            (image,) = _visual(cond, ("image_embeds",), "WanImageToVideoPipeline")
-            image = image.to(dtype)
+            image = self.image_tokens(cond).to(dtype)
         return self.model(hidden_states=self._input(x, cond).to(dtype), timestep=timestep,
                           encoder_hidden_states=cond.context.to(dtype), encoder_hidden_states_image=image,
                           return_dict=False)[0].to(x.dtype)
 
     def blockwise(self, x, timestep, cond) -> BlockwiseForward:
         """:meth:`WanBackbone.blockwise` with the condition channels concatenated before the patch embedding
-        (constants: their tangent is zero). A transformer with an image embedder has none (one-line error)."""
+        (constants: their tangent is zero); the CLIP image tokens, when the transformer takes them, join the
+        caption's in the cross-attention context (constants as well)."""
         parts = super().blockwise(x, timestep, cond)
         condition = self._input(x, cond)[:, x.shape[1]:]  # (B, M + C, T', H', W')
         embed = parts.patch_embed
