@@ -113,13 +113,35 @@ def test_encode_images_layout():
     assert visual["image_latent"].shape == (2, C, T, H, W) and visual["image_mask"].shape == (2, 1, T, H, W)
     mask = visual["image_mask"]
     assert torch.equal(mask[:, :, 0], torch.ones_like(mask[:, :, 0])) and not mask[:, :, 1:].any()
-    # the normalised latent of the clip [image, 0, …, 0], as the family's codec encodes clips
-    clip = torch.zeros(2, pipe.config.frames, 16, 16, 3)
-    clip[:, 0] = image
+    # the normalised first latent frame of the still clip [image, …, image], as the family's codec encodes clips;
+    # zero after it
+    clip = image[:, None].repeat(1, pipe.config.frames, 1, 1, 1)
     with torch.no_grad():
-        assert torch.allclose(visual["image_latent"], pipe.encode(clip), atol=1e-6)
+        want = pipe.encode(clip)[:, :, 0]
+        assert torch.allclose(visual["image_latent"][:, :, 0], want, atol=1e-6)
+        assert not visual["image_latent"][:, :, 1:].any()
         other = pipe.encode_images(images(2, seed=9))
     assert (other["image_latent"][:, :, 0] - visual["image_latent"][:, :, 0]).abs().max() > 1e-3
+
+
+def test_the_condition_latent_decodes_back_to_the_image():
+    """With the shipped codec, the condition latent's first frame decodes to the condition image (it is the image's
+    latent as a frame of a clip), where the first latent frame of the clip [image, grey, …] does not (the codec's
+    GroupNorms pool over frames): why encode_images encodes the still clip."""
+    from fewstep.data.toyworld import ToyWorld
+
+    pipe = image_to_video(VideoPipeline.load("toy-teacher"))
+    frames, size, _ = pipe.geometry
+    first = torch.as_tensor(ToyWorld("eval", frames=frames, size=size, length=8).batch(range(4))["frames"][:, 0]).float()
+    with torch.no_grad():
+        latent = pipe.encode_images(first)["image_latent"]  # (B, C, T', H', W')
+        ours = pipe.decode(latent[:, :, :1].expand_as(latent))[:, 0]  # a still clip of the first latent frame
+        clip = torch.zeros(4, frames, size, size, 3)
+        clip[:, 0] = first
+        grey = pipe.encode(clip)
+        theirs = pipe.decode(grey[:, :, :1].expand_as(grey))[:, 0]
+    error, grey_error = (ours - first).abs().mean(), (theirs - first).abs().mean()
+    assert error < 0.05 and grey_error > 2 * error, (error, grey_error)
 
 
 def test_sampling_needs_the_image_and_depends_on_it(tiny_pipeline):

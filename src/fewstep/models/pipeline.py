@@ -11,9 +11,13 @@ at ``RUN/student`` of a toy teacher — holds::
 and is recognised by its ``model.json``. ``"conditioning": "image"`` makes an image-to-video model (the
 shipped ``toy-teacher-i2v``): its DiT takes ``[x_t, image_mask, image_latent]`` on channels
 (``backbone.condition_channels`` = 1 + the codec's latent channels) and :meth:`VideoPipeline.encode_images`
-builds them from the condition image as Wan's I2V pipeline does: the clip ``[image, 0, …, 0]`` (0 = mid
-grey in [−1, 1]) through the codec, normalised like every latent, and a 1-channel mask, 1 on the first
-latent frame. Saving is atomic (write to a temporary sibling
+builds them from the condition image as Wan's I2V pipeline does — the first frame's latent, normalised like
+every latent, zero on the later latent frames, and a 1-channel mask, 1 on the first latent frame. Wan encodes
+the clip ``[image, 0, …, 0]``, whose first latent frame is the image's alone because its VAE is causal; the
+toy codec is not (its GroupNorms pool statistics over all frames), so that clip's first latent frame is off
+the codec's distribution and decodes to noise. The toy model therefore takes the first latent frame of the
+*still* clip ``[image, …, image]``: the latent the codec gives the image as a frame of a clip (it decodes
+back to the image), which is what Wan's causal encoder gives its first frame. Saving is atomic (write to a temporary sibling
 directory, fsync, rename), so a reader never sees a half-written model.
 """
 
@@ -130,22 +134,21 @@ class VideoPipeline(SamplingMixin, nn.Module):
         return self.config.conditioning == "image"
 
     def encode_images(self, images: Tensor) -> dict[str, Tensor]:
-        """Condition images ``(B, H, W, 3)`` in [−1, 1] → ``image_latent`` ``(B, C, T', H', W')`` (the clip
-        ``[image, 0, …, 0]`` through the codec) and ``image_mask`` ``(B, 1, T', H', W')`` (1 on the first
-        latent frame), in ``images``' dtype. A text-to-video model: a one-line error."""
+        """Condition images ``(B, H, W, 3)`` in [−1, 1] → ``image_latent`` ``(B, C, T', H', W')`` (the first
+        latent frame of the still clip ``[image, …, image]`` through the codec, zero on the later frames: module
+        doc) and ``image_mask`` ``(B, 1, T', H', W')`` (1 on the first latent frame), in ``images``' dtype. A
+        text-to-video model: a one-line error."""
         if not self.image_conditioned:
             raise no_image_input(self)
         _, height, width = self.geometry
         if images.ndim != 4 or tuple(images.shape[1:]) != (height, width, 3):
             raise UserError(f"--image: condition images have shape {tuple(images.shape)}; expected (B, {height}, "
                             f"{width}, 3)")
-        B = images.shape[0]
-        video = images.new_zeros(B, self.config.frames, height, width, 3)  # (B, T, H, W, 3): grey after frame 0
-        video[:, 0] = images
-        image_latent = self.encode(video)  # (B, C, T', H', W')
-        image_mask = torch.zeros_like(image_latent[:, :1])  # (B, 1, T', H', W')
+        still = images[:, None].expand(-1, self.config.frames, -1, -1, -1)  # (B, T, H, W, 3)
+        latent = self.encode(still)  # (B, C, T', H', W')
+        image_mask = torch.zeros_like(latent[:, :1])  # (B, 1, T', H', W')
         image_mask[:, :, 0] = 1.0
-        return {"image_mask": image_mask, "image_latent": image_latent}
+        return {"image_mask": image_mask, "image_latent": latent * image_mask}
 
     def latent_shape(self, batch: int) -> tuple[int, int, int, int, int]:
         """``(B, C, T', H', W')`` of this model's latents."""
@@ -205,9 +208,11 @@ class VideoPipeline(SamplingMixin, nn.Module):
         return {"backbone": self.denoiser.backbone.module.state_dict(), "codec": self.codec.state_dict(),
                 "text_encoder": self.text_encoder.state_dict()}
 
-    def save(self, directory: str | Path) -> Path:
-        """Write the model atomically to ``directory`` (replacing an older model there)."""
+    def save(self, directory: str | Path, card: str | None = None) -> Path:
+        """Write the model atomically to ``directory`` (replacing an older model there); ``card``: its README.md."""
         with atomic_directory(directory) as tmp:
+            if card is not None:
+                (tmp / "README.md").write_text(card)
             for name, state in self.state_dicts().items():
                 save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp / f"{name}.safetensors")
             (tmp / "model.json").write_text(json.dumps(self.config.model_dump(mode="json"), indent=2))
