@@ -1,0 +1,43 @@
+"""benchmarks/ablations.py's record of finished runs: a run's metrics are copied to the results folder once, a
+recorded run counts as finished without its folder, and the folder's own metrics win over the record."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).parents[1] / "benchmarks" / "ablations.py"
+
+
+@pytest.fixture(scope="module")
+def ablations():
+    spec = importlib.util.spec_from_file_location("ablations", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+def test_a_finished_run_is_recorded_and_read_back(ablations, tmp_path):
+    results, run = tmp_path / "results", tmp_path / "runs" / "full_s1"
+    metrics_path = run / "eval" / "metrics.json"
+    assert ablations.recorded(results, "full_s1", metrics_path) is None  # neither the run nor a record
+    metrics_path.parent.mkdir(parents=True)
+    metrics_path.write_text(json.dumps({"total": 0.9, "dimensions": {"sharpness": 0.5}}))
+    (metrics_path.parent / "train_seconds.json").write_text(json.dumps({"seconds": 12.5}))
+    assert ablations.recorded(results, "full_s1", metrics_path) == ({"total": 0.9, "dimensions": {"sharpness": 0.5}},
+                                                                      12.5)
+    record = json.loads((results / "full_s1.json").read_text())
+    assert record == {"metrics": {"total": 0.9, "dimensions": {"sharpness": 0.5}}, "train_seconds": 12.5}
+    # another machine: no run folder, the committed record alone
+    assert ablations.recorded(results, "full_s1", tmp_path / "elsewhere" / "metrics.json") == (record["metrics"], 12.5)
+    # the record is written once; the run's folder stays what is read when it exists
+    metrics_path.write_text(json.dumps({"total": 0.8, "dimensions": {}}))
+    assert ablations.recorded(results, "full_s1", metrics_path)[0]["total"] == 0.8
+    assert json.loads((results / "full_s1.json").read_text())["metrics"]["total"] == 0.9
+    assert not list(results.glob("*.tmp"))
