@@ -103,16 +103,25 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
-def claim_line(better: str, worse: str, column: str, a: list[float], b: list[float]) -> str:
-    """``better > worse`` on ``column``: the difference of the means, and in units of the pooled sd
-    ``√((sd_a² + sd_b²)/2)`` (the seeds' spread), with whether it holds (difference > 0) and clearly (> 2 sd)."""
-    (ma, sa), (mb, sb) = mean_sd(a), mean_sd(b)
+def claim_line(better: str, worse: str, column: str, a: dict[int, float], b: dict[int, float]) -> str:
+    """``better > worse`` on ``column`` from each variant's values by training seed: the difference of the means,
+    in units of the pooled sd ``√((sd_a² + sd_b²)/2)`` (the seeds' spread), with whether it holds (difference > 0)
+    and clearly (> 2 sd); and, over the seeds both ran, the paired difference (same seed: same initial noise and
+    data order, so the seed's own effect cancels) as mean ± sd and mean / sd, from 3 seeds on (the sd of two
+    differences says nothing)."""
+    (ma, sa), (mb, sb) = mean_sd(list(a.values())), mean_sd(list(b.values()))
     pooled = math.sqrt((sa * sa + sb * sb) / 2)
     units = (ma - mb) / pooled if pooled > 0 else math.copysign(math.inf, ma - mb)
     verdict = "holds" if ma > mb else "does not hold"
     strength = " (> 2 sd)" if units > 2 else " (within 2 sd)" if ma > mb else ""
-    return (f"- {better} > {worse} on {column}: {ma:.4f} vs {mb:.4f}, difference {ma - mb:+.4f} = {units:+.1f} sd "
+    line = (f"- {better} > {worse} on {column}: {ma:.4f} vs {mb:.4f}, difference {ma - mb:+.4f} = {units:+.1f} sd "
             f"— {verdict}{strength}")
+    common = sorted(set(a) & set(b))
+    if len(common) > 2:
+        md, sd = mean_sd([a[s] - b[s] for s in common])
+        ratio = md / sd if sd > 0 else math.copysign(math.inf, md)
+        line += f"; paired over {len(common)} seeds {md:+.4f} ± {sd:.4f} ({ratio:+.1f} sd)"
+    return line
 
 
 def recorded(results: Path, run: str, metrics_path: Path) -> tuple[dict, float | None] | None:
@@ -216,23 +225,25 @@ def main() -> None:
         with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
             for future in [pool.submit(train_and_eval, *item) for item in work]:
                 future.result()
-    results: dict[str, list[dict]] = {}
+    results: dict[str, dict[int, dict]] = {}  # variant → seed → values
     for name in names:
-        runs = []
+        runs = {}
         for seed in seeds:
             if (finished := done(name, seed)) is None:
                 continue
-            runs.append(finished[0])
-            lines.append(row(run_name(name, seed), runs[-1], finished[1]))
+            runs[seed] = finished[0]
+            lines.append(row(run_name(name, seed), finished[0], finished[1]))
             print(lines[-1], flush=True)
         if len(runs) > 1:
-            lines.append(mean_row(name, runs))
+            lines.append(mean_row(name, list(runs.values())))
             print(lines[-1], flush=True)
-            results[name] = [_values(m) for m in runs]
-    claims = [claim_line(a, b, column, [m[column] for m in results[a]], [m[column] for m in results[b]])
+            results[name] = {seed: _values(m) for seed, m in runs.items()}
+    claims = [claim_line(a, b, column, {s: m[column] for s, m in results[a].items()},
+                         {s: m[column] for s, m in results[b].items()})
               for a, b, column in CLAIMS.get(args.recipe, []) if a in results and b in results]
     if claims:
-        lines += ["", "Claims (mean over the seeds run; sd = the pooled sample sd of the two variants):", *claims]
+        lines += ["", "Claims (mean over the seeds run; sd = the pooled sample sd of the two variants; paired: the "
+                      "per-seed differences):", *claims]
     table = "\n".join(lines) + "\n"
     (args.out / "table.md").write_text(table)
     print(table)

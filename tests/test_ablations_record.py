@@ -41,3 +41,17 @@ def test_a_finished_run_is_recorded_and_read_back(ablations, tmp_path):
     assert ablations.recorded(results, "full_s1", metrics_path)[0]["total"] == 0.8
     assert json.loads((results / "full_s1.json").read_text())["metrics"]["total"] == 0.9
     assert not list(results.glob("*.tmp"))
+
+
+def test_a_claim_reports_pooled_and_paired_differences(ablations):
+    """Two variants whose seeds move together: a small difference against the seeds' spread (pooled), but the same
+    sign on every seed (paired)."""
+    better = {0: 0.80, 1: 0.90, 2: 0.85}
+    worse = {0: 0.79, 1: 0.89, 2: 0.83, 3: 0.70}  # seed 3 only in one variant: not paired
+    line = ablations.claim_line("a", "b", "total", better, worse)
+    mean_a, mean_b = 0.85, (0.79 + 0.89 + 0.83 + 0.70) / 4
+    assert f"{mean_a:.4f} vs {mean_b:.4f}" in line and "holds (within 2 sd)" in line
+    diffs = [0.01, 0.01, 0.02]
+    mean_d = sum(diffs) / 3
+    sd_d = (sum((d - mean_d) ** 2 for d in diffs) / 2) ** 0.5
+    assert f"paired over 3 seeds {mean_d:+.4f} ± {sd_d:.4f} ({mean_d / sd_d:+.1f} sd)" in line
