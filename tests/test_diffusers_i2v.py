@@ -388,6 +388,10 @@ def test_synth_from_a_cache_solves_on_each_clips_real_first_frame(wan_cache, i2v
                      tmp_path / "other")
     assert rc == 2 and err.count("\n") == 1 and "built with another model" in err, err
     assert not (tmp_path / "other").exists()
+    rc, _, err = cli(capsys, "pairs", "--model", i2v_dirs["wan"], "--prompts", wan_cache, "--num", "2", "--out",
+                     tmp_path / "pairs")  # preference pairs sample from images, which a cache does not hold
+    assert rc == 2 and err.count("\n") == 1 and "preference pairs of an image-to-video model" in err, err
+    assert not (tmp_path / "pairs").exists()
 
 
 def test_an_i2v_cache_needs_clips(i2v_dirs, wan_dir, clips, tmp_path, capsys):

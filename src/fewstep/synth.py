@@ -356,6 +356,8 @@ def synthesize_pairs(model: str | Path, out: str | Path, num: int, *, preferred:
     source = PromptSource(prompts)
     pipe = load_model(model, device)
     source.check(pipe, num)
+    if source.cache is not None and pipe.image_conditioned:  # sample_latents takes images, a cache holds latents
+        source.images(pipe, [0])  # its one-line error, before anything is written
     cfg_scale = pipe.sampling.cfg_scale if cfg_scale is None else cfg_scale
     guided = cfg_active(cfg_scale)
     latent_shape = list(pipe.latent_shape(1)[1:])
