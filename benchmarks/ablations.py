@@ -196,11 +196,13 @@ def main() -> None:
     lines = ["| variant | " + " | ".join(COLUMNS) + " | train min |", "|" + "---|" * (len(COLUMNS) + 2)]
     for label, steps in (("teacher 50 (CFG)", 50), ("teacher 4 (CFG)", 4), ("teacher 2 (CFG)", 2)):
         target = args.out / f"teacher_{steps}"
-        if recorded(results_dir, target.name, target / "metrics.json") is None:
+        finished = recorded(results_dir, target.name, target / "metrics.json")
+        if finished is None:
             if args.report:
                 continue
             evaluate_to_dir(args.model, target, steps=steps, num=args.num)
-        lines.append(row(label, recorded(results_dir, target.name, target / "metrics.json")[0], None))
+            finished = recorded(results_dir, target.name, target / "metrics.json")
+        lines.append(row(label, finished[0], None))
         print(lines[-1], flush=True)
     names = (args.variants or default).split(",")
     unknown = [n for n in names if n not in known]

@@ -17,8 +17,10 @@ the clip ``[image, 0, …, 0]``, whose first latent frame is the image's alone b
 toy codec is not (its GroupNorms pool statistics over all frames), so that clip's first latent frame is off
 the codec's distribution and decodes to noise. The toy model therefore takes the first latent frame of the
 *still* clip ``[image, …, image]``: the latent the codec gives the image as a frame of a clip (it decodes
-back to the image), which is what Wan's causal encoder gives its first frame. Saving is atomic (write to a temporary sibling
-directory, fsync, rename), so a reader never sees a half-written model.
+back to the image), which is what Wan's causal encoder gives its first frame.
+
+Saving is atomic (write to a temporary sibling directory, fsync, rename), so a reader never sees a
+half-written model.
 """
 
 from __future__ import annotations
