@@ -5,6 +5,7 @@
     python benchmarks/ablations.py --recipe accvideo --out runs/ablations/accvideo [--synth 512]
     python benchmarks/ablations.py --recipe rgtd --out runs/ablations/rgtd --seeds 0,1,2,3
     python benchmarks/ablations.py --recipe rgtd --out runs/ablations/rgtd --seeds 0,1,2,3 --report  # so far
+    python benchmarks/ablations.py --recipe swiftvideo --out runs/ablations/swiftvideo --seeds 0,1,2,3
 
 Each variant (``benchmarks/ablations/<recipe>.yaml``: name → a YAML overlay of the recipe, its
 presets and keys, passed as the run's ``--config``) is one ``fewstep distill`` run from the same
@@ -24,7 +25,10 @@ table and writes it to ``OUT/table.md``:
   same budget; with and without the adversarial term and timestep-aware heads) and Table 4 (key
   vs uniform timesteps). The trajectory store is made first by ``fewstep synth`` (``--synth N``
   trajectories, ``--keep all`` so that the uniform-times variant can pick its times);
-* ``rgtd`` — papers/000 Table 2 (trajectory distribution matching alone, + GAN, + rewards, full).
+* ``rgtd`` — papers/000 Table 2 (trajectory distribution matching alone, + GAN, + rewards, full);
+* ``swiftvideo`` — papers/003 Table 2a/2b/2d (CCD + DA against DA alone, DCD + DA, CCD alone, and the t
+  samplers; Fréchet distance, lower is better, and total). Table 2c (± trajectory alignment) and Figure 6 are
+  runs of the ``swiftvideo_ta`` recipe on a student of this table (its header has the commands).
 """
 
 from __future__ import annotations
@@ -51,6 +55,8 @@ VARIANT_DIR = Path(__file__).with_name("ablations")
 #: Where finished runs' metrics are recorded (one JSON per run, under the output folder's name).
 RESULTS_DIR = Path(__file__).with_name("results")
 DEFAULTS = {"dollar": "vsd,vsd_cd,vsd_cd_lrm_jpeg", "accvideo": "synthetic,forward",
+            "swiftvideo": ",".join(v + s for s in ("", "_2step")
+                                   for v in ("ccd_da", "da_only", "dcd_da", "ccd_only", "t_uniform", "t_lognorm_08")),
             "rgtd": "traj_only,gan,reward,full"}
 
 
@@ -94,6 +100,11 @@ CLAIMS = {
              for a, b, column in (("gan", "traj_only", "total"), ("reward", "traj_only", "total"),
                                   ("reward", "traj_only", "semantic"), ("full", "traj_only", "semantic"),
                                   ("full", "gan", "semantic"), ("full", "reward", "semantic"))],
+    "swiftvideo": [(a + suffix, b + suffix, column)  # papers/003 Table 2a, 2b, 2d, at 4 steps and at 2 steps
+                   for suffix in ("", "_2step")
+                   for a, b in (("ccd_da", "da_only"), ("ccd_da", "dcd_da"), ("ccd_da", "ccd_only"),
+                                ("ccd_da", "t_uniform"), ("ccd_da", "t_lognorm_08"))
+                   for column in ("fvd", "total")],
 }
 
 
@@ -103,22 +114,29 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
+#: Columns where lower is better: a claim "a beats b" on them reads a < b, and its differences are b − a.
+LOWER_IS_BETTER = {"fvd"}
+
+
 def claim_line(better: str, worse: str, column: str, a: dict[int, float], b: dict[int, float]) -> str:
-    """``better > worse`` on ``column`` from each variant's values by training seed: the difference of the means,
-    in units of the pooled sd ``√((sd_a² + sd_b²)/2)`` (the seeds' spread), with whether it holds (difference > 0)
-    and clearly (> 2 sd); and, over the seeds both ran, the paired difference (same seed: same initial noise and
-    data order, so the seed's own effect cancels) as mean ± sd and mean / sd, from 3 seeds on (the sd of two
-    differences says nothing)."""
+    """``better`` beats ``worse`` on ``column`` (higher, or lower for :data:`LOWER_IS_BETTER`) from each variant's
+    values by training seed: the improvement of the means, in units of the pooled sd ``√((sd_a² + sd_b²)/2)`` (the
+    seeds' spread), with whether it holds (improvement > 0) and clearly (> 2 sd); and, over the seeds both ran, the
+    paired improvement (same seed: same initial noise and data order, so the seed's own effect cancels) as
+    mean ± sd and mean / sd, from 3 seeds on (the sd of two differences says nothing)."""
+    sign = -1.0 if column in LOWER_IS_BETTER else 1.0
     (ma, sa), (mb, sb) = mean_sd(list(a.values())), mean_sd(list(b.values()))
     pooled = math.sqrt((sa * sa + sb * sb) / 2)
-    units = (ma - mb) / pooled if pooled > 0 else math.copysign(math.inf, ma - mb)
-    verdict = "holds" if ma > mb else "does not hold"
-    strength = " (> 2 sd)" if units > 2 else " (within 2 sd)" if ma > mb else ""
-    line = (f"- {better} > {worse} on {column}: {ma:.4f} vs {mb:.4f}, difference {ma - mb:+.4f} = {units:+.1f} sd "
-            f"— {verdict}{strength}")
+    gain = sign * (ma - mb)
+    units = gain / pooled if pooled > 0 else math.copysign(math.inf, gain)
+    verdict = "holds" if gain > 0 else "does not hold"
+    strength = " (> 2 sd)" if units > 2 else " (within 2 sd)" if gain > 0 else ""
+    relation = "<" if sign < 0 else ">"
+    line = (f"- {better} {relation} {worse} on {column}: {ma:.4f} vs {mb:.4f}, improvement {gain:+.4f} = "
+            f"{units:+.1f} sd — {verdict}{strength}")
     common = sorted(set(a) & set(b))
     if len(common) > 2:
-        md, sd = mean_sd([a[s] - b[s] for s in common])
+        md, sd = mean_sd([sign * (a[s] - b[s]) for s in common])
         ratio = md / sd if sd > 0 else math.copysign(math.inf, md)
         line += f"; paired over {len(common)} seeds {md:+.4f} ± {sd:.4f} ({ratio:+.1f} sd)"
     return line
@@ -151,11 +169,21 @@ def run_name(variant: str, seed: int) -> str:
 def train_and_eval(recipe: str, overlay: dict, overrides: list[str], run_dir: Path, num: int,
                    threads: int | None) -> None:
     """One variant: ``fewstep distill --config overlay`` into ``run_dir``, then ``fewstep eval`` into
-    ``run_dir/eval``. The overlay is kept beside the run (``run_dir.overlay.yaml``)."""
+    ``run_dir/eval``. The overlay is kept beside the run (``run_dir.overlay.yaml``). An overlay
+    ``{eval_of: VARIANT, steps: N}`` trains nothing: it evaluates VARIANT's student of the same seed at N steps
+    (a student whose training does not depend on its step count, such as a consistency model)."""
     import torch
 
     if threads:
         torch.set_num_threads(threads)
+    if "eval_of" in overlay:  # no training: another variant's student (same seed) at other sampler steps
+        seed = next(int(o.split("=")[1]) for o in overrides if o.startswith("train.seed="))
+        student = run_dir.with_name(run_name(overlay["eval_of"], seed)) / "student"
+        if not student.is_dir():
+            raise SystemExit(f"{run_dir.name}: evaluates {student}, which is not there (run variant "
+                             f"{overlay['eval_of']!r} with the same seed first, on this machine)")
+        evaluate_to_dir(str(student), run_dir / "eval", steps=int(overlay["steps"]), num=num)
+        return
     config = run_dir.with_name(run_dir.name + ".overlay.yaml")
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text(yaml.safe_dump(overlay, sort_keys=False))

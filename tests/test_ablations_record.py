@@ -55,3 +55,25 @@ def test_a_claim_reports_pooled_and_paired_differences(ablations):
     mean_d = sum(diffs) / 3
     sd_d = (sum((d - mean_d) ** 2 for d in diffs) / 2) ** 0.5
     assert f"paired over 3 seeds {mean_d:+.4f} ± {sd_d:.4f} ({mean_d / sd_d:+.1f} sd)" in line
+
+
+def test_a_claim_on_a_lower_is_better_column_reads_lower_as_better(ablations):
+    """Fréchet distance: "a beats b" means a's is lower; the improvement is b − a, positive when it holds."""
+    better, worse = {0: 20.0, 1: 22.0, 2: 21.0}, {0: 30.0, 1: 31.0, 2: 29.0}
+    line = ablations.claim_line("ccd_da", "da_only", "fvd", better, worse)
+    assert "ccd_da < da_only on fvd" in line and "improvement +9.0000" in line and "holds (> 2 sd)" in line
+    assert "paired over 3 seeds +9.0000" in line
+    flipped = ablations.claim_line("da_only", "ccd_da", "fvd", worse, better)
+    assert "improvement -9.0000" in flipped and "does not hold" in flipped
+    assert "ccd_da > da_only on total" in ablations.claim_line("ccd_da", "da_only", "total", {0: .9, 1: .8},
+                                                                 {0: .7, 1: .6})
+
+
+def test_swiftvideo_variants_and_claims_name_known_variants(ablations):
+    known = ablations.variants("swiftvideo")
+    assert set(ablations.DEFAULTS["swiftvideo"].split(",")) == set(known)
+    for a, b, _ in ablations.CLAIMS["swiftvideo"]:
+        assert a in known and b in known
+    for name, overlay in known.items():  # a 2-step row evaluates its 4-step variant's student, trains nothing
+        if name.endswith("_2step"):
+            assert overlay == {"eval_of": name.removesuffix("_2step"), "steps": 2}

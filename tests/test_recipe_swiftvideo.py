@@ -39,7 +39,7 @@ def test_stages_roles_and_generator(teacher_dir, tmp_path, capsys):
     assert {s: list(v["objectives"]) for s, v in stages.items()} == {"ccd": ["ccd"], "ccd_da": ["ccd", "da_g", "da_d"]}
     ccd = stages["ccd"]["objectives"]["ccd"]
     assert ccd["timesteps"] == {"kind": "logit_normal", "mean": -0.6, "std": 1.4}
-    assert (ccd["normalization"], ccd["norm_c"], ccd["jvp"]) == ("norm", 0.1, "blockwise")
+    assert (ccd["normalization"], ccd["norm_c"], ccd["jvp"]) == ("rms", 0.1, "blockwise")
     da = stages["ccd_da"]["objectives"]
     assert (da["da_g"]["role"], da["da_g"]["weight"], da["da_d"]["role"]) == ("student", 0.01, "discriminator")
     assert cfg["generator"]["sampler"] == "euler" and cfg["generator"]["times"] == "uniform4"
