@@ -275,6 +275,7 @@ def main() -> None:
         lines += ["", "Claims (mean over the seeds run; sd = the pooled sample sd of the two variants; paired: the "
                       "per-seed differences):", *claims]
     table = "\n".join(lines) + "\n"
+    args.out.mkdir(parents=True, exist_ok=True)  # --report on another machine: no run folder yet
     (args.out / "table.md").write_text(table)
     print(table)
 
