@@ -169,21 +169,11 @@ def run_name(variant: str, seed: int) -> str:
 def train_and_eval(recipe: str, overlay: dict, overrides: list[str], run_dir: Path, num: int,
                    threads: int | None) -> None:
     """One variant: ``fewstep distill --config overlay`` into ``run_dir``, then ``fewstep eval`` into
-    ``run_dir/eval``. The overlay is kept beside the run (``run_dir.overlay.yaml``). An overlay
-    ``{eval_of: VARIANT, steps: N}`` trains nothing: it evaluates VARIANT's student of the same seed at N steps
-    (a student whose training does not depend on its step count, such as a consistency model)."""
+    ``run_dir/eval``. The overlay is kept beside the run (``run_dir.overlay.yaml``)."""
     import torch
 
     if threads:
         torch.set_num_threads(threads)
-    if "eval_of" in overlay:  # no training: another variant's student (same seed) at other sampler steps
-        seed = next(int(o.split("=")[1]) for o in overrides if o.startswith("train.seed="))
-        student = run_dir.with_name(run_name(overlay["eval_of"], seed)) / "student"
-        if not student.is_dir():
-            raise SystemExit(f"{run_dir.name}: evaluates {student}, which is not there (run variant "
-                             f"{overlay['eval_of']!r} with the same seed first, on this machine)")
-        evaluate_to_dir(str(student), run_dir / "eval", steps=int(overlay["steps"]), num=num)
-        return
     config = run_dir.with_name(run_dir.name + ".overlay.yaml")
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text(yaml.safe_dump(overlay, sort_keys=False))
@@ -193,6 +183,20 @@ def train_and_eval(recipe: str, overlay: dict, overrides: list[str], run_dir: Pa
     eval_dir = run_dir / "eval"
     evaluate_to_dir(str(run_dir / "student"), eval_dir, num=num)
     (eval_dir / "train_seconds.json").write_text(json.dumps({"seconds": seconds}))
+
+
+def eval_only(student: Path, steps: int, run_dir: Path, num: int, threads: int | None) -> None:
+    """A variant ``{eval_of: VARIANT, steps: N}`` trains nothing: ``fewstep eval`` of VARIANT's student of the same
+    seed at N steps into ``run_dir/eval`` (a student whose training does not depend on its step count, such as a
+    consistency model)."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    if not student.is_dir():
+        raise SystemExit(f"{run_dir.name}: evaluates {student}, which is not there (run its variant with the same "
+                         f"seed first, on this machine)")
+    evaluate_to_dir(str(student), run_dir / "eval", steps=steps, num=num)
 
 
 def main() -> None:
@@ -245,15 +249,23 @@ def main() -> None:
     todo = [] if args.report else [(name, seed) for seed in seeds for name in names if not done(name, seed)]
     jobs = max(1, min(args.jobs, len(todo)))
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
-    work = [(args.recipe, known[name], [*base, f"train.seed={seed}"], args.out / run_name(name, seed), args.num,
-             threads) for name, seed in todo]
+
+    def job(name: str, seed: int) -> tuple:
+        """``(function, *arguments)`` of one run."""
+        overlay, run_dir = known[name], args.out / run_name(name, seed)
+        if "eval_of" in overlay:
+            student = args.out / run_name(overlay["eval_of"], seed) / "student"
+            return eval_only, student, int(overlay["steps"]), run_dir, args.num, threads
+        return train_and_eval, args.recipe, overlay, [*base, f"train.seed={seed}"], run_dir, args.num, threads
+
+    work = [job(name, seed) for name, seed in todo]
     if jobs == 1:
-        for item, (name, seed) in zip(work, todo):
-            train_and_eval(*item)
+        for (function, *arguments), (name, seed) in zip(work, todo):
+            function(*arguments)
             done(name, seed)  # recorded at once
     else:
         with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
-            for future in [pool.submit(train_and_eval, *item) for item in work]:
+            for future in [pool.submit(*item) for item in work]:
                 future.result()
     results: dict[str, dict[int, dict]] = {}  # variant → seed → values
     for name in names:

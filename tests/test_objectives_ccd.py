@@ -116,8 +116,8 @@ def test_tangent_is_dF_dt_along_the_teacher_ode(method):
 
 def test_jvp_methods_agree():
     roles, batch = toy_roles(shift=1.0)
-    targets = {m: ccd(warmup_steps=0, jvp=m, fd_step=1e-6, normalization="none").draw(batch, roles, make_ctx(2, step=3)).target
-               for m in ("blockwise", "autograd", "finite_difference")}
+    targets = {m: ccd(warmup_steps=0, jvp=m, fd_step=1e-6, normalization="none")
+               .draw(batch, roles, make_ctx(2, step=3)).target for m in ("blockwise", "autograd", "finite_difference")}
     torch.testing.assert_close(targets["blockwise"], targets["autograd"], rtol=0, atol=1e-12)
     torch.testing.assert_close(targets["finite_difference"], targets["autograd"], rtol=1e-6, atol=1e-8)
 
