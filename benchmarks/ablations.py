@@ -226,7 +226,8 @@ def main() -> None:
         synthesize(args.model, store, args.synth, keep="all")  # resumes / is a no-op when complete
         base.append(f"data={store}")
     lines = ["| variant | " + " | ".join(COLUMNS) + " | train min |", "|" + "---|" * (len(COLUMNS) + 2)]
-    for label, steps in (("teacher 50 (CFG)", 50), ("teacher 4 (CFG)", 4), ("teacher 2 (CFG)", 2)):
+    for label, steps in (("teacher 50 (CFG)", 50), ("teacher 8 (CFG)", 8), ("teacher 4 (CFG)", 4),
+                         ("teacher 2 (CFG)", 2)):
         target = args.out / f"teacher_{steps}"
         finished = recorded(results_dir, target.name, target / "metrics.json")
         if finished is None:
@@ -265,7 +266,15 @@ def main() -> None:
             done(name, seed)  # recorded at once
     else:
         with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
-            for future in [pool.submit(*item) for item in work]:
+            # trainings first; a row that evaluates another variant's student is submitted once that run is done
+            futures = {run_name(name, seed): pool.submit(*item)
+                       for item, (name, seed) in zip(work, todo) if item[0] is not eval_only}
+            for item, (name, seed) in zip(work, todo):
+                if item[0] is eval_only:
+                    if (trained := futures.get(run_name(known[name]["eval_of"], seed))) is not None:
+                        trained.result()
+                    futures[run_name(name, seed)] = pool.submit(*item)
+            for future in futures.values():
                 future.result()
     results: dict[str, dict[int, dict]] = {}  # variant → seed → values
     for name in names:
