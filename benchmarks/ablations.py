@@ -5,13 +5,13 @@
     python benchmarks/ablations.py --recipe accvideo --out runs/ablations/accvideo [--synth 512]
     python benchmarks/ablations.py --recipe rgtd --out runs/ablations/rgtd --seeds 0,1,2,3
     python benchmarks/ablations.py --recipe rgtd --out runs/ablations/rgtd --seeds 0,1,2,3 --report  # so far
-    python benchmarks/ablations.py --recipe swiftvideo --out runs/ablations/swiftvideo --seeds 0,1,2,3
+    python benchmarks/ablations.py --recipe swiftvideo --out runs/ablations/swiftvideo400 --steps 400 --seeds 0,1,2,3 --jobs 2
 
 Each variant (``benchmarks/ablations/<recipe>.yaml``: name → a YAML overlay of the recipe, its
 presets and keys, passed as the run's ``--config``) is one ``fewstep distill`` run from the same
 teacher, seed and budget (for DOLLAR the
 demo's, :data:`fewstep.demo.DEMO_SETTINGS`), followed by ``fewstep eval`` of its student at its
-own step count on the eval suite; the teacher is evaluated at 50 steps with its CFG and at 4
+own step count on the eval suite; the teacher is evaluated with its CFG at 50, 8, 4 and 2
 steps. A finished variant (``OUT/<name>/eval/metrics.json``) is not rerun. Each finished run's metrics
 are also recorded in ``--results`` (default ``benchmarks/results/<OUT's name>/<run>.json``, committed: the
 runs' folders are not), and a run recorded there is not rerun either, so a table of many seeds is built
@@ -27,8 +27,9 @@ table and writes it to ``OUT/table.md``:
   trajectories, ``--keep all`` so that the uniform-times variant can pick its times);
 * ``rgtd`` — papers/000 Table 2 (trajectory distribution matching alone, + GAN, + rewards, full);
 * ``swiftvideo`` — papers/003 Table 2a/2b/2d (CCD + DA against DA alone, DCD + DA, CCD alone, and the t
-  samplers; Fréchet distance, lower is better, and total). Table 2c (± trajectory alignment) and Figure 6 are
-  runs of the ``swiftvideo_ta`` recipe on a student of this table (its header has the commands).
+  samplers; Fréchet distance, lower is better, and total), Table 2c (± trajectory alignment, both rounds) and
+  Figures 6/8 (synthetic against real preferred samples; DPO without reflow, whose Win Diff grows): the
+  alignment rows (``ta_of``) run ``fewstep pairs`` on a student of this table, then the ``swiftvideo_ta`` recipe.
 """
 
 from __future__ import annotations
@@ -55,8 +56,9 @@ VARIANT_DIR = Path(__file__).with_name("ablations")
 #: Where finished runs' metrics are recorded (one JSON per run, under the output folder's name).
 RESULTS_DIR = Path(__file__).with_name("results")
 DEFAULTS = {"dollar": "vsd,vsd_cd,vsd_cd_lrm_jpeg", "accvideo": "synthetic,forward",
-            "swiftvideo": ",".join(v + s for s in ("", "_2step")
-                                   for v in ("ccd_da", "da_only", "dcd_da", "ccd_only", "t_uniform", "t_lognorm_08")),
+            "swiftvideo": ",".join([v + s for s in ("", "_2step")
+                                    for v in ("ccd_da", "da_only", "dcd_da", "ccd_only", "t_uniform", "t_lognorm_08")]
+                                   + ["ta", "ta_2step", "ta_real", "ta_no_reflow", "ta2_2step", "ta2"]),
             "rgtd": "traj_only,gan,reward,full"}
 
 
@@ -66,16 +68,21 @@ def variants(recipe: str) -> dict[str, dict]:
 
 
 COLUMNS = ("steps", "nfe", "total", "quality", "semantic", "sharpness", "fvd", "vendi_pixel", "vendi_feature",
-           "jpeg")
+           "jpeg", "win_diff")
 
 
 def _values(metrics: dict) -> dict:
-    return {**metrics, "sharpness": metrics["dimensions"].get("sharpness")}
+    """A run's table columns; ``win_diff`` only for trajectory-alignment runs (blank elsewhere)."""
+    return {"win_diff": None, **metrics, "sharpness": metrics["dimensions"].get("sharpness")}
+
+
+def _cell(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else "" if value is None else str(value)
 
 
 def row(name: str, metrics: dict, seconds: float | None) -> str:
     values = _values(metrics)
-    cells = [f"{values[c]:.4g}" if isinstance(values[c], float) else str(values[c]) for c in COLUMNS]
+    cells = [_cell(values.get(c)) for c in COLUMNS]
     return f"| {name} | " + " | ".join(cells) + f" | {'' if seconds is None else f'{seconds / 60:.1f}'} |"
 
 
@@ -83,9 +90,9 @@ def mean_row(name: str, runs: list[dict]) -> str:
     """``mean ± sample sd`` of each float column over the runs of one variant (one per seed)."""
     cells = []
     for column in COLUMNS:
-        values = [_values(m)[column] for m in runs]
-        if not isinstance(values[0], float):
-            cells.append(str(values[0]))
+        values = [_values(m).get(column) for m in runs]
+        if not all(isinstance(v, float) for v in values):
+            cells.append(_cell(values[0]))
             continue
         mean, sd = mean_sd(values)
         cells.append(f"{mean:.4g} ± {sd:.2g}")
@@ -104,7 +111,12 @@ CLAIMS = {
                    for suffix in ("", "_2step")
                    for a, b in (("ccd_da", "da_only"), ("ccd_da", "dcd_da"), ("ccd_da", "ccd_only"),
                                 ("ccd_da", "t_uniform"), ("ccd_da", "t_lognorm_08"))
-                   for column in ("fvd", "total")],
+                   for column in ("fvd", "total")]
+                  + [(a, b, column)  # Table 2c (± TA, both rounds), Figure 6 (synthetic vs real preferred)
+                     for a, b in (("ta", "ccd_da"), ("ta_2step", "ccd_da_2step"), ("ta2_2step", "ta_2step"),
+                                  ("ta", "ta_real"))
+                     for column in ("fvd", "total")]
+                  + [("ta", "ta_no_reflow", "win_diff")],  # Figure 8: reflow keeps Win Diff down
 }
 
 
@@ -115,7 +127,7 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
 
 
 #: Columns where lower is better: a claim "a beats b" on them reads a < b, and its differences are b − a.
-LOWER_IS_BETTER = {"fvd"}
+LOWER_IS_BETTER = {"fvd", "win_diff"}
 
 
 def claim_line(better: str, worse: str, column: str, a: dict[int, float], b: dict[int, float]) -> str:
@@ -199,6 +211,43 @@ def eval_only(student: Path, steps: int, run_dir: Path, num: int, threads: int |
     evaluate_to_dir(str(student), run_dir / "eval", steps=steps, num=num)
 
 
+#: Steps averaged for a trajectory-alignment run's Win Diff (its last logged values).
+WIN_DIFF_TAIL = 50
+
+
+def win_diff(run_dir: Path) -> float:
+    """Mean of the last :data:`WIN_DIFF_TAIL` logged ``win_diff`` values (``e^w_θ − e^w_ref``) of a TA run."""
+    values = [row["metric/student/dpo/win_diff"] for row in map(json.loads, (run_dir / "metrics.jsonl").open())
+              if "metric/student/dpo/win_diff" in row]
+    return sum(values[-WIN_DIFF_TAIL:]) / len(values[-WIN_DIFF_TAIL:])
+
+
+def align_and_eval(student: Path, pairs: list, pairs_num: int, overlay: dict, overrides: list[str], run_dir: Path,
+                   num: int, threads: int | None) -> None:
+    """A variant ``{ta_of: VARIANT, pairs: [PREFERRED, DISPREFERRED], …}`` (SwiftVideo's trajectory alignment):
+    ``fewstep pairs`` of VARIANT's student of the same seed (``PREFERRED`` steps or ``real`` against
+    ``DISPREFERRED`` steps, ``pairs_num`` prompts, noise seeded by the training seed) into ``run_dir.pairs``, then
+    ``fewstep distill --recipe swiftvideo_ta`` on that student and store with the rest of the overlay, then
+    ``fewstep eval`` of the aligned student at its own steps; its Win Diff goes into the recorded metrics."""
+    import torch
+
+    from fewstep.synth import synthesize_pairs
+
+    if threads:
+        torch.set_num_threads(threads)
+    if not student.is_dir():
+        raise SystemExit(f"{run_dir.name}: aligns {student}, which is not there (run its variant with the same seed "
+                         f"first, on this machine)")
+    store = run_dir.with_name(run_dir.name + ".pairs")
+    seed = int(next(o for o in reversed(overrides) if o.startswith("train.seed=")).split("=", 1)[1])
+    synthesize_pairs(student, store, pairs_num, preferred=pairs[0], dispreferred=int(pairs[1]), seed=seed)
+    train_and_eval("swiftvideo_ta", overlay, [*overrides, f"model={student}", f"data.path={store}"], run_dir, num,
+                   None)
+    metrics_path = run_dir / "eval" / "metrics.json"
+    metrics = json.loads(metrics_path.read_text())
+    metrics_path.write_text(json.dumps({**metrics, "win_diff": win_diff(run_dir)}, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", choices=sorted(DEFAULTS), default="dollar")
@@ -208,6 +257,7 @@ def main() -> None:
     parser.add_argument("--variants", default=None, help="comma-separated (default: the headline ones)")
     parser.add_argument("--num", type=int, default=4, help="videos per eval prompt")
     parser.add_argument("--synth", type=int, default=512, help="accvideo: trajectories to synthesize")
+    parser.add_argument("--pairs", type=int, default=256, help="swiftvideo: preference pairs per alignment run")
     parser.add_argument("--seeds", default="0", help="comma-separated training seeds (train.seed) per variant")
     parser.add_argument("--jobs", type=int, default=1, help="variants trained at once (separate processes)")
     parser.add_argument("--report", action="store_true", help="train nothing: the table of the runs finished so far")
@@ -251,28 +301,35 @@ def main() -> None:
     jobs = max(1, min(args.jobs, len(todo)))
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
 
-    def job(name: str, seed: int) -> tuple:
-        """``(function, *arguments)`` of one run."""
+    def job(name: str, seed: int) -> tuple[str | None, tuple]:
+        """``(the run it needs first or None, (function, *arguments))`` of one run."""
         overlay, run_dir = known[name], args.out / run_name(name, seed)
-        if "eval_of" in overlay:
-            student = args.out / run_name(overlay["eval_of"], seed) / "student"
-            return eval_only, student, int(overlay["steps"]), run_dir, args.num, threads
-        return train_and_eval, args.recipe, overlay, [*base, f"train.seed={seed}"], run_dir, args.num, threads
+        overrides = [*base, f"train.seed={seed}"]
+        for key, function in (("eval_of", eval_only), ("ta_of", align_and_eval)):
+            if key in overlay:
+                needs = run_name(overlay[key], seed)
+                student = args.out / needs / "student"
+                if function is eval_only:
+                    return needs, (eval_only, student, int(overlay["steps"]), run_dir, args.num, threads)
+                rest = {k: v for k, v in overlay.items() if k not in ("ta_of", "pairs")}
+                return needs, (align_and_eval, student, overlay["pairs"], args.pairs, rest, overrides, run_dir,
+                               args.num, threads)
+        return None, (train_and_eval, args.recipe, overlay, overrides, run_dir, args.num, threads)
 
     work = [job(name, seed) for name, seed in todo]
-    if jobs == 1:
-        for (function, *arguments), (name, seed) in zip(work, todo):
+    if jobs == 1:  # in order: a variant's file lists a run after the one it needs
+        for (_, (function, *arguments)), (name, seed) in zip(work, todo):
             function(*arguments)
             done(name, seed)  # recorded at once
     else:
         with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
-            # trainings first; a row that evaluates another variant's student is submitted once that run is done
+            # independent runs first; a run that needs another one's student is submitted once that one is done
             futures = {run_name(name, seed): pool.submit(*item)
-                       for item, (name, seed) in zip(work, todo) if item[0] is not eval_only}
-            for item, (name, seed) in zip(work, todo):
-                if item[0] is eval_only:
-                    if (trained := futures.get(run_name(known[name]["eval_of"], seed))) is not None:
-                        trained.result()
+                       for (needs, item), (name, seed) in zip(work, todo) if needs is None}
+            for (needs, item), (name, seed) in zip(work, todo):
+                if needs is not None:
+                    if (first := futures.get(needs)) is not None:
+                        first.result()
                     futures[run_name(name, seed)] = pool.submit(*item)
             for future in futures.values():
                 future.result()

@@ -74,6 +74,23 @@ def test_swiftvideo_variants_and_claims_name_known_variants(ablations):
     assert set(ablations.DEFAULTS["swiftvideo"].split(",")) == set(known)
     for a, b, _ in ablations.CLAIMS["swiftvideo"]:
         assert a in known and b in known
-    for name, overlay in known.items():  # a 2-step row evaluates its 4-step variant's student, trains nothing
-        if name.endswith("_2step"):
-            assert overlay == {"eval_of": name.removesuffix("_2step"), "steps": 2}
+    order = ablations.DEFAULTS["swiftvideo"].split(",")
+    for name, overlay in known.items():
+        if "eval_of" in overlay:  # evaluates another variant's student at another step count, trains nothing
+            assert set(overlay) == {"eval_of", "steps"}
+            assert overlay["steps"] == (2 if name.endswith("_2step") else 4)
+        needs = overlay.get("eval_of", overlay.get("ta_of"))
+        if needs is not None:  # listed after the run it needs (a single job runs them in this order)
+            assert needs in known and order.index(needs) < order.index(name)
+        if "ta_of" in overlay:  # trajectory alignment: (preferred, dispreferred) pairs of that student
+            preferred, dispreferred = overlay["pairs"]
+            assert preferred == "real" or preferred > dispreferred
+
+
+def test_win_diff_is_the_mean_of_the_last_logged_values_and_blank_elsewhere(ablations, tmp_path):
+    rows = [{"step": s, "metric/student/dpo/win_diff": float(s)} for s in range(1, 61)] + [{"step": 61}]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert ablations.win_diff(tmp_path) == pytest.approx(sum(range(11, 61)) / 50)  # the last 50 of 60
+    plain = {"steps": 4, "total": 0.8, "dimensions": {"sharpness": 0.6}}
+    assert ablations.row("ccd_da", plain, None).endswith("|  |  |")  # no Win Diff: a blank cell
+    assert "| 0.25 |" in ablations.row("ta", {**plain, "win_diff": 0.25}, None)
