@@ -72,8 +72,8 @@ COLUMNS = ("steps", "nfe", "total", "quality", "semantic", "sharpness", "fvd", "
 
 
 def _values(metrics: dict) -> dict:
-    """A run's table columns; ``win_diff`` only for trajectory-alignment runs (blank elsewhere)."""
-    return {"win_diff": None, **metrics, "sharpness": metrics["dimensions"].get("sharpness")}
+    """A run's table columns (``win_diff`` only in trajectory-alignment runs: a blank cell elsewhere)."""
+    return {**metrics, "sharpness": metrics["dimensions"].get("sharpness")}
 
 
 def _cell(value) -> str:
@@ -217,13 +217,14 @@ WIN_DIFF_TAIL = 50
 
 def win_diff(run_dir: Path) -> float:
     """Mean of the last :data:`WIN_DIFF_TAIL` logged ``win_diff`` values (``e^w_θ − e^w_ref``) of a TA run."""
-    values = [row["metric/student/dpo/win_diff"] for row in map(json.loads, (run_dir / "metrics.jsonl").open())
-              if "metric/student/dpo/win_diff" in row]
-    return sum(values[-WIN_DIFF_TAIL:]) / len(values[-WIN_DIFF_TAIL:])
+    key = "metric/student/dpo/win_diff"
+    rows = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    tail = [row[key] for row in rows if key in row][-WIN_DIFF_TAIL:]
+    return sum(tail) / len(tail)
 
 
-def align_and_eval(student: Path, pairs: list, pairs_num: int, overlay: dict, overrides: list[str], run_dir: Path,
-                   num: int, threads: int | None) -> None:
+def align_and_eval(student: Path, pairs: list, pairs_num: int, seed: int, overlay: dict, overrides: list[str],
+                   run_dir: Path, num: int, threads: int | None) -> None:
     """A variant ``{ta_of: VARIANT, pairs: [PREFERRED, DISPREFERRED], …}`` (SwiftVideo's trajectory alignment):
     ``fewstep pairs`` of VARIANT's student of the same seed (``PREFERRED`` steps or ``real`` against
     ``DISPREFERRED`` steps, ``pairs_num`` prompts, noise seeded by the training seed) into ``run_dir.pairs``, then
@@ -239,7 +240,6 @@ def align_and_eval(student: Path, pairs: list, pairs_num: int, overlay: dict, ov
         raise SystemExit(f"{run_dir.name}: aligns {student}, which is not there (run its variant with the same seed "
                          f"first, on this machine)")
     store = run_dir.with_name(run_dir.name + ".pairs")
-    seed = int(next(o for o in reversed(overrides) if o.startswith("train.seed=")).split("=", 1)[1])
     synthesize_pairs(student, store, pairs_num, preferred=pairs[0], dispreferred=int(pairs[1]), seed=seed)
     train_and_eval("swiftvideo_ta", overlay, [*overrides, f"model={student}", f"data.path={store}"], run_dir, num,
                    None)
@@ -305,15 +305,15 @@ def main() -> None:
         """``(the run it needs first or None, (function, *arguments))`` of one run."""
         overlay, run_dir = known[name], args.out / run_name(name, seed)
         overrides = [*base, f"train.seed={seed}"]
-        for key, function in (("eval_of", eval_only), ("ta_of", align_and_eval)):
-            if key in overlay:
-                needs = run_name(overlay[key], seed)
-                student = args.out / needs / "student"
-                if function is eval_only:
-                    return needs, (eval_only, student, int(overlay["steps"]), run_dir, args.num, threads)
-                rest = {k: v for k, v in overlay.items() if k not in ("ta_of", "pairs")}
-                return needs, (align_and_eval, student, overlay["pairs"], args.pairs, rest, overrides, run_dir,
-                               args.num, threads)
+        if "eval_of" in overlay:
+            needs = run_name(overlay["eval_of"], seed)
+            return needs, (eval_only, args.out / needs / "student", int(overlay["steps"]), run_dir, args.num,
+                           threads)
+        if "ta_of" in overlay:
+            needs = run_name(overlay["ta_of"], seed)
+            rest = {k: v for k, v in overlay.items() if k not in ("ta_of", "pairs")}
+            return needs, (align_and_eval, args.out / needs / "student", overlay["pairs"], args.pairs, seed, rest,
+                           overrides, run_dir, args.num, threads)
         return None, (train_and_eval, args.recipe, overlay, overrides, run_dir, args.num, threads)
 
     work = [job(name, seed) for name, seed in todo]
