@@ -197,10 +197,17 @@ def train_and_eval(recipe: str, overlay: dict, overrides: list[str], run_dir: Pa
     (eval_dir / "train_seconds.json").write_text(json.dumps({"seconds": seconds}))
 
 
-def eval_only(student: Path, steps: int, run_dir: Path, num: int, threads: int | None) -> None:
+def eval_name(sampler: str | None) -> str:
+    """A run's eval folder: ``eval`` (the student's own sampler) or ``eval_<sampler>`` (``--sampler``)."""
+    return "eval" if sampler is None else f"eval_{sampler}"
+
+
+def eval_only(student: Path, steps: int | None, run_dir: Path, num: int, threads: int | None,
+              sampler: str | None = None) -> None:
     """A variant ``{eval_of: VARIANT, steps: N}`` trains nothing: ``fewstep eval`` of VARIANT's student of the same
     seed at N steps into ``run_dir/eval`` (a student whose training does not depend on its step count, such as a
-    consistency model)."""
+    consistency model). With ``sampler`` (``--sampler``) every variant is evaluated this way, its student sampled
+    by ``sampler`` into ``run_dir/eval_<sampler>``; a trajectory-alignment run keeps its Win Diff."""
     import torch
 
     if threads:
@@ -208,7 +215,12 @@ def eval_only(student: Path, steps: int, run_dir: Path, num: int, threads: int |
     if not student.is_dir():
         raise SystemExit(f"{run_dir.name}: evaluates {student}, which is not there (run its variant with the same "
                          f"seed first, on this machine)")
-    evaluate_to_dir(str(student), run_dir / "eval", steps=steps, num=num)
+    eval_dir = run_dir / eval_name(sampler)
+    evaluate_to_dir(str(student), eval_dir, steps=steps, num=num, sampler=sampler, overwrite=sampler is not None)
+    log = run_dir / "metrics.jsonl"
+    if sampler is not None and log.is_file() and "win_diff" in log.read_text():
+        metrics = json.loads((eval_dir / "metrics.json").read_text())
+        (eval_dir / "metrics.json").write_text(json.dumps({**metrics, "win_diff": win_diff(run_dir)}, indent=1))
 
 
 #: Steps averaged for a trajectory-alignment run's Win Diff (its last logged values).
@@ -261,10 +273,14 @@ def main() -> None:
     parser.add_argument("--seeds", default="0", help="comma-separated training seeds (train.seed) per variant")
     parser.add_argument("--jobs", type=int, default=1, help="variants trained at once (separate processes)")
     parser.add_argument("--report", action="store_true", help="train nothing: the table of the runs finished so far")
+    parser.add_argument("--sampler", choices=["euler", "ddim", "consistency"], default=None,
+                        help="train nothing: evaluate every variant's finished student with this sampler instead of "
+                             "its own (results in <OUT's name>_<sampler>, the table in OUT/table_<sampler>.md; "
+                             "teacher rows keep the teacher's own sampler)")
     parser.add_argument("--results", type=Path, default=None,
                         help="where finished runs are recorded (default: benchmarks/results/<OUT's name>)")
     args = parser.parse_args()
-    results_dir = args.results or RESULTS_DIR / args.out.name
+    results_dir = args.results or RESULTS_DIR / (args.out.name + (f"_{args.sampler}" if args.sampler else ""))
     seeds = [int(s) for s in args.seeds.split(",")]
 
     known, default = variants(args.recipe), DEFAULTS[args.recipe]
@@ -294,7 +310,7 @@ def main() -> None:
 
     def done(name: str, seed: int) -> tuple[dict, float | None] | None:
         run = run_name(name, seed)
-        return recorded(results_dir, run, args.out / run / "eval" / "metrics.json")
+        return recorded(results_dir, run, args.out / run / eval_name(args.sampler) / "metrics.json")
 
     # seed-major: every variant's seed 0 first
     todo = [] if args.report else [(name, seed) for seed in seeds for name in names if not done(name, seed)]
@@ -305,6 +321,10 @@ def main() -> None:
         """``(the run it needs first or None, (function, *arguments))`` of one run."""
         overlay, run_dir = known[name], args.out / run_name(name, seed)
         overrides = [*base, f"train.seed={seed}"]
+        if args.sampler is not None:  # evaluation only, of students already trained
+            source = run_name(overlay["eval_of"], seed) if "eval_of" in overlay else run_name(name, seed)
+            return None, (eval_only, args.out / source / "student", overlay.get("steps") if "eval_of" in overlay
+                          else None, run_dir, args.num, threads, args.sampler)
         if "eval_of" in overlay:
             needs = run_name(overlay["eval_of"], seed)
             return needs, (eval_only, args.out / needs / "student", int(overlay["steps"]), run_dir, args.num,
@@ -354,7 +374,7 @@ def main() -> None:
                       "per-seed differences):", *claims]
     table = "\n".join(lines) + "\n"
     args.out.mkdir(parents=True, exist_ok=True)  # --report on another machine: no run folder yet
-    (args.out / "table.md").write_text(table)
+    (args.out / ("table.md" if args.sampler is None else f"table_{args.sampler}.md")).write_text(table)
     print(table)
 
 

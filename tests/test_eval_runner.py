@@ -108,6 +108,7 @@ def test_cli_generate_writes_mp4s_and_samples(tmp_path):
     (["--prompt", "a red circle moves left", "--model", "no-such-model"], "no-such-model"),
     (["--prompt", "a red circle moves left", "--steps", "0"], "steps=0"),
     (["--prompt", "a red circle left"], "malformed prompt"),
+    (["--prompt", "a red circle left", "--sampler", "heun"], "--sampler 'heun'"),
 ])
 def test_cli_generate_errors_are_one_line(tmp_path, capsys, args, message):
     model_dir = make_tiny_pipeline().save(tmp_path / "model")
@@ -133,3 +134,23 @@ def test_cli_eval_writes_metrics_and_report(tmp_path, capsys, feature_net):
     rc = main(["eval", "--model", str(model_dir), "--steps", "2", "--features", str(tmp_path / "nope"),
                "--out", str(tmp_path / "eval2")])
     assert rc == 2 and "feature net" in capsys.readouterr().err and not (tmp_path / "eval2").exists()
+
+
+def test_sampler_replaces_the_models_own(tmp_path):
+    """--sampler consistency: x̂0 re-noised with fresh noise each step instead of the saved Euler sampler."""
+    from fewstep.eval.runner import set_sampler
+
+    pipe = make_tiny_pipeline()
+    assert pipe.sampling.sampler == "euler"
+    euler = pipe.sample_latents(["a red circle moves left"], steps=2, cfg_scale=1.0, seed=1).x
+    set_sampler(pipe, "consistency")
+    cons = pipe.sample_latents(["a red circle moves left"], steps=2, cfg_scale=1.0, seed=1).x
+    first = pipe.denoiser.predict(torch.randn(pipe.latent_shape(1), generator=torch.Generator().manual_seed(1)),
+                                  torch.ones(1), pipe.encode_prompts(["a red circle moves left"])).x0
+    assert (cons - euler).abs().max() > 1e-3 and (cons - first).abs().max() > 0
+    set_sampler(pipe, None)
+    assert pipe.sampling.sampler == "consistency"  # None keeps what is there
+    model_dir = make_tiny_pipeline().save(tmp_path / "model")
+    rc = main(["generate", "--model", str(model_dir), "--prompt", "a red circle moves left", "--steps", "2",
+               "--sampler", "consistency", "--out", str(tmp_path / "out")])
+    assert rc == 0 and (tmp_path / "out" / "samples.npz").is_file()

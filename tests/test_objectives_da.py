@@ -134,3 +134,29 @@ def test_the_heads_learn_to_tell_real_from_one_step_predictions():
         out.losses["adv"].mean().backward()
         opt.step()
     assert out.metrics["d_real"] > out.metrics["d_fake"] + 0.5, out.metrics
+
+
+def test_denoiser_features_read_latents_and_skip_the_decoder():
+    """features: denoiser — a frozen copy of the model's denoiser at t = 0 on latents (no decoding); gradients
+    reach the latents (the generator's path) but not the frozen copy, whose weights stay the model's."""
+    pipe, batch = tiny_setup(batch_size=2)
+    disc = parse_build({"kind": "feature_discriminator", "features": "denoiser", "width": 8},
+                       "discriminator").build(pipe)
+    assert disc.space == "latent" and disc.features.denoiser is not pipe.denoiser
+    latents = batch.latents.clone().requires_grad_(True)
+    logits = disc(latents, batch.cond)
+    assert logits.shape == (2, 2)  # one spatial + one temporal head on the 2/3-depth block
+    logits.sum().backward()
+    assert latents.grad.abs().sum() > 0
+    assert all(not p.requires_grad for p in disc.features.parameters())
+    for mine, theirs in zip(disc.features.denoiser.state_dict().values(), pipe.denoiser.state_dict().values()):
+        torch.testing.assert_close(mine, theirs)
+    roles, batch, gen, dis = setup(disc=disc)
+    gen.decoder = dis.decoder = None  # a latent discriminator never decodes
+    out = gen(batch, roles, make_ctx(2, step=1))
+    assert torch.isfinite(out.losses["adv"]).all()
+    out = dis(batch, roles, make_ctx(2, step=1, role="discriminator"))
+    assert torch.isfinite(out.losses["adv"]).all()
+    with pytest.raises(UserError, match="out of range"):
+        parse_build({"kind": "feature_discriminator", "features": "denoiser", "layers": [9]},
+                    "discriminator").build(pipe)

@@ -187,6 +187,8 @@ def generate(
     prompt: list[str] = typer.Option(..., help="Caption (repeatable); a toy model takes the toy world's grammar."),
     out: str = typer.Option(..., help="Output directory: one mp4 per video + samples.npz."),
     steps: int = typer.Option(None, help="Sampler steps (default: the model's own)."),
+    sampler: str = typer.Option(None, help="euler | ddim | consistency (default: the model's own), e.g. a "
+                                "consistency student sampled with fresh noise at each step."),
     cfg: float = typer.Option(None, help="CFG scale w in uncond + w·(cond − uncond) (default: the model's own)."),
     cfg_2: float = typer.Option(None, "--cfg-2", help="Wan 2.2: the low-noise expert's CFG scale (default: the "
                                 "model's guidance_scale_2, else --cfg)."),
@@ -219,7 +221,7 @@ def generate(
         target = generate_to_dir(model, prompt, out, steps=steps, cfg_scale=cfg, num=num, seed=seed, scale=scale,
                                  device=device, overwrite=overwrite, frames=frames, height=height, width=width,
                                  negative_prompt=negative_prompt, dtype=_dtype(dtype), images=list(image) or None,
-                                 cfg_scale_2=cfg_2,
+                                 cfg_scale_2=cfg_2, sampler=sampler,
                                  progress=lambda done, total: progress("generate", done, total, {}))
     typer.echo(f"wrote {len(prompt) * num} videos to {target}")
 
@@ -231,6 +233,8 @@ def eval_(
     prompts: str = typer.Option(None, help="Captions, one per line (a toy model: default the eval prompts; any "
                                            "other model needs them)."),
     steps: int = typer.Option(None, help="Sampler steps (default: the model's own)."),
+    sampler: str = typer.Option(None, help="euler | ddim | consistency (default: the model's own), e.g. a "
+                                "consistency student sampled with fresh noise at each step."),
     cfg: float = typer.Option(None, help="CFG scale w in uncond + w·(cond − uncond) (default: the model's own)."),
     cfg_2: float = typer.Option(None, "--cfg-2", help="Wan 2.2: the low-noise expert's CFG scale (default: the "
                                 "model's guidance_scale_2, else --cfg)."),
@@ -267,11 +271,12 @@ def eval_(
                                   batch_size=batch_size, device=device, overwrite=overwrite, frames=frames,
                                   height=height, width=width, prompts=prompts, reference=reference,
                                   reference_clips=reference_clips, dtype=_dtype(dtype), images=list(image) or None,
-                                  cfg_scale_2=cfg_2,
+                                  cfg_scale_2=cfg_2, sampler=sampler,
                                   progress=lambda done, total: progress("eval", done, total, {}))
     keys = (("sharpness", "flicker", "vendi_pixel", "fd") if metrics.get("metric_set") == "generic" else
             ("total", "quality", "semantic", "fvd", "vendi_pixel", "vendi_feature"))
-    summary = {k: metrics[k] for k in (*keys, "i2v", "total_i2v", "nfe", "seconds_per_video", "steps", "grid")
+    summary = {k: metrics[k] for k in (*keys, "i2v", "total_i2v", "nfe", "seconds_per_video", "steps", "grid",
+                                       "sampler")
                if k in metrics}
     summary.update({k: v for k, v in metrics.get("dimensions", {}).items() if k.startswith("i2v_")})
     typer.echo(json.dumps(summary))

@@ -52,6 +52,7 @@ import torch
 from fewstep.data.cache import LatentCache
 from fewstep.data.toyworld import EVAL_PROMPTS, condition_frame, parse_prompt
 from fewstep.errors import UserError, warn
+from fewstep.diffusion.samplers import SAMPLERS
 from fewstep.models.denoiser import cfg_active
 from fewstep.models.family import load_model, model_family
 from fewstep.utils.frames import to_uint8, to_unit
@@ -108,6 +109,19 @@ def check_sampling(pipe, steps: int | None, cfg_scale: float | None) -> None:
     if steps is not None and own <= 8 and steps > 4 * own:
         warn(f"--steps {steps} on a model distilled for {own} steps: slower by {steps / own:.0f}x and outside "
              f"what it was trained for")
+
+
+def check_sampler(sampler: str | None) -> None:
+    """``--sampler``: one of :data:`~fewstep.diffusion.samplers.SAMPLERS` or None (the model's own)."""
+    if sampler is not None and sampler not in SAMPLERS:
+        raise UserError(f"--sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}")
+
+
+def set_sampler(pipe, sampler: str | None) -> None:
+    """Replace the model's own sampler (e.g. a consistency student exported with Euler, sampled the
+    multistep-consistency way: x̂0, then fresh noise to the next time)."""
+    if sampler is not None:
+        pipe.sampling = pipe.sampling.model_copy(update={"sampler": sampler})
 
 
 def set_geometry(pipe, frames: int | None, height: int | None, width: int | None) -> None:
@@ -348,15 +362,18 @@ def generate_to_dir(model: str, prompts: list[str], out: str | Path, *, steps: i
                     scale: int = 8, batch_size: int = 32, device: str = "cpu", overwrite: bool = False,
                     progress=None, frames: int | None = None, height: int | None = None, width: int | None = None,
                     negative_prompt: str | None = None, dtype: torch.dtype | None = None,
-                    images: list[str] | None = None, cfg_scale_2: float | None = None) -> Path:
+                    images: list[str] | None = None, cfg_scale_2: float | None = None,
+                    sampler: str | None = None) -> Path:
     """``fewstep generate``: ``num`` videos per prompt → ``out/NNN_<prompt>.mp4`` (×``scale``,
     nearest neighbour) and ``out/samples.npz`` (``frames (K, T, H, W, 3)`` uint8 at the model's
     resolution, ``prompts (K,)``), prompt-major. ``out`` is checked before anything is generated.
     ``images`` (``--image``, once or once per prompt: a PNG/JPEG file or ``toy:CAPTION``) condition an
-    image-to-video model (:func:`condition_images`); ``samples.npz`` then also holds ``images (K, H, W, 3)``."""
+    image-to-video model (:func:`condition_images`); ``samples.npz`` then also holds ``images (K, H, W, 3)``.
+    ``sampler`` replaces the model's own (:func:`set_sampler`)."""
     if not isinstance(num, int) or num < 1:
         raise UserError(f"--num {num!r} is invalid; expected an integer >= 1")
     check_steps(steps)
+    check_sampler(sampler)
     prompts = check_prompts(prompts, "toy" if model_family(model).name == "toy" else None)
     suite = [p for p in prompts for _ in range(num)]
     names = [f"{i:03d}_{slug(p)}.mp4" for i, p in enumerate(suite)] + ["samples.npz"]
@@ -367,6 +384,7 @@ def generate_to_dir(model: str, prompts: list[str], out: str | Path, *, steps: i
         pipe.to(dtype)
     set_geometry(pipe, frames, height, width)
     check_sampling(pipe, steps, cfg_scale)
+    set_sampler(pipe, sampler)
     condition = condition_images(pipe, images, prompts)
     condition = None if condition is None else condition.repeat_interleave(num, dim=0)  # (K, H, W, 3), prompt-major
     with output as stage:
@@ -418,9 +436,9 @@ def evaluate_to_dir(model: str, out: str | Path, *, steps: int | None = None, cf
                     width: int | None = None, prompts: str | Path | None = None,
                     reference: str | Path | None = None, reference_clips: int = 64,
                     dtype: torch.dtype | None = None, images: list[str] | None = None,
-                    cfg_scale_2: float | None = None) -> dict:
+                    cfg_scale_2: float | None = None, sampler: str | None = None) -> dict:
     """``fewstep eval``: ``out/metrics.json`` and ``out/report.html`` (+ ``out/gifs/``); ``out`` is
-    checked before anything is generated.
+    checked before anything is generated. ``sampler`` replaces the model's own (:func:`set_sampler`).
 
     A toy model gets the toy VBench (:func:`evaluate_with_samples`) on ``prompts`` (a text file; default
     the eval prompts) with the ``features`` feature net (default the shipped ``toy-features``). Any other
@@ -433,6 +451,7 @@ def evaluate_to_dir(model: str, out: str | Path, *, steps: int | None = None, cf
     if not isinstance(num, int) or num < 1:
         raise UserError(f"--num {num!r} is invalid; expected an integer >= 1")
     check_steps(steps)
+    check_sampler(sampler)
     toy = model_family(model).name == "toy"
     captions = read_captions(prompts) if prompts is not None else None
     if toy:
@@ -467,6 +486,7 @@ def evaluate_to_dir(model: str, out: str | Path, *, steps: int | None = None, cf
         pipe.to(dtype)
     set_geometry(pipe, frames, height, width)
     check_sampling(pipe, steps, cfg_scale)
+    set_sampler(pipe, sampler)
     condition = None if toy else condition_images(pipe, images, captions)
     name = label or Path(str(model)).name
     if toy:
@@ -475,7 +495,7 @@ def evaluate_to_dir(model: str, out: str | Path, *, steps: int | None = None, cf
             metrics, by_prompt = evaluate_with_samples(pipe, steps, cfg_scale, num, captions, seed=seed,
                                                        feature_net=feature_net, batch_size=batch_size,
                                                        progress=progress)
-            metrics = {"model": str(model), **metrics}
+            metrics = {"model": str(model), "sampler": pipe.sampling.sampler, **metrics}
             write_json_atomic(stage / "metrics.json", metrics)
             write_report(stage, [(name, metrics, by_prompt)])
         return metrics
@@ -490,7 +510,7 @@ def evaluate_to_dir(model: str, out: str | Path, *, steps: int | None = None, cf
                                                            features=vision_net, ref_stats=ref_stats, batch_size=batch_size,
                                                            progress=progress, images=condition,
                                                            cfg_scale_2=cfg_scale_2)
-        metrics = {"model": str(model), **metrics,
+        metrics = {"model": str(model), "sampler": pipe.sampling.sampler, **metrics,
                    **({"features": str(features), "reference": str(reference)} if features is not None else {})}
         write_json_atomic(stage / "metrics.json", metrics)
         H, W = next(iter(by_prompt.values())).shape[2:4]

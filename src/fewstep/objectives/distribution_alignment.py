@@ -34,6 +34,7 @@ same ``x_t`` the generator did, regenerating ``x̂0`` with the student as update
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 from pathlib import Path
 from typing import Literal
@@ -47,6 +48,8 @@ from torch import Tensor, nn
 from ..config import StrictModel
 from ..diffusion.schedules import FlowMatching
 from ..errors import UserError
+from ..models.backbones import Conditioning
+from ..models.features import depth, extract_features, find_blocks, token_grid
 from .base import (Batch, LogitNormalTimes, Objective, ObjectiveConfig, ObjectiveOutput, RoleName, Roles,
                    StepContext, TimestepsConfig, register_objective)
 from .gan import hinge_discriminator_loss
@@ -61,11 +64,11 @@ class Dinov2Frames(nn.Module):
 
     def __init__(self, model: nn.Module, layers: list[int], size: int, mean, std):
         super().__init__()
-        depth = model.config.num_hidden_layers
-        bad = [i for i in layers if not 0 <= i <= depth]
+        n = model.config.num_hidden_layers
+        bad = [i for i in layers if not 0 <= i <= n]
         if bad:
-            raise UserError(f"DINOv2 feature layers {bad} are out of range for its {depth} layers (hidden_states "
-                            f"indices 0..{depth})")
+            raise UserError(f"DINOv2 feature layers {bad} are out of range for its {n} layers (hidden_states "
+                            f"indices 0..{n})")
         self.model, self.layers, self.size = model, list(layers), size
         self.patch = model.config.patch_size
         self.channels = [model.config.hidden_size] * len(layers)
@@ -83,6 +86,35 @@ class Dinov2Frames(nn.Module):
         hidden = self.model(pixel_values=x, output_hidden_states=True).hidden_states  # (depth + 1) × (N, 1 + h·w, C)
         gh, gw = hw[0] // self.patch, hw[1] // self.patch
         return [rearrange(hidden[i][:, 1:], "n (h w) c -> n c h w", h=gh, w=gw) for i in self.layers]
+
+
+class DenoiserFeatures(nn.Module):
+    """A frozen denoiser's hidden tokens on clean latents as ``(B, D, T', H', W')`` grids, one per ``blocks``.
+
+    ``forward(latents (B, C, T, H, W), cond) -> [(B, D, T', H', W')]`` at t = 0 (AccVideo's clean-input
+    features, :func:`~fewstep.models.features.extract_features`); the grid is the backbone's token grid. It
+    reads latents, so the alignment objectives skip the decoder (``space = "latent"``).
+    """
+
+    space = "latent"
+
+    def __init__(self, denoiser: nn.Module, blocks: list[int]):
+        super().__init__()
+        n = depth(denoiser)
+        bad = [b for b in blocks if not -n <= b < n]
+        if bad:
+            raise UserError(f"denoiser feature layers {bad} are out of range for its {n} blocks")
+        self.denoiser, self.blocks = denoiser.eval().requires_grad_(False), list(blocks)
+        first = find_blocks(denoiser)[1][0]
+        width = next((m.normalized_shape[-1] for m in first.modules() if isinstance(m, nn.LayerNorm)), None)
+        width = width or next(m.in_features for m in first.modules() if isinstance(m, nn.Linear))
+        self.channels = [width] * len(blocks)
+
+    def forward(self, latents: Tensor, cond: Conditioning) -> list[Tensor]:
+        t = latents.new_zeros(latents.shape[0])
+        tokens = extract_features(self.denoiser, latents, t, cond, self.blocks)  # [(B, N, D)]
+        gt, gh, gw = token_grid(self.denoiser, latents.shape, tokens[0].shape[1])
+        return [rearrange(x, "b (t h w) d -> b d t h w", t=gt, h=gh, w=gw) for x in tokens]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,11 +144,13 @@ class TemporalHead(nn.Sequential):
 
 
 class FeatureDiscriminator(nn.Module):
-    """Frozen per-frame features + a spatial and/or a temporal head per feature level: frames → ``(B, K)`` logits.
+    """Frozen features + a spatial and/or a temporal head per feature level: ``(x, cond) → (B, K)`` logits.
 
-    ``frames`` (B, T, H, W, 3) in [−1, 1]; ``num_frames`` picks that many frames evenly in time first
-    (None: all). The columns are the spatial heads of every level, then the temporal ones. The feature
-    network stays in eval mode and frozen whatever ``train()`` is called with.
+    ``x``: frames (B, T, H, W, 3) in [−1, 1] for an image feature network (``space`` "pixel"; ``cond``
+    unused), whose ``num_frames`` picks that many frames evenly in time first (None: all); latents
+    (B, C, T, H, W) for :class:`DenoiserFeatures` (``space`` "latent"). The columns are the spatial heads of
+    every level, then the temporal ones. The feature network stays in eval mode and frozen whatever
+    ``train()`` is called with.
     """
 
     def __init__(self, features: nn.Module, width: int = 64, spatial: bool = True, temporal: bool = True,
@@ -135,13 +169,21 @@ class FeatureDiscriminator(nn.Module):
         self.features.eval()
         return self
 
-    def forward(self, frames: Tensor) -> Tensor:
-        b, t = frames.shape[:2]
-        if self.num_frames is not None and self.num_frames < t:
-            frames = frames[:, torch.linspace(0, t - 1, self.num_frames, device=frames.device).round().long()]
-            t = self.num_frames
-        maps = self.features(rearrange(frames, "b t h w c -> (b t) c h w"))  # [(B·T, C_k, h_k, w_k)]
-        grids = [rearrange(m, "(b t) c h w -> b c t h w", b=b, t=t) for m in maps]  # [(B, C_k, T, h_k, w_k)]
+    @property
+    def space(self) -> str:
+        """What the discriminator reads: "pixel" (decoded frames) or "latent" (the model's latents)."""
+        return getattr(self.features, "space", "pixel")
+
+    def forward(self, x: Tensor, cond: Conditioning | None = None) -> Tensor:
+        if self.space == "latent":
+            grids = self.features(x, cond)  # [(B, C_k, T', h_k, w_k)]
+        else:
+            b, t = x.shape[:2]
+            if self.num_frames is not None and self.num_frames < t:
+                x = x[:, torch.linspace(0, t - 1, self.num_frames, device=x.device).round().long()]
+                t = self.num_frames
+            maps = self.features(rearrange(x, "b t h w c -> (b t) c h w"))  # [(B·T, C_k, h_k, w_k)]
+            grids = [rearrange(m, "(b t) c h w -> b c t h w", b=b, t=t) for m in maps]  # [(B, C_k, T, h_k, w_k)]
         logits = [head(g) for head, g in zip(self.spatial, grids)] + [head(g) for head, g in zip(self.temporal, grids)]
         return torch.stack(logits, dim=1)  # (B, K)
 
@@ -149,13 +191,16 @@ class FeatureDiscriminator(nn.Module):
 class FeatureDiscriminatorConfig(StrictModel):
     """The discriminator of SwiftVideo's distribution alignment (module doc); a role builder's keys."""
 
-    features: Literal["toy_clip", "dinov2"] = Field("toy_clip", description=(
-        "frozen image feature network: toy_clip (the toy world's stand-in) or dinov2 (a local Dinov2Model)"))
+    features: Literal["toy_clip", "dinov2", "denoiser"] = Field("toy_clip", description=(
+        "frozen feature network: toy_clip (frames; the toy world's image encoder), dinov2 (frames; a local "
+        "Dinov2Model) or denoiser (latents; a frozen denoiser's clean-input tokens)"))
     path: str | None = Field(None, description=(
-        "toy_clip: a shipped name or directory (null: the shipped toy-clip); dinov2: its local directory"))
+        "toy_clip: a shipped name or directory (null: the shipped toy-clip); dinov2: its local directory; "
+        "denoiser: a shipped model name or directory (null: a frozen copy of the recipe's model)"))
     layers: list[int] | None = Field(None, min_length=1, description=(
         "feature levels with heads: toy_clip conv stages (null: all); dinov2 hidden_states indices "
-        "(null: 4 evenly spaced, as StyleGAN-T's [2, 5, 8, 11] of 12)"))
+        "(null: 4 evenly spaced, as StyleGAN-T's [2, 5, 8, 11] of 12); denoiser blocks (null: the block at 2/3 "
+        "of the depth, AccVideo's clean-feature block)"))
     size: int | None = Field(None, ge=8, description="dinov2: shorter image side fed to it (null: its crop size, "
                                                      "else its config's image_size)")
     width: int = Field(64, ge=1, description="channels of each head's hidden conv")
@@ -170,9 +215,21 @@ class FeatureDiscriminatorConfig(StrictModel):
         return self
 
 
-def build_feature_discriminator(config: FeatureDiscriminatorConfig) -> FeatureDiscriminator:
-    """Load the frozen feature network and attach fresh heads."""
-    if config.features != "dinov2":  # a frame encoder registered with the rewards (the toy world's stand-in)
+def build_feature_discriminator(config: FeatureDiscriminatorConfig, model=None) -> FeatureDiscriminator:
+    """Load the frozen feature network and attach fresh heads; ``model``: the recipe's (``features: denoiser``
+    without ``path`` copies its denoiser)."""
+    if config.features == "denoiser":
+        if config.path is not None:
+            from ..models.family import load_model
+
+            denoiser = load_model(config.path).denoiser
+        elif model is None:
+            raise UserError("features: denoiser needs path: a model name or directory (no recipe model here)")
+        else:
+            denoiser = copy.deepcopy(model.denoiser)
+        n = depth(denoiser)
+        features = DenoiserFeatures(denoiser, config.layers or [max(0, round(2 * n / 3) - 1)])
+    elif config.features != "dinov2":  # a frame encoder registered with the rewards (the toy world's stand-in)
         from ..rewards import FRAME_FEATURES
 
         features = FRAME_FEATURES[config.features](config.path, config.layers)
@@ -183,8 +240,8 @@ def build_feature_discriminator(config: FeatureDiscriminatorConfig) -> FeatureDi
         if loaded.name != "Dinov2Model":
             raise UserError(f"discriminator features {config.path}: a {loaded.name}; features: dinov2 needs a "
                             f"Dinov2Model directory")
-        depth = loaded.model.config.num_hidden_layers
-        layers = config.layers or sorted({max(1, round(depth * (i + 1) / 4)) for i in range(4)})
+        n = loaded.model.config.num_hidden_layers
+        layers = config.layers or sorted({max(1, round(n * (i + 1) / 4)) for i in range(4)})
         features = Dinov2Frames(loaded.model, layers, config.size or loaded.size, loaded.mean.flatten().tolist(),
                                 loaded.std.flatten().tolist())
     return FeatureDiscriminator(features, config.width, config.spatial, config.temporal, config.frames)
@@ -247,6 +304,10 @@ class _Alignment(Objective):
         super().__init__(config, name)
         self.decoder = None  # latents (B, C, T', H', W') → frames (B, T, H, W, 3) in [−1, 1]; the recipe assigns it
 
+    def view(self, latents: Tensor, disc: nn.Module) -> Tensor:
+        """What ``disc`` reads of ``latents``: decoded frames, or the latents themselves (``space`` "latent")."""
+        return latents if getattr(disc, "space", "pixel") == "latent" else self.decode(latents)
+
     def decode(self, latents: Tensor) -> Tensor:
         if self.decoder is None:
             raise UserError(f"objective {self.name!r} ({self.config.kind}) has no decoder: set its 'decoder' key to a "
@@ -275,9 +336,9 @@ class AlignmentGenerator(_Alignment):
 
     def __call__(self, batch: Batch, roles: Roles, ctx: StepContext) -> ObjectiveOutput:
         disc = roles[self.config.discriminator].module
-        frames = self.decode(self.one_step(batch, roles, ctx))  # (B, T, H, W, 3)
+        fake = self.view(self.one_step(batch, roles, ctx), disc)  # frames (B, T, H, W, 3) or latents
         params = {n: p.detach() for n, p in disc.named_parameters()}  # D as a fixed function: no gradient to it
-        d_fake = torch.func.functional_call(disc, params, (frames,))  # (B, K)
+        d_fake = torch.func.functional_call(disc, params, (fake, batch.cond))  # (B, K)
         loss = hinge_generator_loss_eq10(d_fake) if self.config.generator_form == "clipped" else -d_fake.sum(dim=1)
         return self.output({"adv": loss}, {"d_fake": float(d_fake.detach().mean())})
 
@@ -292,9 +353,9 @@ class AlignmentDiscriminator(_Alignment):
     def __call__(self, batch: Batch, roles: Roles, ctx: StepContext) -> ObjectiveOutput:
         disc = roles[self.role].module
         with torch.no_grad():
-            real = self.decode(batch.latents)  # (B, T, H, W, 3)
-            fake = self.decode(self.one_step(batch, roles, ctx))
-        d_real, d_fake = disc(real), disc(fake)  # (B, K) each
+            real = self.view(batch.latents, disc)  # frames (B, T, H, W, 3) or latents
+            fake = self.view(self.one_step(batch, roles, ctx), disc)
+        d_real, d_fake = disc(real, batch.cond), disc(fake, batch.cond)  # (B, K) each
         loss = hinge_discriminator_loss_eq10(d_real, d_fake)
         return self.output({"adv": loss}, {"d_real": float(d_real.detach().mean()),
                                            "d_fake": float(d_fake.detach().mean())})

@@ -110,7 +110,7 @@ class FeatureDiscriminatorBuild(FeatureDiscriminatorConfig):
     kind: Literal["feature_discriminator"] = "feature_discriminator"
 
     def build(self, model: VideoModel) -> nn.Module:
-        return build_feature_discriminator(self)
+        return build_feature_discriminator(self, model)
 
 
 @register_builder
