@@ -65,6 +65,8 @@ def test_time_sampler_and_step_presets(teacher_dir, tmp_path, capsys):
     cfg = dry_run(capsys, teacher_dir, tmp_path, "preset=t_lognorm_08")
     assert cfg["stages"]["ccd_da"]["objectives"]["da_d"]["timesteps"] == {"kind": "logit_normal", "mean": -0.8,
                                                                            "std": 1.0}
+    cfg = dry_run(capsys, teacher_dir, tmp_path, "preset=[t_uniform, consistency_sampler]")
+    assert cfg["generator"]["sampler"] == "consistency" and cfg["generator"]["times"] == "uniform4"
 
 
 def test_two_stages_on_the_toy_teacher_and_a_4_step_euler_student(teacher_dir, tmp_path, capsys):

@@ -184,11 +184,12 @@ def test_the_ta_recipe_trains_lora_on_the_pairs(store_dir, teacher_dir, tmp_path
 
 def test_ta_presets(tmp_path, capsys):
     rc, out, err = cli(capsys, "distill", "--recipe", "swiftvideo_ta", "--out", tmp_path / "run", "--dry-run",
-                       "--preset", "round2", "--preset", "no_reflow")
+                       "--preset", "round2", "--preset", "no_reflow", "--preset", "consistency_sampler")
     assert rc == 0, err
     import yaml
 
     cfg = yaml.safe_load(out)
     assert cfg["generator"]["times"] == "uniform2" and cfg["data"]["path"] == "runs/swiftvideo_pairs2"
+    assert cfg["generator"]["sampler"] == "consistency"
     assert cfg["stages"]["ta"]["objectives"]["dpo"]["reflow_weight"] == 0.0
     assert cfg["roles"]["student"]["lora"]["rank"] == 16 and cfg["roles"]["reference"]["optim"] is None

@@ -26,6 +26,13 @@ role builder):
   general-purpose per-frame image encoder trained without the student's objective; unlike the toy
   feature net it is not the network the evaluation's Fréchet distance uses, so the discriminator does
   not optimise the metric it is judged by (as DINOv2 is not FVD's I3D).
+* ``denoiser``: a frozen copy of a denoiser (default the recipe's model, i.e. the teacher) read at t = 0 on
+  the latents themselves, no decoding; the tokens of the chosen blocks laid on the token grid (AccVideo's
+  clean-input features, objectives/adversarial.py; LADD's idea of discriminating in the generator's own
+  feature space). A deviation from the paper's DINOv2 for the toy world, where the toy CLIP's heads never
+  leave chance: offline, heads on the teacher's 2/3-depth block tell a CCD student's x̂0 from real clips
+  (pair accuracy 0.88 after 300 steps at lr 1e-3) where the toy CLIP's stay at 0.62
+  (benchmarks/results/swiftvideo). It holds a second copy of the denoiser: for a real teacher use ``dinov2``.
 
 Both objectives draw ``(t, ε)`` as the student role under the same names, so the discriminator sees the
 same ``x_t`` the generator did, regenerating ``x̂0`` with the student as updated earlier in the step
