@@ -111,6 +111,20 @@ def test_named_grids():
         named_grid("dollar3", vp)
 
 
+def test_shifted_uniform_grids_are_the_flow_shift_of_uniform_ones():
+    """uniformN_shiftS: t = S·u/(1 + (S − 1)·u) of u = 1, 1 − 1/N, …, 0; S = 1 is uniformN; shifts compose."""
+    flow = FlowMatching()
+    torch.testing.assert_close(named_grid("uniform4_shift3", flow),
+                               torch.tensor([1.0, 0.9, 0.75, 0.5, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(named_grid("uniform2_shift1", flow), named_grid("uniform2", flow))
+    # the grid's times, then the schedule's shift 2: σ of a shift-6 grid (shift_a ∘ shift_b = shift_ab)
+    sigma = FlowMatching(shift=2.0).shifted(named_grid("uniform4_shift3", flow))
+    torch.testing.assert_close(sigma, named_grid("uniform4_shift6", flow))
+    for bad in ("uniform0_shift3", "uniform4_shift0", "uniform4_shift-1", "uniform4shift3"):
+        with pytest.raises(UserError, match="uniformN_shiftS"):
+            named_grid(bad, flow)
+
+
 def test_timestep_distributions():
     g = torch.Generator().manual_seed(0)
     u = Uniform(0.02, 0.98).sample(20000, g)

@@ -29,6 +29,7 @@ flow matching, as the DOLLAR issue specifies for flow teachers).
 from __future__ import annotations
 
 import math
+import re
 from abc import ABC, abstractmethod
 from typing import Annotated, Any, Literal, Sequence, Union
 
@@ -285,14 +286,35 @@ TIME_GRIDS: dict[str, list[float]] = {
 }
 
 
+#: ``uniformN_shiftS``: N equal steps of u from 1 to 0, each shifted ``t = S·u / (1 + (S − 1)·u)`` — the
+#: flow-matching time shift (SD3, Wan's ``sample_shift``) applied to the sampling grid alone, on top of the
+#: schedule's own; e.g. ``uniform4_shift3`` = [1, 0.9, 0.75, 0.5, 0]: more of the steps at high noise.
+SHIFTED_GRID = re.compile(r"uniform([1-9][0-9]*)_shift([0-9]+(?:\.[0-9]+)?)")
+
+
+def time_grid(name: str) -> list[float] | None:
+    """The continuous times of a grid name of :data:`TIME_GRIDS` or :data:`SHIFTED_GRID`; None if neither."""
+    if name in TIME_GRIDS:
+        return TIME_GRIDS[name]
+    match = SHIFTED_GRID.fullmatch(name)
+    if match is None or float(match[2]) <= 0:
+        return None
+    n, shift = int(match[1]), float(match[2])
+    return [shift * u / (1 + (shift - 1) * u) for u in (1 - i / n for i in range(n + 1))]
+
+
+def known_grids() -> str:
+    """The grid names a config may use, for error messages."""
+    return ", ".join(sorted([*INDEX_GRIDS, *TIME_GRIDS])) + ", uniformN_shiftS (e.g. uniform4_shift3)"
+
+
 def named_grid(name: str, schedule: Schedule) -> Tensor:
     """Continuous times (float64, decreasing) of a named grid for ``schedule``."""
     if name in INDEX_GRIDS:
         return schedule.t_from_index(INDEX_GRIDS[name])
-    if name in TIME_GRIDS:
-        return torch.tensor(TIME_GRIDS[name], dtype=torch.float64)
-    known = ", ".join(sorted([*INDEX_GRIDS, *TIME_GRIDS]))
-    raise UserError(f"unknown timestep grid {name!r}; known grids: {known}")
+    if (times := time_grid(name)) is not None:
+        return torch.tensor(times, dtype=torch.float64)
+    raise UserError(f"unknown timestep grid {name!r}; known grids: {known_grids()}")
 
 
 #: How an N-step sampler spreads its steps when the model has no explicit times of its own.

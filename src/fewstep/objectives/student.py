@@ -38,7 +38,7 @@ from torch import Tensor
 
 from ..config import StrictModel
 from ..diffusion.samplers import SAMPLERS
-from ..diffusion.schedules import INDEX_GRIDS, TIME_GRIDS, FlowMatching, Schedule, named_grid
+from ..diffusion.schedules import INDEX_GRIDS, FlowMatching, Schedule, known_grids, named_grid, time_grid
 from ..errors import UserError
 from .base import StepContext
 
@@ -47,9 +47,8 @@ Backprop = Literal["all", "last"]
 
 def _check_steps(value: str | list[int]) -> str | list[int]:
     if isinstance(value, str):
-        if value not in INDEX_GRIDS and value not in TIME_GRIDS:
-            known = ", ".join(sorted([*INDEX_GRIDS, *TIME_GRIDS]))
-            raise ValueError(f"unknown timestep grid {value!r}; known grids: {known}")
+        if value not in INDEX_GRIDS and time_grid(value) is None:
+            raise ValueError(f"unknown timestep grid {value!r}; known grids: {known_grids()}")
         return value
     if not value:
         raise ValueError("needs at least one integer timestep, e.g. [999, 749, 499, 249]")
