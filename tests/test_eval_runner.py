@@ -108,7 +108,9 @@ def test_cli_generate_writes_mp4s_and_samples(tmp_path):
     (["--prompt", "a red circle moves left", "--model", "no-such-model"], "no-such-model"),
     (["--prompt", "a red circle moves left", "--steps", "0"], "steps=0"),
     (["--prompt", "a red circle left"], "malformed prompt"),
-    (["--prompt", "a red circle left", "--sampler", "heun"], "--sampler 'heun'"),
+    (["--prompt", "a red circle moves left", "--sampler", "heun"], "--sampler 'heun'"),
+    (["--prompt", "a red circle moves left", "--grid", "uniform3_shift"], "uniformN_shiftS"),
+    (["--prompt", "a red circle moves left", "--grid", "uniform4_shift3", "--steps", "2"], "disagree"),
 ])
 def test_cli_generate_errors_are_one_line(tmp_path, capsys, args, message):
     model_dir = make_tiny_pipeline().save(tmp_path / "model")
@@ -137,19 +139,23 @@ def test_cli_eval_writes_metrics_and_report(tmp_path, capsys, feature_net):
 
 
 def test_sampler_replaces_the_models_own(tmp_path):
-    """--sampler consistency: x̂0 re-noised with fresh noise each step instead of the saved Euler sampler."""
-    from fewstep.eval.runner import set_sampler
+    """--sampler consistency: x̂0 re-noised with fresh noise each step instead of the saved Euler sampler;
+    --grid: the named grid's times instead of the model's own."""
+    from fewstep.eval.runner import set_sampling
 
     pipe = make_tiny_pipeline()
     assert pipe.sampling.sampler == "euler"
     euler = pipe.sample_latents(["a red circle moves left"], steps=2, cfg_scale=1.0, seed=1).x
-    set_sampler(pipe, "consistency")
+    set_sampling(pipe, "consistency")
     cons = pipe.sample_latents(["a red circle moves left"], steps=2, cfg_scale=1.0, seed=1).x
     first = pipe.denoiser.predict(torch.randn(pipe.latent_shape(1), generator=torch.Generator().manual_seed(1)),
                                   torch.ones(1), pipe.encode_prompts(["a red circle moves left"])).x0
     assert (cons - euler).abs().max() > 1e-3 and (cons - first).abs().max() > 0
-    set_sampler(pipe, None)
+    set_sampling(pipe, None, "uniform2_shift3")
     assert pipe.sampling.sampler == "consistency"  # None keeps what is there
+    assert pipe.sampling.times == [1.0, 0.75, 0.0] and pipe.default_steps() == 2
+    shifted = pipe.sample_latents(["a red circle moves left"], cfg_scale=1.0, seed=1).x
+    assert (shifted - cons).abs().max() > 1e-3
     model_dir = make_tiny_pipeline().save(tmp_path / "model")
     rc = main(["generate", "--model", str(model_dir), "--prompt", "a red circle moves left", "--steps", "2",
                "--sampler", "consistency", "--out", str(tmp_path / "out")])

@@ -189,6 +189,8 @@ def generate(
     steps: int = typer.Option(None, help="Sampler steps (default: the model's own)."),
     sampler: str = typer.Option(None, help="euler | ddim | consistency (default: the model's own), e.g. a "
                                 "consistency student sampled with fresh noise at each step."),
+    grid: str = typer.Option(None, help="Step times: a named grid, e.g. uniform4_shift3 = t 1, 0.9, 0.75, 0.5 "
+                             "(default: the model's own, or --steps uniform steps)."),
     cfg: float = typer.Option(None, help="CFG scale w in uncond + w·(cond − uncond) (default: the model's own)."),
     cfg_2: float = typer.Option(None, "--cfg-2", help="Wan 2.2: the low-noise expert's CFG scale (default: the "
                                 "model's guidance_scale_2, else --cfg)."),
@@ -221,7 +223,7 @@ def generate(
         target = generate_to_dir(model, prompt, out, steps=steps, cfg_scale=cfg, num=num, seed=seed, scale=scale,
                                  device=device, overwrite=overwrite, frames=frames, height=height, width=width,
                                  negative_prompt=negative_prompt, dtype=_dtype(dtype), images=list(image) or None,
-                                 cfg_scale_2=cfg_2, sampler=sampler,
+                                 cfg_scale_2=cfg_2, sampler=sampler, grid=grid,
                                  progress=lambda done, total: progress("generate", done, total, {}))
     typer.echo(f"wrote {len(prompt) * num} videos to {target}")
 
@@ -235,6 +237,8 @@ def eval_(
     steps: int = typer.Option(None, help="Sampler steps (default: the model's own)."),
     sampler: str = typer.Option(None, help="euler | ddim | consistency (default: the model's own), e.g. a "
                                 "consistency student sampled with fresh noise at each step."),
+    grid: str = typer.Option(None, help="Step times: a named grid, e.g. uniform4_shift3 = t 1, 0.9, 0.75, 0.5 "
+                             "(default: the model's own, or --steps uniform steps)."),
     cfg: float = typer.Option(None, help="CFG scale w in uncond + w·(cond − uncond) (default: the model's own)."),
     cfg_2: float = typer.Option(None, "--cfg-2", help="Wan 2.2: the low-noise expert's CFG scale (default: the "
                                 "model's guidance_scale_2, else --cfg)."),
@@ -271,7 +275,7 @@ def eval_(
                                   batch_size=batch_size, device=device, overwrite=overwrite, frames=frames,
                                   height=height, width=width, prompts=prompts, reference=reference,
                                   reference_clips=reference_clips, dtype=_dtype(dtype), images=list(image) or None,
-                                  cfg_scale_2=cfg_2, sampler=sampler,
+                                  cfg_scale_2=cfg_2, sampler=sampler, grid=grid,
                                   progress=lambda done, total: progress("eval", done, total, {}))
     keys = (("sharpness", "flicker", "vendi_pixel", "fd") if metrics.get("metric_set") == "generic" else
             ("total", "quality", "semantic", "fvd", "vendi_pixel", "vendi_feature"))

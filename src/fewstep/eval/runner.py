@@ -111,17 +111,36 @@ def check_sampling(pipe, steps: int | None, cfg_scale: float | None) -> None:
              f"what it was trained for")
 
 
-def check_sampler(sampler: str | None) -> None:
-    """``--sampler``: one of :data:`~fewstep.diffusion.samplers.SAMPLERS` or None (the model's own)."""
+def check_sampler(sampler: str | None, grid: str | None = None, steps: int | None = None) -> None:
+    """``--sampler``: one of :data:`~fewstep.diffusion.samplers.SAMPLERS` or None (the model's own); ``--grid``: a
+    named step grid (``uniform4_shift3``, ``dollar4``, …) or None, whose step count ``--steps`` must match. Checked
+    before the model loads; :func:`set_sampling` applies them."""
     if sampler is not None and sampler not in SAMPLERS:
         raise UserError(f"--sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}")
+    if grid is None:
+        return None
+    from fewstep.objectives.student import GeneratorConfig, StudentGenerator
+
+    try:
+        generator = StudentGenerator(GeneratorConfig(times=grid))
+    except ValueError as error:  # pydantic's ValidationError is a ValueError
+        raise UserError(f"--grid {grid!r}: {error.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+    if steps is not None and steps != generator.steps:
+        raise UserError(f"--steps {steps} and --grid {grid} ({generator.steps} steps) disagree; give one of them")
 
 
-def set_sampler(pipe, sampler: str | None) -> None:
+def set_sampling(pipe, sampler: str | None, grid: str | None = None) -> None:
     """Replace the model's own sampler (e.g. a consistency student exported with Euler, sampled the
-    multistep-consistency way: x̂0, then fresh noise to the next time)."""
-    if sampler is not None:
-        pipe.sampling = pipe.sampling.model_copy(update={"sampler": sampler})
+    multistep-consistency way: x̂0, then fresh noise to the next time) and/or its step times (``grid``: a named
+    grid, its times on the model's schedule, then 0)."""
+    update: dict = {} if sampler is None else {"sampler": sampler}
+    if grid is not None:
+        from fewstep.objectives.student import GeneratorConfig, StudentGenerator
+
+        times = StudentGenerator(GeneratorConfig(times=grid)).sampling_times(pipe.denoiser.schedule)
+        update |= {"times": times, "steps": len(times) - 1}
+    if update:
+        pipe.sampling = pipe.sampling.model_copy(update=update)
 
 
 def set_geometry(pipe, frames: int | None, height: int | None, width: int | None) -> None:
@@ -363,17 +382,17 @@ def generate_to_dir(model: str, prompts: list[str], out: str | Path, *, steps: i
                     progress=None, frames: int | None = None, height: int | None = None, width: int | None = None,
                     negative_prompt: str | None = None, dtype: torch.dtype | None = None,
                     images: list[str] | None = None, cfg_scale_2: float | None = None,
-                    sampler: str | None = None) -> Path:
+                    sampler: str | None = None, grid: str | None = None) -> Path:
     """``fewstep generate``: ``num`` videos per prompt → ``out/NNN_<prompt>.mp4`` (×``scale``,
     nearest neighbour) and ``out/samples.npz`` (``frames (K, T, H, W, 3)`` uint8 at the model's
     resolution, ``prompts (K,)``), prompt-major. ``out`` is checked before anything is generated.
     ``images`` (``--image``, once or once per prompt: a PNG/JPEG file or ``toy:CAPTION``) condition an
     image-to-video model (:func:`condition_images`); ``samples.npz`` then also holds ``images (K, H, W, 3)``.
-    ``sampler`` replaces the model's own (:func:`set_sampler`)."""
+    ``sampler`` and ``grid`` replace the model's own (:func:`set_sampling`)."""
     if not isinstance(num, int) or num < 1:
         raise UserError(f"--num {num!r} is invalid; expected an integer >= 1")
     check_steps(steps)
-    check_sampler(sampler)
+    check_sampler(sampler, grid, steps)
     prompts = check_prompts(prompts, "toy" if model_family(model).name == "toy" else None)
     suite = [p for p in prompts for _ in range(num)]
     names = [f"{i:03d}_{slug(p)}.mp4" for i, p in enumerate(suite)] + ["samples.npz"]
@@ -384,7 +403,7 @@ def generate_to_dir(model: str, prompts: list[str], out: str | Path, *, steps: i
         pipe.to(dtype)
     set_geometry(pipe, frames, height, width)
     check_sampling(pipe, steps, cfg_scale)
-    set_sampler(pipe, sampler)
+    set_sampling(pipe, sampler, grid)
     condition = condition_images(pipe, images, prompts)
     condition = None if condition is None else condition.repeat_interleave(num, dim=0)  # (K, H, W, 3), prompt-major
     with output as stage:
@@ -436,9 +455,10 @@ def evaluate_to_dir(model: str, out: str | Path, *, steps: int | None = None, cf
                     width: int | None = None, prompts: str | Path | None = None,
                     reference: str | Path | None = None, reference_clips: int = 64,
                     dtype: torch.dtype | None = None, images: list[str] | None = None,
-                    cfg_scale_2: float | None = None, sampler: str | None = None) -> dict:
+                    cfg_scale_2: float | None = None, sampler: str | None = None,
+                    grid: str | None = None) -> dict:
     """``fewstep eval``: ``out/metrics.json`` and ``out/report.html`` (+ ``out/gifs/``); ``out`` is
-    checked before anything is generated. ``sampler`` replaces the model's own (:func:`set_sampler`).
+    checked before anything is generated. ``sampler`` and ``grid`` replace the model's own (:func:`set_sampling`).
 
     A toy model gets the toy VBench (:func:`evaluate_with_samples`) on ``prompts`` (a text file; default
     the eval prompts) with the ``features`` feature net (default the shipped ``toy-features``). Any other
@@ -451,7 +471,7 @@ def evaluate_to_dir(model: str, out: str | Path, *, steps: int | None = None, cf
     if not isinstance(num, int) or num < 1:
         raise UserError(f"--num {num!r} is invalid; expected an integer >= 1")
     check_steps(steps)
-    check_sampler(sampler)
+    check_sampler(sampler, grid, steps)
     toy = model_family(model).name == "toy"
     captions = read_captions(prompts) if prompts is not None else None
     if toy:
@@ -486,7 +506,7 @@ def evaluate_to_dir(model: str, out: str | Path, *, steps: int | None = None, cf
         pipe.to(dtype)
     set_geometry(pipe, frames, height, width)
     check_sampling(pipe, steps, cfg_scale)
-    set_sampler(pipe, sampler)
+    set_sampling(pipe, sampler, grid)
     condition = None if toy else condition_images(pipe, images, captions)
     name = label or Path(str(model)).name
     if toy:
