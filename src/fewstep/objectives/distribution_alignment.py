@@ -31,8 +31,9 @@ role builder):
   clean-input features, objectives/adversarial.py; LADD's idea of discriminating in the generator's own
   feature space). A deviation from the paper's DINOv2 for the toy world, where the toy CLIP's heads never
   leave chance: offline, heads on the teacher's 2/3-depth block tell a CCD student's x̂0 from real clips
-  (pair accuracy 0.88 after 300 steps at lr 1e-3) where the toy CLIP's stay at 0.62
-  (benchmarks/results/swiftvideo). It holds a second copy of the denoiser: for a real teacher use ``dinov2``.
+  (pair accuracy 0.88 after 300 steps at lr 1e-3) where the toy CLIP's stay at 0.62; in training it still
+  does not improve the CCD student (λ_adv 0.01: no change; 0.1: worse; benchmarks/results/swiftvideo, round 3).
+  It holds a second copy of the denoiser: for a real teacher use ``dinov2``.
 
 Both objectives draw ``(t, ε)`` as the student role under the same names, so the discriminator sees the
 same ``x_t`` the generator did, regenerating ``x̂0`` with the student as updated earlier in the step
