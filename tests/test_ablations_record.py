@@ -71,10 +71,14 @@ def test_a_claim_on_a_lower_is_better_column_reads_lower_as_better(ablations):
 
 def test_swiftvideo_variants_and_claims_name_known_variants(ablations):
     known = ablations.variants("swiftvideo")
-    assert set(ablations.DEFAULTS["swiftvideo"].split(",")) == set(known)
+    defaults = ablations.DEFAULTS["swiftvideo"].split(",")
+    assert set(defaults) <= set(known)
+    assert {n for n in known if n not in defaults} == {"ccd_da_tf", "t_uniform_tf", "ccd_da_tf_2step",
+                                                       "t_uniform_tf_2step"}  # run with --variants
     for a, b, _ in ablations.CLAIMS["swiftvideo"]:
         assert a in known and b in known
-    order = ablations.DEFAULTS["swiftvideo"].split(",")
+    order = list(known)  # the file's order; the defaults keep it
+    assert [n for n in order if n in defaults] == defaults
     for name, overlay in known.items():
         if "eval_of" in overlay:  # evaluates another variant's student at another step count, trains nothing
             assert set(overlay) == {"eval_of", "steps"}

@@ -317,6 +317,21 @@ def named_grid(name: str, schedule: Schedule) -> Tensor:
     raise UserError(f"unknown timestep grid {name!r}; known grids: {known_grids()}")
 
 
+def grid_steps(name: str) -> int:
+    """How many network calls a named grid takes (its times > 0); an unknown name is a :class:`UserError`."""
+    if name in INDEX_GRIDS:
+        return len(INDEX_GRIDS[name])
+    if (times := time_grid(name)) is None:
+        raise UserError(f"unknown timestep grid {name!r}; known grids: {known_grids()}")
+    return sum(1 for t in times if t > 0)
+
+
+def grid_times(name: str, schedule: Schedule) -> list[float]:
+    """The times a sampler visits on a named grid: the grid's times > 0 on ``schedule``, then 0."""
+    times = named_grid(name, schedule)
+    return [*times[times > 0].tolist(), 0.0]
+
+
 #: How an N-step sampler spreads its steps when the model has no explicit times of its own.
 GRID_SPACINGS = ("uniform", "diffusers")
 

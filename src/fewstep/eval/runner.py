@@ -53,6 +53,7 @@ from fewstep.data.cache import LatentCache
 from fewstep.data.toyworld import EVAL_PROMPTS, condition_frame, parse_prompt
 from fewstep.errors import UserError, warn
 from fewstep.diffusion.samplers import SAMPLERS
+from fewstep.diffusion.schedules import grid_steps, grid_times
 from fewstep.models.denoiser import cfg_active
 from fewstep.models.family import load_model, model_family
 from fewstep.utils.frames import to_uint8, to_unit
@@ -118,15 +119,13 @@ def check_sampler(sampler: str | None, grid: str | None = None, steps: int | Non
     if sampler is not None and sampler not in SAMPLERS:
         raise UserError(f"--sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}")
     if grid is None:
-        return None
-    from fewstep.objectives.student import GeneratorConfig, StudentGenerator
-
+        return
     try:
-        generator = StudentGenerator(GeneratorConfig(times=grid))
-    except ValueError as error:  # pydantic's ValidationError is a ValueError
-        raise UserError(f"--grid {grid!r}: {error.errors()[0]['msg'].removeprefix('Value error, ')}") from None
-    if steps is not None and steps != generator.steps:
-        raise UserError(f"--steps {steps} and --grid {grid} ({generator.steps} steps) disagree; give one of them")
+        steps_of_grid = grid_steps(grid)
+    except UserError as error:
+        raise UserError(f"--grid {grid!r}: {error}") from None
+    if steps is not None and steps != steps_of_grid:
+        raise UserError(f"--steps {steps} and --grid {grid} ({steps_of_grid} steps) disagree; give one of them")
 
 
 def set_sampling(pipe, sampler: str | None, grid: str | None = None) -> None:
@@ -135,9 +134,7 @@ def set_sampling(pipe, sampler: str | None, grid: str | None = None) -> None:
     grid, its times on the model's schedule, then 0)."""
     update: dict = {} if sampler is None else {"sampler": sampler}
     if grid is not None:
-        from fewstep.objectives.student import GeneratorConfig, StudentGenerator
-
-        times = StudentGenerator(GeneratorConfig(times=grid)).sampling_times(pipe.denoiser.schedule)
+        times = grid_times(grid, pipe.denoiser.schedule)
         update |= {"times": times, "steps": len(times) - 1}
     if update:
         pipe.sampling = pipe.sampling.model_copy(update=update)
