@@ -203,11 +203,11 @@ def eval_name(sampler: str | None) -> str:
 
 
 def eval_only(student: Path, steps: int | None, run_dir: Path, num: int, threads: int | None,
-              sampler: str | None = None) -> None:
+              sampler: str | None = None, aligned: bool = False) -> None:
     """A variant ``{eval_of: VARIANT, steps: N}`` trains nothing: ``fewstep eval`` of VARIANT's student of the same
     seed at N steps into ``run_dir/eval`` (a student whose training does not depend on its step count, such as a
     consistency model). With ``sampler`` (``--sampler``) every variant is evaluated this way, its student sampled
-    by ``sampler`` into ``run_dir/eval_<sampler>``; a trajectory-alignment run keeps its Win Diff."""
+    by ``sampler`` into ``run_dir/eval_<sampler>``; a trajectory-alignment run (``aligned``) keeps its Win Diff."""
     import torch
 
     if threads:
@@ -217,10 +217,8 @@ def eval_only(student: Path, steps: int | None, run_dir: Path, num: int, threads
                          f"seed first, on this machine)")
     eval_dir = run_dir / eval_name(sampler)
     evaluate_to_dir(str(student), eval_dir, steps=steps, num=num, sampler=sampler, overwrite=sampler is not None)
-    log = run_dir / "metrics.jsonl"
-    if sampler is not None and log.is_file() and "win_diff" in log.read_text():
-        metrics = json.loads((eval_dir / "metrics.json").read_text())
-        (eval_dir / "metrics.json").write_text(json.dumps({**metrics, "win_diff": win_diff(run_dir)}, indent=1))
+    if aligned:
+        add_win_diff(eval_dir / "metrics.json", run_dir)
 
 
 #: Steps averaged for a trajectory-alignment run's Win Diff (its last logged values).
@@ -233,6 +231,12 @@ def win_diff(run_dir: Path) -> float:
     rows = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
     tail = [row[key] for row in rows if key in row][-WIN_DIFF_TAIL:]
     return sum(tail) / len(tail)
+
+
+def add_win_diff(metrics_path: Path, run_dir: Path) -> None:
+    """Record a trajectory-alignment run's :func:`win_diff` in its evaluation's ``metrics.json``."""
+    metrics = json.loads(metrics_path.read_text())
+    metrics_path.write_text(json.dumps({**metrics, "win_diff": win_diff(run_dir)}, indent=1))
 
 
 def align_and_eval(student: Path, pairs: list, pairs_num: int, seed: int, overlay: dict, overrides: list[str],
@@ -255,9 +259,7 @@ def align_and_eval(student: Path, pairs: list, pairs_num: int, seed: int, overla
     synthesize_pairs(student, store, pairs_num, preferred=pairs[0], dispreferred=int(pairs[1]), seed=seed)
     train_and_eval("swiftvideo_ta", overlay, [*overrides, f"model={student}", f"data.path={store}"], run_dir, num,
                    None)
-    metrics_path = run_dir / "eval" / "metrics.json"
-    metrics = json.loads(metrics_path.read_text())
-    metrics_path.write_text(json.dumps({**metrics, "win_diff": win_diff(run_dir)}, indent=1))
+    add_win_diff(run_dir / "eval" / "metrics.json", run_dir)
 
 
 def main() -> None:
@@ -324,7 +326,7 @@ def main() -> None:
         if args.sampler is not None:  # evaluation only, of students already trained
             source = run_name(overlay["eval_of"], seed) if "eval_of" in overlay else run_name(name, seed)
             return None, (eval_only, args.out / source / "student", overlay.get("steps") if "eval_of" in overlay
-                          else None, run_dir, args.num, threads, args.sampler)
+                          else None, run_dir, args.num, threads, args.sampler, "ta_of" in overlay)
         if "eval_of" in overlay:
             needs = run_name(overlay["eval_of"], seed)
             return needs, (eval_only, args.out / needs / "student", int(overlay["steps"]), run_dir, args.num,

@@ -41,6 +41,11 @@ def depth(module: nn.Module) -> int:
     return len(find_blocks(module)[1])
 
 
+def clean_block(module: nn.Module) -> int:
+    """AccVideo's block for clean-input (t = 0) features: the one at 2/3 of the depth ("the 40th of 60")."""
+    return max(0, round(2 * depth(module) / 3) - 1)
+
+
 def token_grid(module: nn.Module, latent_shape: Sequence[int], tokens: int) -> tuple[int, int, int]:
     """``(T', H', W')`` of the block tokens for latents ``(B, C, T, H, W)``, from the backbone's ``patch_size``."""
     owner = find_blocks(module)[0]

@@ -62,7 +62,7 @@ from torch import Tensor, nn
 from ..config import StrictModel
 from ..diffusion.samplers import euler_step, sample_euler
 from ..models.backbones import Conditioning
-from ..models.features import depth, extract_features, token_grid
+from ..models.features import clean_block, extract_features, token_grid
 from .base import Batch, Objective, ObjectiveOutput, RoleName, Roles, StepContext, register_objective
 from .gan import FrameHead, GANLoss, discriminator_loss, generator_loss
 from .trajectory import KeyTimesConfig, key_grid, key_latents, stored_times
@@ -83,7 +83,7 @@ class FeatureConfig(StrictModel):
 
 def teacher_features(denoiser, x_t: Tensor, t: Tensor, cond: Conditioning, config: FeatureConfig) -> Tensor:
     """Features ``(B, D, T', H', W')`` of ``x_t`` at times ``t`` (B,): ``block`` where t > 0, ``clean_block`` at 0."""
-    clean = config.clean_block if config.clean_block is not None else max(0, round(2 * depth(denoiser) / 3) - 1)
+    clean = config.clean_block if config.clean_block is not None else clean_block(denoiser)
     noisy, clean_feats = extract_features(denoiser, x_t, t, cond, [config.block, clean])  # (B, N, D) each
     tokens = torch.where((t == 0).reshape(-1, 1, 1), clean_feats, noisy)
     gt, gh, gw = token_grid(denoiser, x_t.shape, tokens.shape[1])

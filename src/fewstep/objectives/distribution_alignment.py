@@ -57,7 +57,7 @@ from ..config import StrictModel
 from ..diffusion.schedules import FlowMatching
 from ..errors import UserError
 from ..models.backbones import Conditioning
-from ..models.features import depth, extract_features, find_blocks, token_grid
+from ..models.features import clean_block, depth, extract_features, token_grid
 from .base import (Batch, LogitNormalTimes, Objective, ObjectiveConfig, ObjectiveOutput, RoleName, Roles,
                    StepContext, TimestepsConfig, register_objective)
 from .gan import hinge_discriminator_loss
@@ -106,17 +106,14 @@ class DenoiserFeatures(nn.Module):
 
     space = "latent"
 
-    def __init__(self, denoiser: nn.Module, blocks: list[int]):
+    def __init__(self, denoiser: nn.Module, blocks: list[int], width: int):
         super().__init__()
         n = depth(denoiser)
         bad = [b for b in blocks if not -n <= b < n]
         if bad:
             raise UserError(f"denoiser feature layers {bad} are out of range for its {n} blocks")
         self.denoiser, self.blocks = denoiser.eval().requires_grad_(False), list(blocks)
-        first = find_blocks(denoiser)[1][0]
-        width = next((m.normalized_shape[-1] for m in first.modules() if isinstance(m, nn.LayerNorm)), None)
-        width = width or next(m.in_features for m in first.modules() if isinstance(m, nn.Linear))
-        self.channels = [width] * len(blocks)
+        self.channels = [width] * len(blocks)  # the model's hidden width
 
     def forward(self, latents: Tensor, cond: Conditioning) -> list[Tensor]:
         t = latents.new_zeros(latents.shape[0])
@@ -230,13 +227,13 @@ def build_feature_discriminator(config: FeatureDiscriminatorConfig, model=None) 
         if config.path is not None:
             from ..models.family import load_model
 
-            denoiser = load_model(config.path).denoiser
+            source = load_model(config.path)
+            denoiser = source.denoiser
         elif model is None:
             raise UserError("features: denoiser needs path: a model name or directory (no recipe model here)")
         else:
-            denoiser = copy.deepcopy(model.denoiser)
-        n = depth(denoiser)
-        features = DenoiserFeatures(denoiser, config.layers or [max(0, round(2 * n / 3) - 1)])
+            source, denoiser = model, copy.deepcopy(model.denoiser)
+        features = DenoiserFeatures(denoiser, config.layers or [clean_block(denoiser)], source.hidden_dim)
     elif config.features != "dinov2":  # a frame encoder registered with the rewards (the toy world's stand-in)
         from ..rewards import FRAME_FEATURES
 
