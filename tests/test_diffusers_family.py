@@ -106,6 +106,22 @@ def test_generate_cli_on_a_pipeline_directory(wan_dir, tmp_path, capsys):
     assert len(list((tmp_path / "gen").glob("*.mp4"))) == 2
 
 
+def test_sampler_and_grid_apply_to_a_pipeline_directory(wan_dir, tmp_path, capsys):
+    """--sampler/--grid replace a diffusers model's own sampling as a toy model's (eval/runner.set_sampling)."""
+    from fewstep.eval.runner import set_sampling
+    from fewstep.models.family import load_model
+
+    model = load_model(wan_dir)
+    set_sampling(model, "consistency", "uniform2_shift3")
+    assert model.sampling.sampler == "consistency" and model.sampling.times == [1.0, 0.75, 0.0]
+    torch.testing.assert_close(model.sampling_times(), torch.tensor([1.0, 0.75, 0.0], dtype=torch.float64))
+    rc, _, err = cli(capsys, "generate", "--model", wan_dir, "--prompt", PROMPT, "--sampler", "consistency",
+                     "--grid", "uniform2_shift3", "--frames", "5", "--height", "16", "--width", "16",
+                     "--out", tmp_path / "gen", "--scale", "1")
+    assert rc == 0, err
+    assert np.load(tmp_path / "gen" / "samples.npz")["frames"].shape == (1, 5, 16, 16, 3)
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--frames", "8"], "--frames 8: this model's VAE takes 4k + 1 frames (e.g. 5 or 9)"),
     (["--height", "20"], "--height 20: must be a multiple of 16"),
