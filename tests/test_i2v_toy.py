@@ -82,6 +82,37 @@ def test_blockwise_split_equals_forward_with_image():
         assert torch.allclose(dit.blockwise(x, timestep, cond)(x, timestep), dit(x, timestep, cond), atol=1e-5)
 
 
+def test_blockwise_jvp_with_image_is_the_jvp_in_the_noisy_latent_only():
+    """CCD's dF/dt on the toy I2V DiT (SwiftVideo Alg. 2): the condition channels join the noisy latent
+    before the patch embedding but carry no tangent, so the block-wise JVP equals torch.func.jvp over the
+    backbone in (x, t) with the image held fixed (float64)."""
+    import copy
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from fewstep.models.denoiser import blockwise_jvp
+
+    pipe = tiny_i2v()
+    cond = pipe.encode_prompts(["a red circle moves left"]).with_extra(pipe.encode_images(images(1)))
+    cond = Conditioning(cond.context.double(), cond.mask, {k: v.double() for k, v in cond.extra.items()})
+    dit = copy.deepcopy(pipe.denoiser.backbone).double()
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(pipe.latent_shape(1), generator=generator, dtype=torch.float64)
+    dx = torch.randn(x.shape, generator=generator, dtype=torch.float64)
+    timestep, dt = torch.tensor([600.0], dtype=torch.float64), torch.tensor([-30.0], dtype=torch.float64)
+    with torch.no_grad():
+        value, tangent = blockwise_jvp(dit.blockwise(x, timestep, cond), x, timestep, dx, dt)
+        with sdpa_kernel(SDPBackend.MATH):
+            want, want_tangent = torch.func.jvp(lambda x_, t_: dit(x_, t_, cond), (x, timestep), (dx, dt))
+            # the image matters to the tangent: another image, another JVP
+            other = pipe.encode_prompts(["a red circle moves left"]).with_extra(pipe.encode_images(images(1, seed=5)))
+            other = Conditioning(other.context.double(), other.mask, {k: v.double() for k, v in other.extra.items()})
+            _, other_tangent = torch.func.jvp(lambda x_, t_: dit(x_, t_, other), (x, timestep), (dx, dt))
+    torch.testing.assert_close(value, want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(tangent, want_tangent, rtol=1e-8, atol=1e-8)
+    assert (tangent - other_tangent).abs().max() > 1e-4
+
+
 # ---------------------------------------------------------------------------------------------
 # The toy I2V model
 # ---------------------------------------------------------------------------------------------
