@@ -8,7 +8,7 @@ from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
 from fewstep.diffusion.schedules import (
     FlowMatching, LogitNormal, Uniform, DiscreteGrid, VPDiscrete, logit_normal_density, named_grid,
-    sampling_grid,
+    sampling_grid, grid_steps, time_grid,
 )
 from fewstep.errors import UserError
 
@@ -117,6 +117,9 @@ def test_shifted_uniform_grids_are_the_flow_shift_of_uniform_ones():
     torch.testing.assert_close(named_grid("uniform4_shift3", flow),
                                torch.tensor([1.0, 0.9, 0.75, 0.5, 0.0], dtype=torch.float64))
     torch.testing.assert_close(named_grid("uniform2_shift1", flow), named_grid("uniform2", flow))
+    # uniformN for any N: N equal steps, the listed uniform4 among them
+    torch.testing.assert_close(named_grid("uniform8", flow), torch.linspace(1, 0, 9, dtype=torch.float64))
+    assert time_grid("uniform4") == time_grid("uniform4_shift1") and grid_steps("uniform8") == 8
     # the grid's times, then the schedule's shift 2: σ of a shift-6 grid (shift_a ∘ shift_b = shift_ab)
     sigma = FlowMatching(shift=2.0).shifted(named_grid("uniform4_shift3", flow))
     torch.testing.assert_close(sigma, named_grid("uniform4_shift6", flow))

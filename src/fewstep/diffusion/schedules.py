@@ -286,10 +286,11 @@ TIME_GRIDS: dict[str, list[float]] = {
 }
 
 
-#: ``uniformN_shiftS``: N equal steps of u from 1 to 0, each shifted ``t = S·u / (1 + (S − 1)·u)`` — the
-#: flow-matching time shift (SD3, Wan's ``sample_shift``) applied to the sampling grid alone, on top of the
-#: schedule's own; e.g. ``uniform4_shift3`` = [1, 0.9, 0.75, 0.5, 0]: more of the steps at high noise.
-SHIFTED_GRID = re.compile(r"uniform([1-9][0-9]*)_shift([0-9]+(?:\.[0-9]+)?)")
+#: ``uniformN``: N equal steps of t from 1 to 0 (any N; uniform1/2/4 are listed above). ``uniformN_shiftS``:
+#: the same N steps of u, each shifted ``t = S·u / (1 + (S − 1)·u)`` — the flow-matching time shift (SD3,
+#: Wan's ``sample_shift``) applied to the sampling grid alone, on top of the schedule's own; e.g.
+#: ``uniform4_shift3`` = [1, 0.9, 0.75, 0.5, 0]: more of the steps at high noise.
+SHIFTED_GRID = re.compile(r"uniform([1-9][0-9]*)(?:_shift([0-9]+(?:\.[0-9]+)?))?")
 
 
 def time_grid(name: str) -> list[float] | None:
@@ -297,15 +298,16 @@ def time_grid(name: str) -> list[float] | None:
     if name in TIME_GRIDS:
         return TIME_GRIDS[name]
     match = SHIFTED_GRID.fullmatch(name)
-    if match is None or float(match[2]) <= 0:
+    if match is None or float(match[2] or 1) <= 0:
         return None
-    n, shift = int(match[1]), float(match[2])
+    n, shift = int(match[1]), float(match[2] or 1)
     return [shift * u / (1 + (shift - 1) * u) for u in (1 - i / n for i in range(n + 1))]
 
 
 def known_grids() -> str:
     """The grid names a config may use, for error messages."""
-    return ", ".join(sorted([*INDEX_GRIDS, *TIME_GRIDS])) + ", uniformN_shiftS (e.g. uniform4_shift3)"
+    listed = ", ".join(sorted([*INDEX_GRIDS, *TIME_GRIDS]))
+    return f"{listed}, uniformN, uniformN_shiftS (e.g. uniform8, uniform4_shift3)"
 
 
 def named_grid(name: str, schedule: Schedule) -> Tensor:
