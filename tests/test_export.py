@@ -194,7 +194,8 @@ def test_bad_exports_are_one_line(runs, wan_dir, teacher_dir, tmp_path, capsys):
     empty.mkdir()
     toy = train("finetune", teacher_dir, tmp_path / "toy_run")
     cases = [
-        (["export", toy, "--out", tmp_path / "a"], "not a diffusers pipeline; its RUN/student directory is the export"),
+        (["export", toy, "--out", tmp_path / "a", "--lora-only"], "not a diffusers pipeline"),
+        (["export", toy, "--out", tmp_path / "a", "--step", "2"], "--step 2: run"),
         (["export", empty, "--out", tmp_path / "a"], "has no checkpoint to export"),
         (["export", tmp_path / "missing", "--out", tmp_path / "a"], "does not exist"),
         (["export", runs["euler"], "--out", tmp_path / "a", "--lora-only"], "is not a LoRA role"),
@@ -208,3 +209,24 @@ def test_bad_exports_are_one_line(runs, wan_dir, teacher_dir, tmp_path, capsys):
     (keep / "mine.txt").write_text("x")
     rc, _, err = cli(capsys, "export", runs["euler"], "--out", keep)
     assert rc == 2 and "exists and is not empty" in err and (keep / "mine.txt").read_text() == "x"
+
+
+def test_a_toy_run_exports_any_of_its_checkpoints(teacher_dir, tmp_path, capsys):
+    """``export --step N`` on a toy run writes the student as RUN/student held it after step N: the latest
+    equals RUN/student, an earlier one is the EMA of that checkpoint (and differs from the latest)."""
+    from safetensors.torch import load_file
+
+    from fewstep.models.pipeline import VideoPipeline
+
+    run = train("finetune", teacher_dir, tmp_path / "toy_run", "train.steps=4", "train.checkpoint_every=2")
+    rc, out, _ = cli(capsys, "export", run, "--out", tmp_path / "last")
+    assert rc == 0 and "step_000004" in out
+    rc, _, _ = cli(capsys, "export", run, "--step", "2", "--out", tmp_path / "early")
+    assert rc == 0
+    student, last, early = (load_file(d / "backbone.safetensors") for d in
+                            (run / "student", tmp_path / "last", tmp_path / "early"))
+    assert all(torch.equal(student[k], last[k]) for k in student)
+    ema = load_file(run / "checkpoints" / "step_000002" / "ema" / "student.safetensors")
+    assert all(torch.equal(early[k], ema[f"backbone.module.{k}"]) for k in early)
+    assert any(not torch.equal(early[k], last[k]) for k in early)
+    assert VideoPipeline.load(tmp_path / "early").config == VideoPipeline.load(run / "student").config

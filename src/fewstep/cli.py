@@ -389,17 +389,23 @@ def distill(
 
 @app.command()
 def export(
-    run: Path = typer.Argument(..., help="A run directory (fewstep distill --out) on a diffusers teacher."),
+    run: Path = typer.Argument(..., help="A run directory (fewstep distill --out)."),
     out: Path = typer.Option(..., "--out", help="Directory to write: a diffusers pipeline (or, with --lora-only, "
                                                 "a LoRA file)."),
     lora_only: bool = typer.Option(False, "--lora-only", help="Write only the student's LoRA adapters "
                                                               "(pipeline.load_lora_weights reads them)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
+    step: int = typer.Option(None, "--step", help="Export this step's checkpoint (RUN/checkpoints/step_N) "
+                                                  "instead of the latest."),
 ):
-    """Export a run's student (latest checkpoint, EMA, LoRA merged) as a diffusers pipeline directory."""
+    """Export a run's student (latest checkpoint, EMA, LoRA merged) as a diffusers pipeline directory (a run
+    on a toy model: as a toy model directory)."""
     from .export import export_run
 
-    record = export_run(run, out, lora_only=lora_only, overwrite=overwrite)
+    record = export_run(run, out, lora_only=lora_only, overwrite=overwrite, step=step)
+    if record.get("model") == "toy":
+        typer.echo(f"{run}'s student ({record['checkpoint']}) in {out}: fewstep generate/eval --model {out}")
+        return
     if lora_only:
         typer.echo(f"LoRA adapters of {run}'s student ({record['checkpoint']}) in {out}: "
                    f"pipe.load_lora_weights('{out}') on the teacher's pipeline")

@@ -37,6 +37,10 @@ same image and noise it samples as ``fewstep generate --image`` (``export.json``
 ``--lora-only`` writes the student's adapters alone, in the format ``load_lora_weights`` reads
 (``B`` pre-scaled by α/r), for a run whose student is a LoRA role.
 
+``--step N`` exports that step's checkpoint instead of the latest (a run keeps ``train.keep_checkpoints``).
+A run on a toy model exports its student as a toy model directory, as ``RUN/student`` held it after that
+checkpoint.
+
 ``export.json`` records the call (steps, guidance scale, sampler), the grids and the source
 checkpoint. Checkpoints of single-process and FSDP2 runs are the same files (full state dicts,
 :mod:`fewstep.engine.distributed`), so both export alike.
@@ -53,7 +57,7 @@ import torch
 import yaml
 
 from .diffusion.schedules import FlowMatching, VPDiscrete
-from .engine.checkpoint import latest_checkpoint, read_checkpoint
+from .engine.checkpoint import list_checkpoints, read_checkpoint
 from .engine.lora import diffusers_lora_layers
 from .errors import UserError
 from .utils.io import atomic_directory
@@ -101,16 +105,19 @@ def fit_flow_scheduler(sigmas: np.ndarray, pipeline: str = "WanPipeline") -> tup
     return {"shift": shift, "shift_terminal": terminal}, gap(np.log(shift))
 
 
-def _student_from_checkpoint(run: Path):
-    """(recipe, model with the student's weights, checkpoint path, student role weights, lora config)."""
+def _student_from_checkpoint(run: Path, step: int | None = None):
+    """(recipe, checkpoint path, student role weights, lora config) of the latest checkpoint or ``step``'s."""
     from .recipes.base import recipe_class
 
     if not run.is_dir():
         raise UserError(f"run {run} does not exist")
-    where = latest_checkpoint(run)
-    if where is None:
+    found = dict(list_checkpoints(run))
+    if not found:
         raise UserError(f"run {run} has no checkpoint to export (train it first, or point at the run directory "
                         f"that `fewstep distill --out` wrote)")
+    if step is not None and step not in found:
+        raise UserError(f"--step {step}: run {run} has checkpoints of steps {', '.join(map(str, sorted(found)))}")
+    where = found[max(found) if step is None else step]
     data = read_checkpoint(where)
     raw = yaml.safe_load(data.config_yaml) if data.config_yaml else None
     if not isinstance(raw, dict):
@@ -122,18 +129,27 @@ def _student_from_checkpoint(run: Path):
     return recipe, where, weights, recipe.config.roles["student"].lora
 
 
-def export_run(run: str | Path, out: str | Path, *, lora_only: bool = False, overwrite: bool = False) -> dict:
-    """Write ``out`` (module doc); returns what ``export.json`` records."""
+def export_run(run: str | Path, out: str | Path, *, lora_only: bool = False, overwrite: bool = False,
+               step: int | None = None) -> dict:
+    """Write ``out`` (module doc) from the latest checkpoint or ``step``'s; returns what ``export.json``
+    records. A run on a toy model exports as a toy model directory (what ``RUN/student`` holds after that
+    checkpoint: an earlier student of the run, e.g. the best of a curve of checkpoints)."""
     from .models.diffusers_family import SETTINGS_FILE, DiffusersVideoModel
 
     run, out = Path(run), Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UserError(f"--out {out} exists and is not empty (pass --overwrite to replace it)")
-    recipe, where, weights, lora = _student_from_checkpoint(run)
+    recipe, where, weights, lora = _student_from_checkpoint(run, step)
     model = recipe.student_pipeline()
+    if model is None:
+        raise UserError(f"run {run}'s recipe {recipe.name!r} has no student model to export")
     if not isinstance(model, DiffusersVideoModel):
-        raise UserError(f"run {run} distils {recipe.config.model!r}, not a diffusers pipeline; its RUN/student "
-                        f"directory is the export")
+        if lora_only:
+            raise UserError(f"--lora-only: run {run} distils {recipe.config.model!r}, not a diffusers pipeline; "
+                            f"export its student as a model directory (without --lora-only)")
+        recipe.load_student(model, weights)
+        model.save(out)
+        return {"run": str(run), "checkpoint": where.name, "model": "toy"}
     record: dict[str, Any] = {"run": str(run), "checkpoint": where.name, "pipeline": model.spec.pipeline}
     if model.image_conditioned:  # the call takes the condition image first: pipe(image, prompt, ...)
         record["image_to_video"] = True
