@@ -304,10 +304,11 @@ def time_grid(name: str) -> list[float] | None:
     return [shift * u / (1 + (shift - 1) * u) for u in (1 - i / n for i in range(n + 1))]
 
 
-def known_grids() -> str:
-    """The grid names a config may use, for error messages."""
+def unknown_grid(name: str) -> UserError:
+    """The error for a grid name that is none of the known ones (listed in the message)."""
     listed = ", ".join(sorted([*INDEX_GRIDS, *TIME_GRIDS]))
-    return f"{listed}, uniformN, uniformN_shiftS (e.g. uniform8, uniform4_shift3)"
+    return UserError(f"unknown timestep grid {name!r}; known grids: {listed}, uniformN, uniformN_shiftS "
+                     f"(e.g. uniform8, uniform4_shift3)")
 
 
 def named_grid(name: str, schedule: Schedule) -> Tensor:
@@ -316,7 +317,7 @@ def named_grid(name: str, schedule: Schedule) -> Tensor:
         return schedule.t_from_index(INDEX_GRIDS[name])
     if (times := time_grid(name)) is not None:
         return torch.tensor(times, dtype=torch.float64)
-    raise UserError(f"unknown timestep grid {name!r}; known grids: {known_grids()}")
+    raise unknown_grid(name)
 
 
 def grid_steps(name: str) -> int:
@@ -324,7 +325,7 @@ def grid_steps(name: str) -> int:
     if name in INDEX_GRIDS:
         return len(INDEX_GRIDS[name])
     if (times := time_grid(name)) is None:
-        raise UserError(f"unknown timestep grid {name!r}; known grids: {known_grids()}")
+        raise unknown_grid(name)
     return sum(1 for t in times if t > 0)
 
 

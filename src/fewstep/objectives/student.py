@@ -38,7 +38,7 @@ from torch import Tensor
 
 from ..config import StrictModel
 from ..diffusion.samplers import SAMPLERS
-from ..diffusion.schedules import INDEX_GRIDS, FlowMatching, Schedule, known_grids, named_grid, time_grid
+from ..diffusion.schedules import FlowMatching, Schedule, grid_steps, named_grid
 from ..errors import UserError
 from .base import StepContext
 
@@ -47,8 +47,10 @@ Backprop = Literal["all", "last"]
 
 def _check_steps(value: str | list[int]) -> str | list[int]:
     if isinstance(value, str):
-        if value not in INDEX_GRIDS and time_grid(value) is None:
-            raise ValueError(f"unknown timestep grid {value!r}; known grids: {known_grids()}")
+        try:
+            grid_steps(value)  # the one check of grid names (a ValueError for pydantic)
+        except UserError as error:
+            raise ValueError(str(error)) from None
         return value
     if not value:
         raise ValueError("needs at least one integer timestep, e.g. [999, 749, 499, 249]")
